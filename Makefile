@@ -1,0 +1,30 @@
+# Every target builds .venv first; nothing needs to be installed by hand.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: plain `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[torch,transformers,lightning,report,metrics,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m smart_monitor.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check smart_monitor tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/pytest -q -n 2
+
+lint: $(STAMP)
+	$(BIN)/ruff check smart_monitor tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

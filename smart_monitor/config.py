@@ -1,0 +1,184 @@
+"""The one TOML file, validated by pydantic; unknown keys are refused.
+
+``config/smart_monitor.toml`` documents every key with its default; a test keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LossZScoreConfig(_Section):
+    enabled: bool = True
+    window: int = Field(50, ge=2)
+    warmup: int = Field(20, ge=2)
+    threshold: float = Field(6.0, gt=0)
+    critical: float = Field(10.0, gt=0)
+    min_rel_std: float = Field(0.01, ge=0)
+
+
+class LrZScoreConfig(_Section):
+    enabled: bool = True
+    window: int = Field(20, ge=2)
+    warmup: int = Field(10, ge=2)
+    threshold: float = Field(6.0, gt=0)
+    critical: float = Field(10.0, gt=0)
+    min_rel_std: float = Field(0.01, ge=0)
+
+
+class LossSpikeConfig(_Section):
+    enabled: bool = True
+    window: int = Field(20, ge=2)
+    warmup: int = Field(10, ge=2)
+    threshold_pct: float = Field(50.0, gt=0)
+
+
+class DivergenceConfig(_Section):
+    enabled: bool = True
+    alpha: float = Field(0.05, gt=0, le=1)
+    warmup: int = Field(50, ge=1)
+    factor: float = Field(1.5, gt=1)
+    patience: int = Field(20, ge=1)
+
+
+class NonFiniteConfig(_Section):
+    enabled: bool = True
+    grad_norm_repeat_steps: int = Field(50, ge=1)
+
+
+class BestModelConfig(_Section):
+    enabled: bool = True
+    min_delta: float = Field(0.0, ge=0)
+    min_rel_delta: float = Field(0.01, ge=0)
+    min_steps: int = Field(0, ge=0)
+    train_alpha: float = Field(0.02, gt=0, le=1)
+    train_min_steps: int = Field(500, ge=1)
+
+
+class AccuracyDropConfig(_Section):
+    enabled: bool = True
+    threshold_pct: float = Field(10.0, gt=0)
+
+
+class PredictionsConfig(_Section):
+    enabled: bool = True
+    high_loss: float = Field(2.0, gt=0)
+    low_loss: float = Field(0.1, ge=0)
+    inverted_window: int = Field(200, ge=4)
+    inverted_min_each: int = Field(20, ge=2)
+    inverted_alpha: float = Field(0.001, gt=0, lt=1)
+
+
+class DetectorsConfig(_Section):
+    loss_zscore: LossZScoreConfig = LossZScoreConfig()
+    lr_zscore: LrZScoreConfig = LrZScoreConfig()
+    loss_spike: LossSpikeConfig = LossSpikeConfig()
+    divergence: DivergenceConfig = DivergenceConfig()
+    nonfinite: NonFiniteConfig = NonFiniteConfig()
+    best_model: BestModelConfig = BestModelConfig()
+    accuracy_drop: AccuracyDropConfig = AccuracyDropConfig()
+    predictions: PredictionsConfig = PredictionsConfig()
+
+
+class PolicyConfig(_Section):
+    cooldown_steps: int = Field(200, ge=0)
+    history: int = Field(100, ge=1)
+    recent_examples: int = Field(20, ge=0)
+
+
+class RecordsConfig(_Section):
+    aliases: dict[str, str] = Field(
+        default_factory=lambda: {"lr": "learning_rate", "global_step": "step"}
+    )
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class SnapshotConfig(_Section):
+    mode: Literal["auto", "hardlink", "copy"] = "auto"
+    checkpoint_wait_seconds: float = Field(30.0, ge=0)
+    max_count: int = Field(0, ge=0)
+    max_bytes: int = Field(0, ge=0)
+
+
+class CheckpointsConfig(_Section):
+    pattern: str = "checkpoint-{step}"
+    marker: str = "trainer_state.json"
+    settle_seconds: float = Field(30.0, ge=0)
+
+
+class WatchConfig(_Section):
+    backend: Literal["auto", "inotify", "polling"] = "auto"
+    poll_interval: float = Field(1.0, gt=0)
+    reconcile_seconds: float = Field(10.0, gt=0)
+
+
+class StateConfig(_Section):
+    save_interval_seconds: float = Field(5.0, gt=0)
+
+
+class Config(_Section):
+    metrics_file: Path | None = None
+    checkpoint_dir: Path | None = None
+    snapshot_dir: Path = Path("snapshots")
+    log_dir: Path = Path("logs")
+    state_dir: Path = Path("state")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    records: RecordsConfig = RecordsConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+    checkpoints: CheckpointsConfig = CheckpointsConfig()
+    watch: WatchConfig = WatchConfig()
+    state: StateConfig = StateConfig()
+
+    @model_validator(mode="after")
+    def _snapshots_outside_trainer_glob(self) -> Config:
+        """The trainer globs ``checkpoint-*`` in its folder and would rotate or resume
+        from a snapshot folder placed there (FAULTS.md #27)."""
+        if self.checkpoint_dir is None:
+            return self
+        ck = self.checkpoint_dir.resolve()
+        snap = self.snapshot_dir.resolve()
+        if snap == ck or snap.is_relative_to(ck) and snap.relative_to(ck).parts[0].startswith(
+            "checkpoint-"
+        ):
+            raise ValueError(
+                "snapshot_dir must not be the checkpoint folder or a checkpoint-* folder inside it"
+            )
+        return self
+
+
+class ConfigError(Exception):
+    """One line naming the key; the CLI prints it and exits 2."""
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Read ``path`` (optional), apply command-line overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{key}: {msg}") from None

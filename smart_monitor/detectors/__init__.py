@@ -1,0 +1,42 @@
+"""The registry: every detector the config enables, in a fixed order.
+
+A new detector is registered here once and gets the shared checks in
+``tests/test_detectors_common.py`` (resume, rewind, JSON state) for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import DetectorsConfig
+from .base import Detector
+from .evaluation import AccuracyDrop, BestModel
+from .loss import Divergence, LossSpike, NonFinite
+from .predictions import InvertedLossPattern, PredictionOutliers
+from .zscore import LossZScore, LrZScore
+
+__all__ = ["REGISTRY", "Detector", "build_detectors"]
+
+REGISTRY: dict[str, Callable[[DetectorsConfig], Detector]] = {
+    "loss_zscore": lambda c: LossZScore(c.loss_zscore),
+    "lr_zscore": lambda c: LrZScore(c.lr_zscore),
+    "loss_spike": lambda c: LossSpike(c.loss_spike),
+    "divergence": lambda c: Divergence(c.divergence),
+    "nonfinite": lambda c: NonFinite(c.nonfinite),
+    "best_model": lambda c: BestModel(c.best_model),
+    "accuracy_drop": lambda c: AccuracyDrop(c.accuracy_drop),
+    "prediction_outliers": lambda c: PredictionOutliers(c.predictions),
+    "inverted_loss_pattern": lambda c: InvertedLossPattern(c.predictions),
+}
+
+_SECTION = {"prediction_outliers": "predictions", "inverted_loss_pattern": "predictions"}
+
+
+def build_detectors(config: DetectorsConfig) -> dict[str, Detector]:
+    """Name -> detector for every enabled section of ``[detectors]``."""
+    out: dict[str, Detector] = {}
+    for name, make in REGISTRY.items():
+        section = getattr(config, _SECTION.get(name, name))
+        if section.enabled:
+            out[name] = make(config)
+    return out

@@ -1,0 +1,148 @@
+"""Evaluation outcomes: a new best model, and accuracy falling from its best."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config import AccuracyDropConfig, BestModelConfig
+from ..records import EvalRecord, Record, TrainRecord
+from ..triggers import Severity, Trigger
+from .base import isfinite
+
+__all__ = ["AccuracyDrop", "BestModel"]
+
+
+class BestModel:
+    """A new best eval loss; until the first eval record, the smoothed train loss.
+
+    An improvement counts only when it beats the best by ``min_delta`` and by
+    ``min_rel_delta`` of it, and comes ``min_steps`` after the last one, so a lucky
+    batch is not a new best model. The first value only sets the baseline.
+
+    >>> d = BestModel(BestModelConfig())
+    >>> d.update(EvalRecord(500, 0.90, None, {}))
+    []
+    >>> d.update(EvalRecord(1000, 0.6234, None, {}))[0].name
+    'best_model_loss_0.6234'
+    """
+
+    kind = "best_model_loss"
+
+    def __init__(self, config: BestModelConfig) -> None:
+        self.config = config
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.eval_seen = False
+        self.train_ewma: float | None = None
+        self.train_best: float | None = None
+        self.train_best_step: int | None = None
+
+    def update(self, record: Record) -> list[Trigger]:
+        if isinstance(record, EvalRecord) and isfinite(record.eval_loss):
+            self.eval_seen = True
+            return self._eval(record.step, float(record.eval_loss))  # type: ignore[arg-type]
+        if isinstance(record, TrainRecord) and not self.eval_seen and isfinite(record.loss):
+            return self._train(record.step, float(record.loss))  # type: ignore[arg-type]
+        return []
+
+    def _improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return False
+        margin = max(self.config.min_delta, self.config.min_rel_delta * abs(best))
+        return value < best - margin
+
+    def _eval(self, step: int, loss: float) -> list[Trigger]:
+        if self.best is None:
+            self.best, self.best_step = loss, step
+            return []
+        if not self._improves(loss, self.best):
+            return []
+        if self.best_step is not None and step - self.best_step < self.config.min_steps:
+            return []
+        self.best, self.best_step = loss, step
+        details = {"value": loss, "source": "eval_loss"}
+        return [Trigger(self.kind, f"{self.kind}_{loss:.4f}", Severity.INFO, step, details)]
+
+    def _train(self, step: int, loss: float) -> list[Trigger]:
+        a = self.config.train_alpha
+        self.train_ewma = loss if self.train_ewma is None else a * loss + (1 - a) * self.train_ewma
+        if self.train_best is None:
+            self.train_best, self.train_best_step = self.train_ewma, step
+            return []
+        if self.train_best_step is not None and step - self.train_best_step < self.config.train_min_steps:
+            return []
+        if not self._improves(self.train_ewma, self.train_best):
+            return []
+        self.train_best, self.train_best_step = self.train_ewma, step
+        details = {"value": self.train_ewma, "source": "train_loss_smoothed"}
+        name = f"{self.kind}_{self.train_ewma:.4f}"
+        return [Trigger(self.kind, name, Severity.INFO, step, details)]
+
+    def rewind(self, step: int) -> None:
+        if self.best_step is not None and self.best_step > step:
+            self.best = self.best_step = None
+        if self.train_best_step is not None and self.train_best_step > step:
+            self.train_ewma = self.train_best = self.train_best_step = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "eval_seen": self.eval_seen,
+            "train_ewma": self.train_ewma,
+            "train_best": self.train_best,
+            "train_best_step": self.train_best_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_step = state.get("best_step")
+        self.eval_seen = bool(state.get("eval_seen", False))
+        self.train_ewma = state.get("train_ewma")
+        self.train_best = state.get("train_best")
+        self.train_best_step = state.get("train_best_step")
+
+
+class AccuracyDrop:
+    """Fires when eval accuracy falls ``threshold_pct`` percentage points below its best.
+    Accuracy in [0, 1] is read as a fraction, above 1 as a percentage.
+
+    >>> d = AccuracyDrop(AccuracyDropConfig())
+    >>> d.update(EvalRecord(1, None, 0.80, {}))
+    []
+    >>> d.update(EvalRecord(2, None, 0.677, {}))[0].name
+    'accuracy_drop_12.3pct'
+    """
+
+    kind = "accuracy_drop"
+
+    def __init__(self, config: AccuracyDropConfig) -> None:
+        self.config = config
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def update(self, record: Record) -> list[Trigger]:
+        if not isinstance(record, EvalRecord) or not isfinite(record.accuracy):
+            return []
+        acc = float(record.accuracy)  # type: ignore[arg-type]
+        pct = acc * 100.0 if acc <= 1.0 else acc
+        if self.best is None or pct > self.best:
+            self.best, self.best_step = pct, record.step
+            return []
+        drop = self.best - pct
+        if drop <= self.config.threshold_pct or math.isclose(drop, self.config.threshold_pct):
+            return []
+        details = {"value": pct, "best": self.best, "best_step": self.best_step}
+        return [Trigger(self.kind, f"{self.kind}_{drop:.1f}pct", Severity.WARNING, record.step, details)]
+
+    def rewind(self, step: int) -> None:
+        if self.best_step is not None and self.best_step > step:
+            self.best = self.best_step = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_step = state.get("best_step")

@@ -1,0 +1,226 @@
+"""The shell around the pure pipeline, shared by ``run`` and ``replay``: parse lines,
+log every event, make snapshots (idempotently), wait for a best model's checkpoint."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config
+from .pipeline import Outcome, Pipeline, SnapshotRequest
+from .records import MalformedLine, Record, parse_line, to_record
+from .snapshot import SnapshotError, SnapshotWriter
+from .sources.checkpoints import Checkpoint, CheckpointIndex
+from .triggers import Trigger
+
+__all__ = ["Engine"]
+
+_MALFORMED_LOG_FIRST = 100  # then one line in every _MALFORMED_LOG_EVERY
+_MALFORMED_LOG_EVERY = 1000
+_VANISHED_RETRIES = 3
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: SnapshotRequest
+    deadline: float
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        log: Any,
+        index: CheckpointIndex,
+        writer: SnapshotWriter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.index = index
+        self.writer = writer
+        self.clock = clock
+        self.pipeline = Pipeline(config)
+        self.aliases = config.records.aliases
+        self.counts: Counter[str] = Counter()
+        self.snapshots_by_kind: Counter[str] = Counter()
+        self.pending: list[_Pending] = []
+        self.done_keys: set[str] = set()
+        self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
+
+    # -- start-up -------------------------------------------------------------------
+    def recover(self) -> None:
+        """Remove half-made snapshots and learn which ones exist (idempotent restarts)."""
+        for tmp in self.writer.remove_temporaries():
+            self.log.warning("Removed unfinished snapshot", path=str(tmp))
+        self.done_keys = {str(m["key"]) for _, m in self.writer.published() if "key" in m}
+
+    def scan_checkpoints(self) -> list[Checkpoint]:
+        new = self.index.scan()
+        for ck in new:
+            self.log.info("Checkpoint complete", name=ck.name, step=ck.step)
+        return new
+
+    # -- records --------------------------------------------------------------------
+    def handle_line(self, line: bytes, offset: int | None = None) -> None:
+        try:
+            record = parse_line(line, self.aliases)
+        except MalformedLine as exc:
+            self.malformed(exc.reason, exc.detail, offset)
+            return
+        if record is not None:
+            self.handle_record(record)
+
+    def handle_entry(self, entry: Mapping[str, Any]) -> None:
+        """One already-decoded entry (a ``trainer_state.json`` log_history item)."""
+        try:
+            record = to_record(entry, self.aliases)
+        except MalformedLine as exc:
+            self.malformed(exc.reason, exc.detail, None)
+            return
+        if record is not None:
+            self.handle_record(record)
+
+    def malformed(self, reason: str, detail: str, offset: int | None) -> None:
+        n = self.counts["malformed"] = self.counts["malformed"] + 1
+        if n <= _MALFORMED_LOG_FIRST or n % _MALFORMED_LOG_EVERY == 0:
+            self.log.warning(
+                "Skipped malformed line", reason=reason, detail=detail or None, offset=offset, count=n
+            )
+        self._emit("malformed", {"reason": reason})
+
+    def handle_record(self, record: Record) -> None:
+        self.counts["records"] += 1
+        outcome = self.pipeline.process(record)
+        if outcome is not None:
+            self._act(outcome)
+
+    def _act(self, outcome: Outcome) -> None:
+        if outcome.restarted_after is not None:
+            self.log.warning(
+                "Trainer restarted",
+                step=outcome.step,
+                previous_step=outcome.restarted_after,
+                segment=self.pipeline.segment,
+            )
+            self._emit("restarted", {"step": outcome.step})
+        for t in outcome.triggers:
+            self._detected(t)
+        if outcome.suppressed:
+            self.log.info(
+                "Suppressed snapshot",
+                step=outcome.step,
+                triggers=[t.name for t in outcome.suppressed],
+                severity=max((t.severity for t in outcome.suppressed), key=lambda s: s.rank).value,
+                reason="cooldown",
+            )
+        if outcome.snapshot is not None:
+            self._request(outcome.snapshot)
+
+    def _detected(self, t: Trigger) -> None:
+        self.counts["detections"] += 1
+        value = t.details.get("z", t.details.get("value"))
+        getattr(self.log, t.severity.value)(
+            "Detected anomaly",
+            step=t.step, trigger=t.name, severity=t.severity.value, value=value,
+        )
+        self._emit("detected", {"trigger": t.kind, "severity": t.severity.value, "step": t.step})
+
+    # -- snapshots ------------------------------------------------------------------
+    def _request(self, request: SnapshotRequest) -> None:
+        if request.key in self.done_keys:
+            self.log.debug("Snapshot already exists", step=request.step, key=request.key)
+            return
+        wait = self.config.snapshot.checkpoint_wait_seconds if request.exact_checkpoint else 0.0
+        if wait > 0 and self.index.get(request.step) is None:
+            self.pending.append(_Pending(request, self.clock() + wait))
+            return
+        self._snapshot(request)
+
+    def poll(self) -> None:
+        """Make the waiting snapshots whose checkpoint arrived or whose wait ran out."""
+        if not self.pending:
+            return
+        now = self.clock()
+        still = []
+        for p in self.pending:
+            if self.index.get(p.request.step) is not None or now >= p.deadline:
+                self._snapshot(p.request)
+            else:
+                still.append(p)
+        self.pending = still
+
+    def finish(self) -> None:
+        """On stop or at the end of a replay: make what waits with what exists."""
+        self.scan_checkpoints()
+        pending, self.pending = self.pending, []
+        for p in pending:
+            self._snapshot(p.request)
+
+    def _snapshot(self, request: SnapshotRequest) -> None:
+        metadata = dict(request.metadata)
+        metadata["key"] = request.key
+        triggers = [t.name for t in request.triggers]
+        for _ in range(_VANISHED_RETRIES):
+            ck = self._checkpoint_for(request)
+            try:
+                result = self.writer.write(request.name, metadata, ck)
+            except SnapshotError as exc:
+                if exc.reason == "source_vanished" and ck is not None:
+                    self.log.warning(
+                        "Checkpoint vanished", step=request.step, checkpoint=ck.name, detail=exc.detail
+                    )
+                    self.index.forget(ck.step)
+                    continue
+                self._failed(request, exc.reason, exc.detail)
+                return
+            except OSError as exc:
+                self._failed(request, "io_error", str(exc))
+                return
+            self.done_keys.add(request.key)
+            self.counts["snapshots"] += 1
+            for t in request.triggers:
+                self.snapshots_by_kind[t.kind] += 1
+            getattr(self.log, request.severity.value)(
+                "Created snapshot",
+                step=request.step, triggers=triggers, severity=request.severity.value,
+                checkpoint=ck.name if ck else "none", mode=result.mode or "none",
+                path=str(result.path),
+            )
+            self._emit("snapshot", {"request": request, "path": result.path, "bytes": result.bytes})
+            return
+        self._failed(request, "source_vanished", "every candidate checkpoint vanished")
+
+    def _checkpoint_for(self, request: SnapshotRequest) -> Checkpoint | None:
+        if request.exact_checkpoint:
+            exact = self.index.get(request.step)
+            if exact is not None:
+                return exact
+        return self.index.newest_at_or_before(request.step)
+
+    def _failed(self, request: SnapshotRequest, reason: str, detail: str) -> None:
+        self.counts["snapshot_failures"] += 1
+        self.log.error(
+            "Snapshot failed", step=request.step, triggers=[t.name for t in request.triggers],
+            severity=request.severity.value, reason=reason, detail=detail or None,
+        )
+        self._emit("snapshot_failed", {"request": request, "reason": reason})
+
+    def _emit(self, event: str, data: Mapping[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, data)
+            except Exception as exc:  # a listener (metrics, actions) must never stop us
+                self.log.error("Listener failed", event_name=event, error=repr(exc))
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pipeline.load_state_dict(state.get("pipeline", {}))
+        self.counts.update(state.get("counts", {}))
+

@@ -1,0 +1,152 @@
+"""structlog set-up: one event per line, to the daily log file and to stderr.
+
+Text lines follow DESIGN.md exactly::
+
+    2026-11-29T17:00:00.123Z warning Created snapshot step=17500 triggers=a,b severity=warning path=...
+
+Values are quoted only when they hold a space, a quote or an ``=``, so
+``grep -o 'triggers=[^ ]*'`` works on every line.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import orjson
+import structlog
+
+__all__ = ["DailyFile", "Logger", "make_logger", "render_text"]
+
+Logger = structlog.stdlib.BoundLogger | Any
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DailyFile:
+    """``log_dir/smart_monitor_YYYYMMDD.log`` (UTC date), appended line by line and
+    re-opened when the date changes or on ``reopen()`` (SIGHUP, after logrotate)."""
+
+    def __init__(self, log_dir: Path, clock: Callable[[], datetime] = _utc_now) -> None:
+        self.log_dir = log_dir
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._day = ""
+        self._fh: TextIO | None = None
+
+    def path_for(self, day: str) -> Path:
+        return self.log_dir / f"smart_monitor_{day}.log"
+
+    def write(self, line: str) -> None:
+        day = self.clock().strftime("%Y%m%d")
+        with self._lock:
+            if day != self._day or self._fh is None:
+                self._open(day)
+            assert self._fh is not None
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def _open(self, day: str) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path_for(day), "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._day = day
+
+    def reopen(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = None
+
+    def close(self) -> None:
+        self.reopen()
+
+
+def _quote(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if not text or any(c in text for c in ' "=\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def render_text(event: MutableMapping[str, Any]) -> str:
+    ts = event.pop("timestamp")
+    level = event.pop("level")
+    text = event.pop("event")
+    pairs = " ".join(f"{k}={_quote(v)}" for k, v in event.items() if v is not None)
+    return f"{ts} {level} {text}" + (f" {pairs}" if pairs else "")
+
+
+def render_json(event: MutableMapping[str, Any]) -> str:
+    return orjson.dumps(event, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class _Sink:
+    """The logger structlog wraps: writes the rendered line to every output."""
+
+    def __init__(self, outputs: list[Callable[[str], None]]) -> None:
+        self.outputs = outputs
+
+    def msg(self, line: str) -> None:
+        for out in self.outputs:
+            out(line)
+
+    debug = info = warning = error = critical = msg
+
+
+def _timestamp(clock: Callable[[], datetime]) -> Callable[..., MutableMapping[str, Any]]:
+    def add(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = clock()
+        event["timestamp"] = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+        return event
+
+    return add
+
+
+def _add_level(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["level"] = method
+    return event
+
+
+def make_logger(
+    log_dir: Path | None,
+    log_format: Literal["text", "json"] = "text",
+    level: str = "info",
+    stderr: TextIO | None = sys.stderr,
+    clock: Callable[[], datetime] = _utc_now,
+) -> tuple[Any, DailyFile | None]:
+    """A bound logger for one monitor instance (no global structlog state), and the
+    daily file it writes, for ``reopen()`` on SIGHUP."""
+    outputs: list[Callable[[str], None]] = []
+    daily = DailyFile(log_dir, clock) if log_dir is not None else None
+    if daily is not None:
+        outputs.append(daily.write)
+    if stderr is not None:
+        err = stderr
+        outputs.append(lambda line: (err.write(line + "\n"), err.flush()))
+    renderer = render_text if log_format == "text" else render_json
+    minimum = _LEVELS[level]
+
+    def filter_level(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if _LEVELS.get(method, 20) < minimum:
+            raise structlog.DropEvent
+        return event
+
+    logger = structlog.wrap_logger(
+        _Sink(outputs),
+        processors=[filter_level, _timestamp(clock), _add_level, lambda _, __, e: renderer(e)],
+        cache_logger_on_first_use=False,
+    )
+    return logger, daily

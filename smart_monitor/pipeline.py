@@ -1,0 +1,158 @@
+"""The pure core: records in, outcomes out. ``run`` and ``replay`` drive this very
+object, so what ``replay`` shows on an old run is what ``run`` would have done live."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .detectors import build_detectors
+from .policy import Decision, Policy
+from .records import ExampleRecord, Record, SummaryRecord, TrainRecord
+from .triggers import Severity, Trigger
+
+__all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """A snapshot to make. ``key`` is its idempotency key (segment, step, name): a
+    daemon restarted after a crash that re-reads the same lines asks for the same key.
+    ``exact_checkpoint``: wait for ``checkpoint-<step>`` (a new best model)."""
+
+    key: str
+    name: str
+    step: int
+    severity: Severity
+    triggers: tuple[Trigger, ...]
+    exact_checkpoint: bool
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Everything one record caused; ``None`` from ``process`` means nothing did."""
+
+    step: int
+    triggers: tuple[Trigger, ...] = ()
+    suppressed: tuple[Trigger, ...] = ()
+    snapshot: SnapshotRequest | None = None
+    restarted_after: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.detectors = build_detectors(config.detectors)
+        self.policy = Policy(config.policy)
+        self.loss_history: deque[tuple[int, float]] = deque(maxlen=config.policy.history)
+        self.lr_history: deque[tuple[int, float]] = deque(maxlen=config.policy.history)
+        self.examples: deque[Mapping[str, Any]] = deque(maxlen=config.policy.recent_examples)
+        self.last_step: int | None = None
+        self.segment = 0
+
+    def process(self, record: Record) -> Outcome | None:
+        if isinstance(record, SummaryRecord):
+            return None
+        restarted_after = None
+        step = record.step
+        if isinstance(record, TrainRecord):
+            if self.last_step is not None and step < self.last_step:
+                restarted_after = self.last_step
+                self.rewind(step - 1)
+            self.last_step = step
+            if record.loss is not None:
+                self.loss_history.append((step, record.loss))
+            if record.learning_rate is not None:
+                self.lr_history.append((step, record.learning_rate))
+        elif isinstance(record, ExampleRecord):
+            self.examples.append(record.raw)
+        if step is None:
+            step = self.last_step if self.last_step is not None else 0
+        elif self.last_step is None or step > self.last_step:
+            self.last_step = step
+        triggers: list[Trigger] = []
+        for detector in self.detectors.values():
+            fired = detector.update(record)
+            if fired:
+                triggers.extend(fired)
+        if not triggers:
+            return Outcome(step, restarted_after=restarted_after) if restarted_after else None
+        decision = self.policy.decide(step, triggers)
+        request = self._request(step, decision, record) if decision.snapshot else None
+        return Outcome(step, tuple(triggers), decision.suppressed, request, restarted_after)
+
+    def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
+        kinds = {t.kind for t in decision.snapshot}
+        return SnapshotRequest(
+            key=f"{self.segment}:{step}:{decision.name}",
+            name=decision.name,
+            step=step,
+            severity=decision.severity,
+            triggers=decision.snapshot,
+            exact_checkpoint=kinds == {"best_model_loss"},
+            metadata=self._metadata(step, decision, record),
+        )
+
+    def _metadata(self, step: int, decision: Decision, record: Record) -> dict[str, Any]:
+        """Every ``metadata.json`` key of DESIGN.md but ``created_at`` and ``checkpoint``,
+        which the snapshot writer adds."""
+        return {
+            "triggers": [t.name for t in decision.snapshot],
+            "severity": decision.severity.value,
+            "step": step,
+            "z_scores": {"loss": self._last_z("loss_zscore"), "lr": self._last_z("lr_zscore")},
+            "recent_examples": list(self.examples),
+            "loss_history": [list(p) for p in self.loss_history],
+            "lr_history": [list(p) for p in self.lr_history],
+            "metrics": dict(record.raw),
+            "details": {t.name: dict(t.details) for t in decision.snapshot},
+            "segment": self.segment,
+            "monitor": {"version": __version__, "config": self.config.model_dump(mode="json")},
+        }
+
+    def _last_z(self, name: str) -> float | None:
+        detector = self.detectors.get(name)
+        z = getattr(detector, "last_z", None)
+        return None if z is None else round(float(z), 4)
+
+    def rewind(self, step: int) -> None:
+        """The trainer resumed from the checkpoint at ``step``: drop what came after."""
+        self.segment += 1
+        for detector in self.detectors.values():
+            detector.rewind(step)
+        self.policy.rewind(step)
+        for history in (self.loss_history, self.lr_history):
+            kept = [p for p in history if p[0] <= step]
+            history.clear()
+            history.extend(kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
+            "policy": self.policy.state_dict(),
+            "loss_history": [list(p) for p in self.loss_history],
+            "lr_history": [list(p) for p in self.lr_history],
+            "examples": list(self.examples),
+            "last_step": self.last_step,
+            "segment": self.segment,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Reads states written by older versions: a field they lack keeps its default."""
+        for name, detector in self.detectors.items():
+            detector.load_state_dict(state.get("detectors", {}).get(name, {}))
+        self.policy.load_state_dict(state.get("policy", {}))
+        self.loss_history.extend((int(s), float(v)) for s, v in state.get("loss_history", []))
+        self.lr_history.extend((int(s), float(v)) for s, v in state.get("lr_history", []))
+        self.examples.extend(state.get("examples", []))
+        self.last_step = state.get("last_step")
+        self.segment = int(state.get("segment", 0))

@@ -1,0 +1,193 @@
+"""One line of the trainer's metrics file (bytes) to one typed record.
+
+Pure: no files, no clocks. The fast path is orjson; a line that orjson refuses is
+retried with the standard library, which reads the bare ``NaN``/``Infinity`` tokens
+that Python trainers write (``json.dumps`` emits them) as non-finite floats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "DEFAULT_ALIASES",
+    "EvalRecord",
+    "ExampleRecord",
+    "MalformedLine",
+    "Record",
+    "SummaryRecord",
+    "TrainRecord",
+    "parse_line",
+    "to_record",
+]
+
+DEFAULT_ALIASES: Mapping[str, str] = {"lr": "learning_rate", "global_step": "step"}
+
+_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
+_EXAMPLE_KEYS = ("prompt", "golden_answer", "model_answer")
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm")
+_BOM = b"\xef\xbb\xbf"
+
+
+class MalformedLine(ValueError):
+    """A line that cannot become a record; ``reason`` is a short greppable token."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class TrainRecord:
+    step: int
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EvalRecord:
+    step: int
+    eval_loss: float | None
+    accuracy: float | None
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ExampleRecord:
+    """A prediction example; ``step`` is None when the line has none (the latest step)."""
+
+    step: int | None
+    prompt: str
+    golden_answer: str
+    model_answer: str
+    matches: bool
+    loss: float | None
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRecord:
+    """HF's end-of-training record (``train_runtime``, ``train_loss``): not a step."""
+
+    step: int | None
+    raw: Mapping[str, Any]
+
+
+Record = TrainRecord | EvalRecord | ExampleRecord | SummaryRecord
+
+
+def parse_line(line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Record | None:
+    """Parse one line without its newline. Returns None for a blank line.
+
+    >>> parse_line(b'{"step": 3, "loss": NaN, "lr": 0.1}')
+    TrainRecord(step=3, loss=nan, learning_rate=0.1, grad_norm=None, raw={'step': 3, 'loss': nan, 'learning_rate': 0.1})
+    """
+    if line.startswith(_BOM):
+        line = line[3:]
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        data = _loads_lenient(line)
+    if not isinstance(data, dict):
+        raise MalformedLine("not_an_object", type(data).__name__)
+    return to_record(data, aliases)
+
+
+def _loads_lenient(line: bytes) -> Any:
+    try:
+        return json.loads(line.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise MalformedLine("invalid_json", str(exc)[:80]) from None
+
+
+def to_record(data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Record | None:
+    """Tell the record kind from its fields. None: a record with nothing to monitor."""
+    if aliases:
+        data = _apply_aliases(data, aliases)
+    if any(k in data for k in _EXAMPLE_KEYS):
+        return _example(data)
+    if any(k in data for k in _SUMMARY_KEYS):
+        return SummaryRecord(_optional_step(data), data)
+    if "eval_loss" in data or "eval_accuracy" in data or "accuracy" in data:
+        acc = data.get("eval_accuracy", data.get("accuracy"))
+        return EvalRecord(_step(data), _number(data, "eval_loss"), _as_float("accuracy", acc), data)
+    if any(k in data for k in _TRAIN_KEYS):
+        return TrainRecord(
+            _step(data),
+            _number(data, "loss"),
+            _number(data, "learning_rate"),
+            _number(data, "grad_norm"),
+            data,
+        )
+    return None
+
+
+def _apply_aliases(data: Mapping[str, Any], aliases: Mapping[str, str]) -> Mapping[str, Any]:
+    if not any(a in data for a in aliases):
+        return data
+    out = dict(data)
+    for alias, name in aliases.items():
+        if alias in out and name not in out:
+            out[name] = out.pop(alias)
+    return out
+
+
+def _example(data: Mapping[str, Any]) -> ExampleRecord:
+    missing = [k for k in _EXAMPLE_KEYS if k not in data]
+    if missing:
+        raise MalformedLine("missing_field", ",".join(missing))
+    golden, answer = str(data["golden_answer"]), str(data["model_answer"])
+    matches = data.get("matches")
+    if matches is None:
+        matches = _normalise(golden) == _normalise(answer)
+    elif not isinstance(matches, bool):
+        raise MalformedLine("bad_type", "matches")
+    return ExampleRecord(
+        _optional_step(data), str(data["prompt"]), golden, answer, matches, _number(data, "loss"), data
+    )
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _step(data: Mapping[str, Any]) -> int:
+    step = _optional_step(data)
+    if step is None:
+        raise MalformedLine("missing_field", "step")
+    return step
+
+
+def _optional_step(data: Mapping[str, Any]) -> int | None:
+    step = data.get("step")
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):
+        raise MalformedLine("bad_type", "step")
+    if step < 0 or step != int(step):
+        raise MalformedLine("bad_value", "step")
+    return int(step)
+
+
+def _number(data: Mapping[str, Any], key: str) -> float | None:
+    return _as_float(key, data.get(key))
+
+
+def _as_float(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedLine("bad_type", key)
+    return float(value)

@@ -1,0 +1,68 @@
+"""``replay``: the live pipeline over a finished run (JSONL or ``trainer_state.json``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import Config
+from .engine import Engine
+from .snapshot import SnapshotWriter
+from .sources.checkpoints import CheckpointIndex
+from .sources.files import OVERSIZED, iter_lines, trainer_state_history
+
+__all__ = ["replay"]
+
+_PROGRESS_MIN_BYTES = 32 << 20  # a progress bar only for files that take a while
+
+
+def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None) -> Engine:
+    """Feed every record of ``metrics`` through one Engine and return it (its counts).
+
+    The run is over, so every checkpoint folder left is complete and no wait for a
+    best model's checkpoint can help: both are set accordingly.
+    """
+    config = config.model_copy(
+        update={
+            "checkpoints": config.checkpoints.model_copy(update={"settle_seconds": 0.0}),
+            "snapshot": config.snapshot.model_copy(update={"checkpoint_wait_seconds": 0.0}),
+        }
+    )
+    index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock=lambda: 0.0)
+    engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir, config.snapshot.mode))
+    engine.recover()
+    index.scan()  # the first scan notes folders without a marker, the second settles them
+    engine.scan_checkpoints()
+    log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
+    history = trainer_state_history(metrics)
+    if history is not None:
+        for entry in history:
+            engine.handle_entry(entry)
+    else:
+        _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
+    engine.finish()
+    log.info("Stopped", mode="replay", **{k: v for k, v in sorted(engine.counts.items())})
+    return engine
+
+
+def _replay_jsonl(engine: Engine, metrics: Path, max_line_bytes: int, progress: bool | None) -> None:
+    size = metrics.stat().st_size
+    if progress is None:
+        progress = sys.stderr.isatty() and size >= _PROGRESS_MIN_BYTES
+    handle = engine.handle_line
+    with open(metrics, "rb") as fh, tqdm(
+        total=size, unit="B", unit_scale=True, disable=not progress, desc="replay"
+    ) as bar:
+        done = 0
+        for n, (offset, line) in enumerate(iter_lines(fh, max_line_bytes)):
+            if line == OVERSIZED:  # empty lines are never yielded otherwise
+                engine.malformed("oversized", f"line over {max_line_bytes} bytes", offset)
+            else:
+                handle(line, offset)
+            if progress and n % 65536 == 0:
+                bar.update(offset - done)
+                done = offset
+        bar.update(size - done)

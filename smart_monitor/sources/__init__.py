@@ -1,0 +1,1 @@
+"""The edges that read: the metrics file, HF trainer state files, checkpoint folders."""

@@ -1,0 +1,146 @@
+"""The index of the trainer's complete checkpoints.
+
+A ``checkpoint-N`` folder counts once its marker file (``trainer_state.json``, which HF
+Trainer writes last) parses and ``checkpoint-is-incomplete.txt`` is absent, or once its
+contents have not changed for ``settle_seconds``; a single-file checkpoint (Lightning's
+``epoch=0-step=100.ckpt``) once its size has settled. ``tmp-checkpoint-*`` never
+matches the pattern. Steps order checkpoints, never mtimes (FAULTS.md #18).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import CheckpointsConfig
+
+__all__ = ["Checkpoint", "CheckpointIndex", "pattern_regex"]
+
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    name: str
+    step: int
+    path: Path
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """``checkpoint-{step}`` -> ``^checkpoint-(?P<step>\\d+)$``; ``{epoch}`` matches too.
+
+    >>> bool(pattern_regex("epoch={epoch}-step={step}.ckpt").match("epoch=2-step=300.ckpt"))
+    True
+    >>> bool(pattern_regex("checkpoint-{step}").match("tmp-checkpoint-300"))
+    False
+    """
+    parts = re.split(r"(\{step\}|\{epoch\})", pattern)
+    body = "".join(
+        "(?P<step>\\d+)" if p == "{step}" else "\\d+" if p == "{epoch}" else re.escape(p)
+        for p in parts
+    )
+    return re.compile(f"^{body}$")
+
+
+class CheckpointIndex:
+    """``scan()`` returns the checkpoints that became complete since the last scan."""
+
+    def __init__(
+        self,
+        root: Path | None,
+        config: CheckpointsConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.root = root
+        self.config = config
+        self.clock = clock
+        self.regex = pattern_regex(config.pattern)
+        self.complete: dict[int, Checkpoint] = {}
+        self._pending: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
+
+    def scan(self) -> list[Checkpoint]:
+        if self.root is None:
+            return []
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            self.complete.clear()
+            return []
+        seen: set[int] = set()
+        new: list[Checkpoint] = []
+        for entry in entries:
+            m = self.regex.match(entry.name)
+            if m is None:
+                continue
+            step = int(m.group("step"))
+            seen.add(step)
+            if step in self.complete:
+                continue
+            ck = Checkpoint(entry.name, step, Path(entry.path))
+            if self._is_complete(ck):
+                self.complete[step] = ck
+                self._pending.pop(entry.name, None)
+                new.append(ck)
+        for step in [s for s in self.complete if s not in seen]:
+            del self.complete[step]  # rotated away by the trainer
+        return sorted(new, key=lambda c: c.step)
+
+    def _is_complete(self, ck: Checkpoint) -> bool:
+        path = ck.path
+        if path.is_dir():
+            if (path / INCOMPLETE_MARKER).exists():
+                return False
+            marker = path / self.config.marker
+            if marker.is_file() and _parses(marker):
+                return True
+        return self._settled(ck)
+
+    def _settled(self, ck: Checkpoint) -> bool:
+        """True once the file set, sizes and mtimes are unchanged for settle_seconds."""
+        try:
+            sig = _signature(ck.path)
+        except OSError:
+            return False
+        now = self.clock()
+        old = self._pending.get(ck.name)
+        if old is None or old[0] != sig:
+            self._pending[ck.name] = (sig, now)
+            return False
+        return now - old[1] >= self.config.settle_seconds
+
+    def newest_at_or_before(self, step: int) -> Checkpoint | None:
+        best = [s for s in self.complete if s <= step]
+        return self.complete[max(best)] if best else None
+
+    def get(self, step: int) -> Checkpoint | None:
+        return self.complete.get(step)
+
+    def forget(self, step: int) -> None:
+        self.complete.pop(step, None)
+
+
+def _parses(marker: Path) -> bool:
+    if marker.suffix != ".json":
+        return True
+    try:
+        json.loads(marker.read_bytes())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    if path.is_file():
+        st = path.stat()
+        return ((path.name, st.st_size, st.st_mtime_ns),)
+    out = []
+    for dirpath, _dirs, names in os.walk(path):
+        for n in names:
+            st = os.stat(os.path.join(dirpath, n), follow_symlinks=False)
+            out.append((os.path.join(dirpath, n), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))

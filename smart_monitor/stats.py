@@ -1,0 +1,150 @@
+"""Tiny running statistics shared by every detector.
+
+Each keeps the ``(step, value)`` pairs of its window so that a trainer restart can drop
+the points past the checkpoint it resumed from (``rewind``), and serialises to plain
+JSON values (``state_dict``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from typing import Any
+
+__all__ = ["RollingMedian", "RollingWindow"]
+
+
+class RollingWindow:
+    """Mean and standard deviation of the last ``size`` values (rolling Welford).
+
+    >>> w = RollingWindow(8)
+    >>> for i, v in enumerate([0.72, 0.71, 0.73, 0.70, 0.72, 0.71, 0.73, 0.72]):
+    ...     w.add(i, v)
+    >>> round(w.mean, 4), round(w.std, 5)
+    (0.7175, 0.00968)
+    """
+
+    __slots__ = ("_items", "_m2", "mean", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: deque[tuple[int, float]] = deque()
+        self.mean = 0.0
+        self._m2 = 0.0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (the z-score's denominator in DESIGN.md)."""
+        n = len(self._items)
+        return math.sqrt(max(self._m2, 0.0) / n) if n else 0.0
+
+    def add(self, step: int, value: float) -> None:
+        if len(self._items) == self.size:
+            self._remove(self._items.popleft()[1])
+        self._items.append((step, value))
+        n = len(self._items)
+        delta = value - self.mean
+        self.mean += delta / n
+        self._m2 += delta * (value - self.mean)
+
+    def _remove(self, value: float) -> None:
+        n = len(self._items)  # already popped
+        if n == 0:
+            self.mean = self._m2 = 0.0
+            return
+        delta = value - self.mean
+        self.mean -= delta / n
+        self._m2 -= delta * (value - self.mean)
+
+    def values(self) -> list[float]:
+        return [v for _, v in self._items]
+
+    def rewind(self, step: int) -> None:
+        """Forget every point logged after ``step``."""
+        kept = [(s, v) for s, v in self._items if s <= step]
+        if len(kept) != len(self._items):
+            self._reset(kept)
+
+    def _reset(self, items: list[tuple[int, float]]) -> None:
+        self._items.clear()
+        self.mean = self._m2 = 0.0
+        for s, v in items:
+            self.add(s, v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [list(p) for p in self._items]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reset([(int(s), float(v)) for s, v in state.get("items", [])][-self.size :])
+
+
+class RollingMedian:
+    """Median and MAD of the last ``size`` values: a baseline that outliers cannot drag.
+
+    >>> m = RollingMedian(5)
+    >>> for i, v in enumerate([1.0, 1.1, 0.9, 50.0, 1.0]):
+    ...     m.add(i, v)
+    >>> m.median, round(m.mad, 3)
+    (1.0, 0.1)
+    """
+
+    __slots__ = ("_items", "_sorted", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: deque[tuple[int, float]] = deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, step: int, value: float) -> None:
+        if len(self._items) == self.size:
+            old = self._items.popleft()[1]
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._items.append((step, value))
+        bisect.insort(self._sorted, value)
+
+    @property
+    def median(self) -> float:
+        return _median(self._sorted)
+
+    @property
+    def mad(self) -> float:
+        """Median absolute deviation (unscaled)."""
+        if not self._sorted:
+            return 0.0
+        med = self.median
+        return _median(sorted(abs(v - med) for v in self._sorted))
+
+    def values(self) -> list[float]:
+        return [v for _, v in self._items]
+
+    def rewind(self, step: int) -> None:
+        kept = [(s, v) for s, v in self._items if s <= step]
+        if len(kept) != len(self._items):
+            self._reset(kept)
+
+    def _reset(self, items: list[tuple[int, float]]) -> None:
+        self._items.clear()
+        self._sorted.clear()
+        for s, v in items:
+            self.add(s, v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [list(p) for p in self._items]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reset([(int(s), float(v)) for s, v in state.get("items", [])][-self.size :])
+
+
+def _median(ordered: list[float]) -> float:
+    n = len(ordered)
+    if n == 0:
+        return math.nan
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
