@@ -6,6 +6,7 @@ two in step.
 
 from __future__ import annotations
 
+import signal as signal_module
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,61 @@ class StateConfig(_Section):
     save_interval_seconds: float = Field(5.0, gt=0)
 
 
+ActionSeverity = Literal["info", "warning", "critical", "never"]
+
+
+class ActionConfig(_Section):
+    """When an action runs: a snapshot decision (made or failed) whose trigger kind is in
+    ``on_triggers``, or whose severity is at least ``on_severity``."""
+
+    on_triggers: list[str] = Field(default_factory=list)
+    on_severity: ActionSeverity = "critical"
+
+
+class StopFileActionConfig(ActionConfig):
+    path: Path | None = None
+
+
+class SignalActionConfig(ActionConfig):
+    pidfile: Path | None = None
+    signal: str = "SIGTERM"
+
+    @model_validator(mode="after")
+    def _known_signal(self) -> SignalActionConfig:
+        if not self.signal.startswith("SIG") or not hasattr(signal_module, self.signal):
+            raise ValueError(f"unknown signal {self.signal!r}")
+        return self
+
+
+class CommandActionConfig(ActionConfig):
+    argv: list[str] = Field(default_factory=list)
+
+
+class WebhookActionConfig(ActionConfig):
+    url: str = ""
+    on_severity: ActionSeverity = "warning"
+
+    @model_validator(mode="after")
+    def _http_only(self) -> WebhookActionConfig:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class ActionsConfig(_Section):
+    timeout_seconds: float = Field(10.0, gt=0)
+    queue_size: int = Field(100, ge=1)
+    stop_file: StopFileActionConfig = StopFileActionConfig()
+    signal: SignalActionConfig = SignalActionConfig()
+    command: CommandActionConfig = CommandActionConfig()
+    webhook: WebhookActionConfig = WebhookActionConfig()
+
+
+class MetricsConfig(_Section):
+    port: int = Field(0, ge=0, le=65535)
+    address: str = "127.0.0.1"
+
+
 class Config(_Section):
     metrics_file: Path | None = None
     checkpoint_dir: Path | None = None
@@ -142,6 +198,8 @@ class Config(_Section):
     checkpoints: CheckpointsConfig = CheckpointsConfig()
     watch: WatchConfig = WatchConfig()
     state: StateConfig = StateConfig()
+    actions: ActionsConfig = ActionsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _snapshots_outside_trainer_glob(self) -> Config:

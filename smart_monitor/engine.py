@@ -50,6 +50,7 @@ class Engine:
         self.pending: list[_Pending] = []
         self.done_keys: set[str] = set()
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
+        self.last_record_at: float | None = None  # clock() of the last record (metrics)
 
     # -- start-up -------------------------------------------------------------------
     def recover(self) -> None:
@@ -66,6 +67,11 @@ class Engine:
 
     # -- records --------------------------------------------------------------------
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
+        if line[:1] == b"\x00":  # copytruncate with a stale writer (FAULTS.md #7)
+            stripped = line.lstrip(b"\x00")
+            self.counts["nul_bytes_skipped"] += len(line) - len(stripped)
+            self.log.warning("Skipped NUL run", bytes=len(line) - len(stripped), offset=offset)
+            line = stripped
         try:
             record = parse_line(line, self.aliases)
         except MalformedLine as exc:
@@ -94,6 +100,7 @@ class Engine:
 
     def handle_record(self, record: Record) -> None:
         self.counts["records"] += 1
+        self.last_record_at = self.clock()
         outcome = self.pipeline.process(record)
         if outcome is not None:
             self._act(outcome)

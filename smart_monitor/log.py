@@ -2,7 +2,7 @@
 
 Text lines follow DESIGN.md exactly::
 
-    2026-11-29T17:00:00.123Z warning Created snapshot step=17500 triggers=a,b severity=warning path=...
+    2026-11-29T17:00:00.123Z warning Created snapshot step=17500 triggers=a,b severity=warning ...
 
 Values are quoted only when they hold a space, a quote or an ``=``, so
 ``grep -o 'triggers=[^ ]*'`` works on every line.
@@ -72,10 +72,7 @@ class DailyFile:
 
 
 def _quote(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        text = ",".join(str(v) for v in value)
-    else:
-        text = str(value)
+    text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
     if not text or any(c in text for c in ' "=\n\t'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
@@ -139,7 +136,9 @@ def make_logger(
     renderer = render_text if log_format == "text" else render_json
     minimum = _LEVELS[level]
 
-    def filter_level(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def filter_level(
+        _: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         if _LEVELS.get(method, 20) < minimum:
             raise structlog.DropEvent
         return event

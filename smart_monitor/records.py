@@ -88,8 +88,9 @@ Record = TrainRecord | EvalRecord | ExampleRecord | SummaryRecord
 def parse_line(line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Record | None:
     """Parse one line without its newline. Returns None for a blank line.
 
-    >>> parse_line(b'{"step": 3, "loss": NaN, "lr": 0.1}')
-    TrainRecord(step=3, loss=nan, learning_rate=0.1, grad_norm=None, raw={'step': 3, 'loss': nan, 'learning_rate': 0.1})
+    >>> r = parse_line(b'{"step": 3, "loss": NaN, "lr": 0.1}')
+    >>> r.step, r.loss, r.learning_rate, r.raw
+    (3, nan, 0.1, {'step': 3, 'loss': nan, 'learning_rate': 0.1})
     """
     if line.startswith(_BOM):
         line = line[3:]
@@ -112,7 +113,9 @@ def _loads_lenient(line: bytes) -> Any:
         raise MalformedLine("invalid_json", str(exc)[:80]) from None
 
 
-def to_record(data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Record | None:
+def to_record(
+    data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES
+) -> Record | None:
     """Tell the record kind from its fields. None: a record with nothing to monitor."""
     if aliases:
         data = _apply_aliases(data, aliases)
@@ -155,7 +158,13 @@ def _example(data: Mapping[str, Any]) -> ExampleRecord:
     elif not isinstance(matches, bool):
         raise MalformedLine("bad_type", "matches")
     return ExampleRecord(
-        _optional_step(data), str(data["prompt"]), golden, answer, matches, _number(data, "loss"), data
+        _optional_step(data),
+        str(data["prompt"]),
+        golden,
+        answer,
+        matches,
+        _number(data, "loss"),
+        data,
     )
 
 

@@ -34,8 +34,8 @@ def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None
     index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock=lambda: 0.0)
     engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir, config.snapshot.mode))
     engine.recover()
-    index.scan()  # the first scan notes folders without a marker, the second settles them
     engine.scan_checkpoints()
+    engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
     history = trainer_state_history(metrics)
     if history is not None:

@@ -102,8 +102,14 @@ class SnapshotWriter:
             meta["checkpoint"] = (
                 None
                 if checkpoint is None
-                else {"name": checkpoint.name, "step": checkpoint.step, "mode": mode,
-                      "path": str(checkpoint.path), "files": files, "bytes": size}
+                else {
+                    "name": checkpoint.name,
+                    "step": checkpoint.step,
+                    "mode": mode,
+                    "path": str(checkpoint.path),
+                    "files": files,
+                    "bytes": size,
+                }
             )
             if checkpoint is None:
                 meta["note"] = "no complete checkpoint existed at or before this step"

@@ -1,0 +1,245 @@
+"""``run``: follow a live training job until stopped.
+
+The loop is boring on purpose. Observer threads only post wake-ups; this one worker
+(the main thread, where signals land) reads new lines, scans checkpoints, makes
+snapshots, saves state and pings systemd's watchdog. An exception in a turn is logged
+and counted, and the next turn starts afresh: nothing dies silently (FAULTS.md #29).
+Every ``reconcile_seconds`` the worker reads and scans as if every event had fired,
+which catches what a lost event (#20) or a remote writer (#30) hid.
+
+State (the tailer's offset and file identity, the detectors, cooldowns, counts) is
+saved every ``save_interval_seconds`` and on stop, always between two records, so a
+restart resumes at the first record not yet processed. A SIGKILL between a snapshot
+and the next save makes the restart see a few records again: their snapshots already
+exist under the same key, so nothing is made twice (#16, #25).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .config import Config
+from .engine import Engine
+from .hooks import attach_hooks
+from .log import DailyFile
+from .notify import Notifier
+from .retention import enforce_retention
+from .snapshot import SnapshotWriter
+from .sources.checkpoints import CheckpointIndex
+from .sources.tailer import OVERSIZED, Tailer
+from .sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
+from .state import StateStore
+
+__all__ = ["Daemon"]
+
+_TURN_SECONDS = 0.25  # a backlog is read in slices this long, so stop and pings stay prompt
+_UNHEALTHY_AFTER = 3  # turns failing in a row before the watchdog pings stop
+_RETIRED_KEYS = 1000  # keys of snapshots removed by retention, remembered in the state
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        log: Any,
+        daily: DailyFile | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        observer_factory: ObserverFactory = make_observer,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.daily = daily
+        self.notifier = notifier or Notifier({})
+        self.clock = clock
+        self.wakeups = Wakeups()
+        self.stopping = threading.Event()
+        self.index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock)
+        self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
+        self.engine = Engine(config, log, self.index, self.writer, clock)
+        self.store = StateStore(config.state_dir)
+        self.tailer = (
+            Tailer(config.metrics_file, config.records.max_line_bytes, self._tail_event)
+            if config.metrics_file is not None
+            else None
+        )
+        self.watcher = Watcher(
+            config.metrics_file, config.checkpoint_dir, config.watch.backend,
+            config.watch.poll_interval, self.wakeups, log, observer_factory,
+        )
+        self.errors = 0
+        self.errors_in_row = 0
+        self.retired: list[str] = []
+        self._dirty = False
+        self._new_snapshots = False
+        self._next_save = self._next_reconcile = self._next_ping = 0.0
+
+    # -- control (safe from signal handlers: they only post) -------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wakeups.post("stop")
+
+    def reopen_log(self) -> None:
+        self.wakeups.post("reopen")
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> int:
+        close_hooks = self._start()
+        try:
+            while not self.stopping.is_set():
+                kinds = self.wakeups.take(self._timeout())
+                if self.stopping.is_set():
+                    break
+                self._turn(kinds)
+        finally:
+            self._finish(close_hooks)
+        return 0
+
+    def _start(self) -> Callable[[], None]:
+        cfg = self.config
+        for d in (cfg.state_dir, cfg.snapshot_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.engine.recover()
+        data, source = self.store.load()
+        if data is not None:
+            self.engine.load_state_dict(data.get("engine", {}))
+            if self.tailer is not None:
+                self.tailer.load_state_dict(data.get("tailer", {}))
+            self.retired = [str(k) for k in data.get("retired_keys", [])][-_RETIRED_KEYS:]
+            self.engine.done_keys.update(self.retired)
+        self.engine.listeners.append(self._on_event)
+        close_hooks = attach_hooks(self.engine, cfg, self.log)
+        self.watcher.start()
+        self.log.info(
+            "Started", mode="run", metrics=str(cfg.metrics_file), checkpoints=str(cfg.checkpoint_dir),
+            backend=self.watcher.kind, state=source or "fresh",
+        )
+        self.notifier.ready(self._status())
+        self._next_ping = self.clock()
+        return close_hooks
+
+    def _timeout(self) -> float:
+        deadlines = [self._next_reconcile, self._next_ping]
+        if self._dirty:
+            deadlines.append(self._next_save)
+        if self.engine.pending:
+            deadlines.append(min(p.deadline for p in self.engine.pending))
+        return min(deadlines) - self.clock()
+
+    def _turn(self, kinds: set[str]) -> None:
+        try:
+            now = self.clock()
+            full = now >= self._next_reconcile
+            if full:
+                self._next_reconcile = now + self.config.watch.reconcile_seconds
+            if "reopen" in kinds and self.daily is not None:
+                self.daily.reopen()
+            if self.watcher.check():
+                full = True
+            if full or kinds & {"checkpoints", "rescan"} or self.engine.pending:
+                self.engine.scan_checkpoints()
+            if full or kinds & {"metrics", "rescan"}:
+                self._read()
+            self.engine.poll()
+            if self._new_snapshots:
+                self._new_snapshots = False
+                self._retain()
+            if self._dirty and self.clock() >= self._next_save:
+                self._save(final=False)
+            self.errors_in_row = 0
+        except Exception as exc:  # one bad turn must not end the watch
+            self.errors += 1
+            self.errors_in_row += 1
+            self.log.error("Worker error", error=repr(exc), errors=self.errors)
+        self._report()
+
+    def _read(self) -> None:
+        if self.tailer is None:
+            return
+        handle, malformed = self.engine.handle_line, self.engine.malformed
+        limit = self.config.records.max_line_bytes
+        deadline = self.clock() + _TURN_SECONDS
+        n = 0
+        for offset, line in self.tailer.lines():
+            if line is OVERSIZED:
+                malformed("oversized", f"line over {limit} bytes", offset)
+            else:
+                handle(line, offset)
+            self._dirty = True
+            n += 1
+            if self.stopping.is_set():
+                return
+            if n % 256 == 0 and self.clock() >= deadline:
+                self.wakeups.post("metrics")  # a backlog: come back after the other duties
+                return
+
+    def _on_event(self, event: str, data: Mapping[str, Any]) -> None:
+        if event == "snapshot":
+            self._new_snapshots = True
+
+    def _tail_event(self, name: str, fields: Mapping[str, Any]) -> None:
+        quiet = name in ("Opened metrics file", "Resumed metrics file")
+        (self.log.info if quiet else self.log.warning)(name, **fields)
+        self._dirty = True
+
+    def _retain(self) -> None:
+        snap = self.config.snapshot
+        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log):
+            self.retired.append(key)
+        del self.retired[:-_RETIRED_KEYS]
+
+    # -- state ----------------------------------------------------------------------
+    def _save(self, final: bool) -> None:
+        """Skipped while a best model waits for its checkpoint (a kill would lose the
+        wait: the saved offset stays before it), except on stop, after finish()."""
+        if self.engine.pending and not final:
+            return
+        data = {
+            "engine": self.engine.state_dict(),
+            "tailer": self.tailer.state_dict() if self.tailer is not None else {},
+            "retired_keys": self.retired,
+        }
+        self.store.save(data)
+        self._dirty = False
+        self._next_save = self.clock() + self.config.state.save_interval_seconds
+
+    # -- health ---------------------------------------------------------------------
+    def _status(self) -> str:
+        if self.tailer is not None and self.tailer.waiting:
+            return f"waiting for {self.config.metrics_file}"
+        if self.watcher.degraded:
+            return "degraded: polling (inotify limits reached)"
+        return f"following ({self.watcher.kind})"
+
+    @property
+    def healthy(self) -> bool:
+        return self.watcher.healthy and self.errors_in_row < _UNHEALTHY_AFTER
+
+    def _report(self) -> None:
+        self.notifier.status(self._status())
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            self._next_ping = float("inf")
+            return
+        now = self.clock()
+        if now >= self._next_ping and self.healthy:
+            self.notifier.watchdog()
+            self._next_ping = now + interval
+
+    def _finish(self, close_hooks: Callable[[], None]) -> None:
+        self.notifier.stopping()
+        try:
+            self.engine.finish()
+            self._retain()
+            self._save(final=True)
+        finally:
+            self.watcher.stop()
+            close_hooks()
+            if self.tailer is not None:
+                self.tailer.close()
+            counts = {k: v for k, v in sorted(self.engine.counts.items())}
+            self.log.info("Stopped", mode="run", errors=self.errors, **counts)
+            self.notifier.close()

@@ -1,0 +1,102 @@
+"""What runs beside the pipeline, attached to an Engine as listeners: actions, the
+Prometheus server and each snapshot's ``loss_history.png``.
+
+``run`` attaches all of them (``attach_hooks``); ``replay`` attaches the plots alone
+(``attach_plots``): replaying an old run must not page anyone or signal a trainer, but
+its snapshots should look like live ones. Each attach returns the function that stops
+what it started, draining queued work first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .actions import Actions, Worker
+from .config import Config
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["attach_hooks", "attach_plots"]
+
+_PLOT_QUEUE = 64
+_PLOT_STOP_SECONDS = 60.0  # a replay waits this long, at most, for its last plots
+
+
+def attach_plots(engine: Engine, log: Any) -> Callable[[], None]:
+    """Draw ``loss_history.png`` into every new snapshot, on a worker thread so that
+    drawing never delays the next record. Off, with one warning, without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("Plots off", reason="matplotlib missing: pip install 'smart-monitor[report]'")
+        return lambda: None
+    from .report import write_loss_history_png
+
+    def failed(label: str, exc: BaseException) -> None:
+        log.error("Plot failed", path=label, error=repr(exc))
+
+    worker = Worker("smart-monitor-plots", _PLOT_QUEUE, failed)
+
+    def on_event(event: str, data: Mapping[str, Any]) -> None:
+        if event != "snapshot":
+            return
+        path = Path(data["path"])
+        if not worker.submit(str(path), partial(write_loss_history_png, path)):
+            log.warning("Plot skipped", path=str(path), reason="queue_full")
+
+    engine.listeners.append(on_event)
+
+    def stop() -> None:
+        engine.listeners.remove(on_event)
+        worker.stop(_PLOT_STOP_SECONDS)
+
+    return stop
+
+
+def attach_hooks(engine: Engine, config: Config, log: Any) -> Callable[[], None]:
+    """Actions, the metrics server and the plots for a live engine. A metrics port that
+    cannot be bound is logged and skipped: watching the run matters more than serving
+    numbers about it."""
+    stops: list[Callable[[], None]] = [attach_plots(engine, log)]
+    actions = Actions(config.actions, log)
+    if actions.actions:
+        engine.listeners.append(actions)
+        log.info("Actions on", actions=[name for name, _, _ in actions.actions])
+    stops.append(actions.stop)
+    if config.metrics.port:
+        stops.append(_start_metrics(engine, config, log))
+
+    def stop() -> None:
+        for s in reversed(stops):
+            s()
+        if actions in engine.listeners:
+            engine.listeners.remove(actions)
+
+    return stop
+
+
+def _start_metrics(engine: Engine, config: Config, log: Any) -> Callable[[], None]:
+    if importlib.util.find_spec("prometheus_client") is None:
+        log.error("Metrics off", reason="prometheus_client missing: pip install "
+                  "'smart-monitor[metrics]'")
+        return lambda: None
+    from .metrics import MetricsServer
+
+    server = MetricsServer(engine, config.metrics)
+    try:
+        port = server.start()
+    except OSError as exc:
+        log.error("Metrics off", address=config.metrics.address, port=config.metrics.port,
+                  reason=exc.strerror or str(exc))
+        return lambda: None
+    engine.listeners.append(server)
+    log.info("Serving metrics", address=config.metrics.address, port=port)
+
+    def stop() -> None:
+        engine.listeners.remove(server)
+        server.stop()
+
+    return stop

@@ -1,0 +1,142 @@
+"""``list`` and ``show``: look at the snapshots without opening JSON files by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .snapshot import SnapshotWriter
+
+__all__ = ["SnapshotInfo", "format_metadata", "format_table", "read_snapshots", "resolve"]
+
+_HISTORY_SHOWN = 5  # last [step, value] pairs that ``show`` prints of each history
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: Path
+    created_at: str
+    step: int | None
+    triggers: tuple[str, ...]
+    severity: str
+    checkpoint: str | None
+    bytes: int
+
+
+def read_snapshots(snapshot_dir: Path) -> list[SnapshotInfo]:
+    """Every published snapshot, oldest first (names start with their UTC time)."""
+    infos = []
+    for path, meta in SnapshotWriter(snapshot_dir).published():
+        ck = meta.get("checkpoint")
+        infos.append(
+            SnapshotInfo(
+                path=path,
+                created_at=str(meta.get("created_at", "")),
+                step=meta.get("step"),
+                triggers=tuple(meta.get("triggers", ())),
+                severity=str(meta.get("severity", "")),
+                checkpoint=ck.get("name") if isinstance(ck, Mapping) else None,
+                bytes=_size(path),
+            )
+        )
+    return infos
+
+
+def _size(root: Path) -> int:
+    """Apparent size: a hard-linked file counts in full, though it shares its blocks
+    with the trainer's checkpoint until rotation deletes that."""
+    total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def human_bytes(n: float) -> str:
+    """>>> human_bytes(512), human_bytes(1536), human_bytes(3 << 30)
+    ('512 B', '1.5 KiB', '3.0 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(infos: Sequence[SnapshotInfo]) -> str:
+    header = ("time", "step", "severity", "size", "checkpoint", "triggers", "snapshot")
+    rows = [
+        (
+            i.created_at.replace("T", " ")[:19],
+            "" if i.step is None else str(i.step),
+            i.severity,
+            human_bytes(i.bytes),
+            i.checkpoint or "none",
+            ",".join(i.triggers),
+            i.path.name,
+        )
+        for i in infos
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + "  " + r[-1]
+        for r in [header, *rows]
+    ]
+    lines.append(f"{len(infos)} snapshots, {human_bytes(sum(i.bytes for i in infos))}")
+    return "\n".join(lines)
+
+
+def resolve(name: str, snapshot_dir: Path) -> Path:
+    """A snapshot given as a path, or by its folder name inside ``snapshot_dir``."""
+    direct = Path(name)
+    if (direct / "metadata.json").is_file():
+        return direct
+    return snapshot_dir / name
+
+
+def format_metadata(meta: Mapping[str, Any]) -> str:
+    """The metadata a person reads first at the top; the long parts (histories,
+    examples, the monitor's config) shortened. ``show --json`` prints it all."""
+    out = []
+    for key in ("triggers", "severity", "step", "created_at", "segment"):
+        if key in meta:
+            value = meta[key]
+            out.append(f"{key + ':':<16}{','.join(value) if key == 'triggers' else value}")
+    ck = meta.get("checkpoint")
+    if isinstance(ck, Mapping):
+        out.append(
+            f"{'checkpoint:':<16}{ck.get('name')} ({ck.get('mode')}, {ck.get('files')} files, "
+            f"{human_bytes(ck.get('bytes') or 0)}) from {ck.get('path')}"
+        )
+    else:
+        out.append(f"{'checkpoint:':<16}none ({meta.get('note', 'no checkpoint')})")
+    out.append(f"{'z_scores:':<16}{_compact(meta.get('z_scores'))}")
+    out.append(f"{'metrics:':<16}{_compact(meta.get('metrics'))}")
+    for name, detail in (meta.get("details") or {}).items():
+        out.append(f"{'details:':<16}{name} {_compact(detail)}")
+    for key in ("loss_history", "lr_history"):
+        history = meta.get(key) or []
+        tail = " ".join(f"{s}:{_num(v)}" for s, v in history[-_HISTORY_SHOWN:])
+        out.append(f"{key + ':':<16}{len(history)} points, last {tail}")
+    examples = meta.get("recent_examples") or []
+    out.append(f"{'examples:':<16}{len(examples)} recent")
+    for ex in examples[-3:]:
+        out.append(f"  {_compact({k: ex.get(k) for k in ('step', 'matches', 'loss', 'prompt')})}")
+    monitor = meta.get("monitor") or {}
+    out.append(f"{'monitor:':<16}version {monitor.get('version')} (config: show --json)")
+    return "\n".join(out)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "), default=str)

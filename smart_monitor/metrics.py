@@ -1,0 +1,119 @@
+"""Prometheus ``/metrics`` for one monitor: what it read, what it found, what it kept.
+
+A private registry per engine, so two monitors in one process (tests, a notebook) never
+share counters. Counts the engine already keeps (records, malformed lines, last step) are
+read at scrape time rather than mirrored on every record, which keeps the hot path free
+of locks; events the engine emits (detections, snapshots) feed labelled counters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .config import MetricsConfig
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["MetricsServer"]
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's own counters when Prometheus scrapes."""
+
+    def __init__(self, engine: Engine, started_at: float) -> None:
+        self.engine = engine
+        self.started_at = started_at
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.engine.counts
+        yield CounterMetricFamily(
+            "smart_monitor_records", "Records processed.", value=counts.get("records", 0)
+        )
+        yield CounterMetricFamily(
+            "smart_monitor_malformed_lines",
+            "Lines skipped as malformed or oversized.",
+            value=counts.get("malformed", 0),
+        )
+        last_step = self.engine.pipeline.last_step
+        yield GaugeMetricFamily(
+            "smart_monitor_last_step",
+            "Step of the newest record (NaN before the first).",
+            value=math.nan if last_step is None else last_step,
+        )
+        last = self.engine.last_record_at
+        since = self.engine.clock() - (self.started_at if last is None else last)
+        yield GaugeMetricFamily(
+            "smart_monitor_seconds_since_last_record",
+            "Seconds since the last record (since start before the first): a stalled trainer.",
+            value=max(since, 0.0),
+        )
+
+
+class MetricsServer:
+    """The engine listener that counts events, and the HTTP server that shows them."""
+
+    def __init__(self, engine: Engine, config: MetricsConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        labels = ["trigger", "severity"]
+        self.detections = Counter(
+            "smart_monitor_detections", "Detections by trigger kind and severity.",
+            labels, registry=self.registry,
+        )
+        self.snapshots = Counter(
+            "smart_monitor_snapshots",
+            "Snapshots by trigger kind and severity (one per trigger of a MULTIPLE_TRIGGERS one).",
+            labels, registry=self.registry,
+        )
+        self.failures = Counter(
+            "smart_monitor_snapshot_failures", "Snapshots that failed, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        self.snapshot_bytes = Counter(
+            "smart_monitor_snapshot_bytes", "Bytes of checkpoint files kept in snapshots.",
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "smart_monitor_trainer_restarts", "Times the steps went backwards (a resume).",
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine, engine.clock()))
+        self._server: WSGIServer | None = None
+        self._thread: Thread | None = None
+
+    def __call__(self, event: str, data: Mapping[str, Any]) -> None:
+        if event == "detected":
+            self.detections.labels(data["trigger"], data["severity"]).inc()
+        elif event == "snapshot":
+            request = data["request"]
+            for t in request.triggers:
+                self.snapshots.labels(t.kind, request.severity.value).inc()
+            self.snapshot_bytes.inc(data.get("bytes", 0))
+        elif event == "snapshot_failed":
+            self.failures.labels(data["reason"]).inc()
+        elif event == "restarted":
+            self.restarts.inc()
+
+    def start(self) -> int:
+        """Serve ``/metrics``; returns the port. Raises OSError when it cannot bind."""
+        self._server, self._thread = start_http_server(
+            self.config.port, addr=self.config.address, registry=self.registry
+        )
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._server = self._thread = None

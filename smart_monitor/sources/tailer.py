@@ -1,0 +1,257 @@
+"""Follow the trainer's growing JSONL metrics file, in bytes, without ever losing a line.
+
+A line is handed out only once its newline arrives (a trainer's ``write()`` may stop
+mid-line), and the saved offset is always the start of the first line not yet handed
+out, so a restart completes a partial line exactly once (FAULTS.md #2, #3).
+
+The file's identity is its device, inode and the hash of its first line, plus a hash
+of the bytes just before the offset (Fluent Bit's offset marker). They tell apart what
+a path alone cannot: truncation in place (#5), truncation regrown past the offset or a
+reused inode (#6), ``copytruncate`` with a writer that leaves a NUL hole (#7),
+replacement by rename (#8) and deletion then re-creation (#9). A missing file is
+waited for and read from its first byte (#1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .files import OVERSIZED
+
+__all__ = ["OVERSIZED", "Identity", "Tailer"]
+
+_CHUNK = 1 << 20
+_MARK = 64  # bytes before the offset whose hash must still match (offset marker)
+_HEAD_MAX = 4096  # the first line's hash covers at most this many bytes
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the file is: ``head`` is the hash of its first line, ``""`` until it has one."""
+
+    dev: int
+    ino: int
+    head: str
+
+
+class Tailer:
+    """``lines()`` yields ``(offset, line)`` for each new complete line (without its
+    newline; ``OVERSIZED`` for one over ``max_line_bytes``), and ``offset`` moves past
+    a line as it is yielded: state saved between two lines resumes at the next one.
+
+    ``event(name, fields)`` reports what a reader of the log wants to know: truncation,
+    replacement, skipped NUL bytes, a line dropped unterminated.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_line_bytes: int,
+        event: Callable[[str, Mapping[str, Any]], None] = lambda name, fields: None,
+    ) -> None:
+        self.path = path
+        self.max_line_bytes = max_line_bytes
+        self.event = event
+        self.fd: int | None = None
+        self.identity: Identity | None = None
+        self.offset = 0  # start of the first line not yet handed out
+        self.skipping = False  # discarding the rest of an oversized line
+        self.nul_bytes = 0
+        self._buf = b""  # bytes read but not yet handed out start at ``_buf[_start]``
+        self._start = 0
+        self._restored: dict[str, Any] | None = None
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        ident = self.identity
+        return {
+            "path": str(self.path),
+            "dev": ident.dev if ident else None,
+            "ino": ident.ino if ident else None,
+            "head": ident.head if ident else None,
+            "offset": self.offset,
+            "mark": self._mark_hash(self.offset) if self.fd is not None else None,
+            "skipping": self.skipping,
+            "nul_bytes": self.nul_bytes,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Takes effect at the next ``lines()``, once the file at the path is checked
+        to be the one the state describes; otherwise that file is read from 0."""
+        self._restored = dict(state)
+        self.nul_bytes = int(state.get("nul_bytes", 0))
+
+    @property
+    def waiting(self) -> bool:
+        """True while the file does not exist (the daemon reports STATUS=waiting)."""
+        return self.fd is None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    # -- reading --------------------------------------------------------------------
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except PermissionError as exc:
+            self.event("Metrics file unreadable", {"path": str(self.path), "error": str(exc)})
+            st = None
+        if self.fd is not None:
+            assert self.identity is not None
+            if st is not None and (st.st_dev, st.st_ino) == (self.identity.dev, self.identity.ino):
+                if self._changed_in_place(st.st_size):
+                    yield from self._reopen(st, "truncated")
+                    return
+                yield from self._read()
+                return
+            # deleted, or replaced by rename: what the old file still holds comes first
+            yield from self._read()
+            if st is None:
+                return
+            yield from self._reopen(st, "replaced")
+            return
+        if st is not None:
+            yield from self._reopen(st, None)
+
+    def _changed_in_place(self, size: int) -> bool:
+        """Truncated below what was read, or truncated and regrown (the head or the bytes
+        before the offset differ)."""
+        if size < self._read_pos():
+            return True
+        ident = self.identity
+        assert ident is not None
+        return bool(ident.head) and self._head_hash() != ident.head
+
+    def _reopen(self, st: os.stat_result, why: str | None) -> Iterator[tuple[int, bytes]]:
+        self._drop_partial()
+        self.close()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, PermissionError):
+            return
+        st = os.fstat(fd)
+        self.fd = fd
+        self.identity = Identity(st.st_dev, st.st_ino, self._head_hash())
+        self.offset, self.skipping, self._buf, self._start = 0, False, b"", 0
+        restored, self._restored = self._restored, None
+        if restored is not None and self._matches(restored, st.st_size):
+            self.offset = int(restored["offset"])
+            self.skipping = bool(restored.get("skipping", False))
+            self.event("Resumed metrics file", {"path": str(self.path), "offset": self.offset})
+        elif restored is not None and restored.get("head") is not None:
+            self.event("Metrics file changed while stopped", {"path": str(self.path)})
+        elif why is not None:
+            self.event(f"Metrics file {why}", {"path": str(self.path)})
+        else:
+            self.event("Opened metrics file", {"path": str(self.path)})
+        yield from self._read()
+
+    def _matches(self, state: Mapping[str, Any], size: int) -> bool:
+        """The saved state describes this file: same first line, long enough, and the
+        bytes before the saved offset unchanged. A new inode with the same content (an
+        atomic replace that kept the old lines) is the same file for our purpose."""
+        ident = self.identity
+        assert ident is not None
+        offset = int(state.get("offset", 0))
+        if state.get("head") is None or size < offset:
+            return False
+        if state["head"] != ident.head:
+            return False
+        return offset == 0 or state.get("mark") == self._mark_hash(offset)
+
+    def _head_hash(self) -> str:
+        assert self.fd is not None
+        head = os.pread(self.fd, _HEAD_MAX, 0)
+        nl = head.find(b"\n")
+        if nl < 0 and len(head) < _HEAD_MAX:
+            return ""  # no complete first line yet
+        return _hash(head[: nl + 1] if nl >= 0 else head)
+
+    def _mark_hash(self, offset: int) -> str:
+        assert self.fd is not None
+        start = max(0, offset - _MARK)
+        return _hash(os.pread(self.fd, offset - start, start))
+
+    def _read(self) -> Iterator[tuple[int, bytes]]:
+        """Every complete line from ``offset + len(buf)`` to the end of the file."""
+        assert self.fd is not None and self.identity is not None
+        if not self.identity.head:
+            head = self._head_hash()
+            if head:
+                self.identity = Identity(self.identity.dev, self.identity.ino, head)
+        while True:
+            pos = self._read_pos()
+            chunk = os.pread(self.fd, _CHUNK, pos)
+            if not chunk:
+                return
+            yield from self._split(chunk)
+
+    def _split(self, chunk: bytes) -> Iterator[tuple[int, bytes]]:
+        """``offset`` always names ``_buf[_start]``, also while suspended at a yield, so a
+        reader that stops between two lines loses nothing."""
+        if self.skipping:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                self.offset += len(chunk)
+                return
+            self.offset += nl + 1
+            chunk = chunk[nl + 1 :]
+            self.skipping = False
+        buf = self._buf = self._buf[self._start :] + chunk
+        self._start = 0
+        while True:
+            start = self._start
+            if buf.startswith(b"\x00", start):
+                start = self._start = self._skip_nuls(buf, start)
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            line_offset = self.offset
+            self.offset += nl + 1 - start
+            self._start = nl + 1
+            if len(line) > self.max_line_bytes:
+                yield line_offset, OVERSIZED
+            elif line.strip(b"\r \t"):
+                yield line_offset, line
+        self._buf, self._start = buf[self._start :], 0
+        if len(self._buf) > self.max_line_bytes:
+            self.event("Skipped oversized line", {"offset": self.offset})
+            yield self.offset, OVERSIZED
+            self.offset += len(self._buf)
+            self._buf = b""
+            self.skipping = True
+
+    def _skip_nuls(self, buf: bytes, start: int) -> int:
+        """A ``copytruncate`` beside a writer without O_APPEND leaves a hole of NUL bytes
+        where the old content was (FAULTS.md #7): skip it and count it."""
+        end = len(buf) - len(buf[start:].lstrip(b"\x00"))
+        n = end - start
+        self.nul_bytes += n
+        self.offset += n
+        self.event("Skipped NUL bytes", {"count": n, "offset": self.offset})
+        return end
+
+    def _drop_partial(self) -> None:
+        """An unterminated last line of a file that is gone or truncated can never be
+        completed (FAULTS.md #4): say so instead of guessing."""
+        left = len(self._buf) - self._start
+        if left and self.fd is not None:
+            self.event("Dropped unterminated line", {"bytes": left, "offset": self.offset})
+        self._buf, self._start = b"", 0
+
+    def _read_pos(self) -> int:
+        return self.offset + len(self._buf) - self._start

@@ -1,0 +1,215 @@
+"""Wake the worker when the metrics file or the checkpoint folder changes.
+
+The observer's handler only posts a wake-up (FAULTS.md #29: an exception in an observer
+thread kills it silently); the worker does all the reading. ``inotify`` delivers an
+event in about half a millisecond; ``polling`` (watchdog's ``PollingObserver``) is what
+NFS, Lustre and CIFS need, since a write from another node raises no inotify event
+(#30), and it is what ``auto`` falls back to when inotify is unavailable or its watch
+or instance limits are exhausted (#19). Events are hints, never the record of truth:
+the worker reconciles by a full read and scan every ``reconcile_seconds`` (#20).
+
+``check()`` is the supervisor the worker calls on every turn: it re-schedules the
+observer when a watched folder appeared, was deleted or was recreated (#1, #28: the
+emitter stops after its root is deleted), and restarts an observer whose thread died.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+__all__ = ["Wakeups", "Watcher"]
+
+Backend = Literal["auto", "inotify", "polling"]
+ObserverFactory = Callable[[str, float], BaseObserver]
+_LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
+SYSCTL_HINT = "raise fs.inotify.max_user_watches / max_user_instances (sysctl), or use polling"
+
+
+class Wakeups:
+    """What changed since the worker last looked, as a set of kinds: a burst of events
+    for one file is one wake-up, so the queue never grows with the event rate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kinds: set[str] = set()
+        self._event = threading.Event()
+
+    def post(self, kind: str) -> None:
+        with self._lock:
+            self._kinds.add(kind)
+        self._event.set()
+
+    def take(self, timeout: float) -> set[str]:
+        self._event.wait(max(0.0, timeout))
+        with self._lock:
+            kinds, self._kinds = self._kinds, set()
+            self._event.clear()
+        return kinds
+
+
+def make_observer(kind: str, poll_interval: float) -> BaseObserver:
+    if kind == "inotify":
+        from watchdog.observers.inotify import InotifyObserver
+
+        return InotifyObserver()
+    return PollingObserver(timeout=poll_interval)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A folder to watch: the nearest existing ancestor of what we want, and its inode
+    (a changed inode means the folder was deleted and recreated)."""
+
+    want: Path
+    path: Path
+    ino: int
+    recursive: bool
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, route: Callable[[str], str | None], wakeups: Wakeups) -> None:
+        self.route = route
+        self.wakeups = wakeups
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for p in (event.src_path, getattr(event, "dest_path", "")):
+            if p:
+                kind = self.route(os.fsdecode(p))
+                if kind is not None:
+                    self.wakeups.post(kind)
+
+
+class Watcher:
+    """Watches ``metrics_file``'s folder and ``checkpoint_dir`` (recursively: a
+    checkpoint is complete when a file inside it appears)."""
+
+    def __init__(
+        self,
+        metrics_file: Path | None,
+        checkpoint_dir: Path | None,
+        backend: Backend,
+        poll_interval: float,
+        wakeups: Wakeups,
+        log: Any,
+        factory: ObserverFactory = make_observer,
+    ) -> None:
+        self.metrics_file = metrics_file.absolute() if metrics_file else None
+        self.checkpoint_dir = checkpoint_dir.absolute() if checkpoint_dir else None
+        self.backend = backend
+        self.poll_interval = poll_interval
+        self.wakeups = wakeups
+        self.log = log
+        self.factory = factory
+        self.kind = "polling" if backend == "polling" else "inotify"
+        self.degraded = False
+        self.restarts = 0
+        self._observer: BaseObserver | None = None
+        self._targets: tuple[_Target, ...] = ()
+
+    # -- routing --------------------------------------------------------------------
+    def _route(self, path: str) -> str | None:
+        p = Path(path)
+        if self.metrics_file is not None and p == self.metrics_file:
+            return "metrics"
+        if self.checkpoint_dir is not None and p.is_relative_to(self.checkpoint_dir):
+            return "checkpoints"
+        if any(t.path != t.want and t.want.is_relative_to(p) for t in self._targets):
+            return "rescan"  # a missing folder on the way to what we want appeared
+        return None
+
+    def _wanted(self) -> tuple[_Target, ...]:
+        wants: list[tuple[Path, bool]] = []
+        if self.checkpoint_dir is not None:
+            wants.append((self.checkpoint_dir, True))
+        if self.metrics_file is not None:
+            parent = self.metrics_file.parent
+            ck = self.checkpoint_dir
+            if ck is None or not parent.is_relative_to(ck):
+                wants.append((parent, False))
+        out = []
+        for want, recursive in wants:
+            path = _nearest_existing(want)
+            try:
+                ino = path.stat().st_ino
+            except OSError:
+                continue
+            out.append(_Target(want, path, ino, recursive and path == want))
+        return tuple(out)
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self) -> None:
+        self._targets = self._wanted()
+        try:
+            self._observer = self._start(self.kind, self._targets)
+        except OSError as exc:
+            if self.kind != "inotify" or exc.errno not in _LIMIT_ERRNOS | {errno.ENOSYS}:
+                raise
+            self.log.warning(
+                "Inotify unavailable, polling instead", error=str(exc), hint=SYSCTL_HINT,
+                backend=self.backend,
+            )
+            self.kind = "polling"
+            self.degraded = self.backend == "inotify" or exc.errno != errno.ENOSYS
+            self._observer = self._start(self.kind, self._targets)
+        except ImportError:  # no inotify on this platform
+            self.kind = "polling"
+            self._observer = self._start(self.kind, self._targets)
+
+    def _start(self, kind: str, targets: Iterable[_Target]) -> BaseObserver:
+        observer = self.factory(kind, self.poll_interval)
+        handler = _Handler(self._route, self.wakeups)
+        try:
+            for t in targets:
+                observer.schedule(handler, str(t.path), recursive=t.recursive)
+            observer.start()
+        except BaseException:
+            _stop(observer)
+            raise
+        return observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            _stop(self._observer)
+            self._observer = None
+
+    @property
+    def healthy(self) -> bool:
+        obs = self._observer
+        return obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
+
+    def check(self) -> bool:
+        """Re-schedule when a watched folder appeared or was recreated, restart a dead
+        observer; True when it did (the worker then rescans everything)."""
+        wanted = self._wanted()
+        if wanted == self._targets and self.healthy:
+            return False
+        if wanted == self._targets:
+            self.restarts += 1
+            self.log.error("Observer died, restarting it", restarts=self.restarts)
+        else:
+            self.log.info("Watching", paths=[str(t.path) for t in wanted])
+        self.stop()
+        self.start()
+        return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.is_dir() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _stop(observer: BaseObserver) -> None:
+    observer.stop()
+    if observer.is_alive():
+        observer.join(timeout=2)
