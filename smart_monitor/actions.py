@@ -177,12 +177,12 @@ class Worker:
     def __init__(
         self, name: str, size: int, on_error: Callable[[str, BaseException], None]
     ) -> None:
-        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue(size)
+        self._queue: queue.Queue[tuple[str, Callable[[], object]] | None] = queue.Queue(size)
         self._on_error = on_error
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, label: str, job: Callable[[], None]) -> bool:
+    def submit(self, label: str, job: Callable[[], object]) -> bool:
         try:
             self._queue.put_nowait((label, job))
         except queue.Full:

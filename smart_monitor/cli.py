@@ -89,6 +89,35 @@ def replay(
 
 
 @main.command()
+@_config_opt
+@_metrics_opt
+@_ckpt_opt
+@_output_opt
+def run(
+    config_file: Path | None, metrics: Path | None, checkpoints: Path | None, output: Path | None
+) -> None:
+    """Follow a live run until SIGTERM/SIGINT (then save state, exit 0); SIGHUP re-opens
+    the log file."""
+    import signal
+
+    from .daemon import Daemon
+    from .notify import Notifier
+
+    config = _load(config_file, metrics, checkpoints, output)
+    if config.metrics_file is None and config.checkpoint_dir is None:
+        _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
+    log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
+    daemon = Daemon(config, log, daily, Notifier())
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reopen_log())
+    code = daemon.run()
+    if daily is not None:
+        daily.close()
+    sys.exit(code)
+
+
+@main.command()
 @click.option("--log-dir", type=_path, help="Folder of smart_monitor_*.log files.")
 @_output_opt
 @_config_opt
@@ -102,9 +131,107 @@ def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -
     click.echo(format_table(*count_snapshots(read_logs(log_dir))))
 
 
+@main.command("list")
+@_output_opt
+@_config_opt
+def list_snapshots(output: Path | None, config_file: Path | None) -> None:
+    """A table of snapshots: time, step, severity, size, checkpoint, triggers."""
+    from .listing import format_table as snapshot_table
+    from .listing import read_snapshots
+
+    snapshot_dir = _load(config_file, None, None, output).snapshot_dir
+    if not snapshot_dir.is_dir():
+        click.echo(f"smart-monitor: no snapshot folder {snapshot_dir}", err=True)
+        sys.exit(1)
+    click.echo(snapshot_table(read_snapshots(snapshot_dir)))
+
+
+@main.command()
+@click.argument("snapshot")
+@_output_opt
+@_config_opt
+@click.option("--json", "as_json", is_flag=True, help="The whole metadata.json, as stored.")
+def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """One snapshot's metadata, readable: SNAPSHOT is its folder, or its name in the
+    snapshot folder of --output/--config."""
+    import json
+
+    from .listing import format_metadata, resolve
+
+    path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
+    try:
+        meta = json.loads((path / "metadata.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        click.echo(f"smart-monitor: no readable snapshot at {path}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(meta, indent=2) if as_json else f"{path}\n{format_metadata(meta)}")
+
+
+@main.command()
+@_config_opt
+@_metrics_opt
+@_output_opt
+@click.option("--html", "html_file", type=_path, help="Write the page here, not DIR/report.html.")
+def report(
+    config_file: Path | None, metrics: Path | None, output: Path | None, html_file: Path | None
+) -> None:
+    """An HTML page: loss, learning rate and accuracy against step with every snapshot
+    marked, and the snapshot tables (needs smart-monitor[report])."""
+    from .report import write_report
+
+    config = _load(config_file, metrics, None, output)
+    if config.metrics_file is None:
+        _config_error("metrics_file: required (--metrics FILE)")
+    if not config.metrics_file.is_file():
+        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
+        sys.exit(1)
+    target = html_file or (output or config.snapshot_dir.parent) / "report.html"
+    path = write_report(
+        config.metrics_file, config.snapshot_dir, target, config.records.aliases,
+        config.records.max_line_bytes,
+    )
+    click.echo(f"wrote {path}")
+
+
 @main.command("check-config")
 @click.argument("file", type=_path)
 def check_config(file: Path) -> None:
     """Validate a config file: silent success (exit 0) or one line naming the key (exit 2)."""
     config = _load(file, None, None, None)
     click.echo(f"{file}: ok (metrics_file={config.metrics_file}, snapshot_dir={config.snapshot_dir})")
+
+
+EXIT_NONFINITE = 3
+
+
+@main.command()
+@click.argument("path", metavar="SNAPSHOT_OR_CHECKPOINT", type=_path)
+@click.option("--against", type=_path, help="Another checkpoint: show the layers that moved most.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.option("--top", default=10, show_default=True, help="Layers shown in the moved-most list.")
+def inspect(path: Path, against: Path | None, as_json: bool, top: int) -> None:
+    """Parameters, NaN/Inf tensors and layer norms of a checkpoint's weights.
+
+    Reads model.safetensors memory-mapped, tensor by tensor (a checkpoint larger than RAM
+    works), or a torch .bin/.pt/.ckpt with weights_only=True (needs smart-monitor[torch]).
+    Exit 3 when a tensor holds NaN or Inf, 1 when the weights cannot be read.
+    """
+    import json
+
+    from .forensics import CheckpointError, compare_checkpoints, format_text, inspect_checkpoint
+
+    try:
+        ins = inspect_checkpoint(path)
+        cmp = compare_checkpoints(path, against) if against is not None else None
+    except CheckpointError as exc:
+        click.echo(f"smart-monitor: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        out = ins.to_dict()
+        if cmp is not None:
+            out["against"] = cmp.to_dict()
+        click.echo(json.dumps(out, indent=2, default=str))
+    else:
+        click.echo(format_text(ins, cmp, top))
+    if ins.nonfinite:
+        sys.exit(EXIT_NONFINITE)

@@ -24,9 +24,12 @@ class LossZScoreConfig(_Section):
     enabled: bool = True
     window: int = Field(50, ge=2)
     warmup: int = Field(20, ge=2)
-    threshold: float = Field(6.0, gt=0)
+    threshold: float = Field(8.0, gt=0)
     critical: float = Field(10.0, gt=0)
     min_rel_std: float = Field(0.01, ge=0)
+    min_rise: float = Field(0.05, ge=0)
+    relearn: int = Field(5, ge=1)
+    direction: Literal["up", "both"] = "up"
 
 
 class LrZScoreConfig(_Section):
@@ -35,22 +38,26 @@ class LrZScoreConfig(_Section):
     warmup: int = Field(10, ge=2)
     threshold: float = Field(6.0, gt=0)
     critical: float = Field(10.0, gt=0)
-    min_rel_std: float = Field(0.01, ge=0)
+    min_rel_std: float = Field(0.05, ge=0)
 
 
 class LossSpikeConfig(_Section):
     enabled: bool = True
     window: int = Field(20, ge=2)
     warmup: int = Field(10, ge=2)
-    threshold_pct: float = Field(50.0, gt=0)
+    threshold_pct: float = Field(100.0, gt=0)
+    min_rise: float = Field(0.05, ge=0)
+    min_robust_z: float = Field(5.0, ge=0)
+    relearn: int = Field(5, ge=1)
 
 
 class DivergenceConfig(_Section):
     enabled: bool = True
-    alpha: float = Field(0.05, gt=0, le=1)
+    window: int = Field(25, ge=1)
     warmup: int = Field(50, ge=1)
     factor: float = Field(1.5, gt=1)
-    patience: int = Field(20, ge=1)
+    min_rise: float = Field(0.05, ge=0)
+    patience: int = Field(10, ge=1)
 
 
 class NonFiniteConfig(_Section):
@@ -60,7 +67,7 @@ class NonFiniteConfig(_Section):
 
 class BestModelConfig(_Section):
     enabled: bool = True
-    min_delta: float = Field(0.0, ge=0)
+    min_delta: float = Field(1e-4, ge=0)
     min_rel_delta: float = Field(0.01, ge=0)
     min_steps: int = Field(0, ge=0)
     train_alpha: float = Field(0.02, gt=0, le=1)
@@ -81,6 +88,11 @@ class PredictionsConfig(_Section):
     inverted_alpha: float = Field(0.001, gt=0, lt=1)
 
 
+class ConflictingLabelsConfig(_Section):
+    enabled: bool = True
+    max_prompts: int = Field(10000, ge=1)
+
+
 class DetectorsConfig(_Section):
     loss_zscore: LossZScoreConfig = LossZScoreConfig()
     lr_zscore: LrZScoreConfig = LrZScoreConfig()
@@ -90,6 +102,7 @@ class DetectorsConfig(_Section):
     best_model: BestModelConfig = BestModelConfig()
     accuracy_drop: AccuracyDropConfig = AccuracyDropConfig()
     predictions: PredictionsConfig = PredictionsConfig()
+    conflicting_labels: ConflictingLabelsConfig = ConflictingLabelsConfig()
 
 
 class PolicyConfig(_Section):
@@ -126,6 +139,19 @@ class WatchConfig(_Section):
 
 class StateConfig(_Section):
     save_interval_seconds: float = Field(5.0, gt=0)
+
+
+class CheckpointScanConfig(_Section):
+    """The optional scan of each new checkpoint's weights (safetensors, off the main
+    loop): NaN/Inf tensors, and a jump in the global weight norm, scored as the z of
+    its relative change against the changes between earlier checkpoints."""
+
+    enabled: bool = False
+    window: int = Field(10, ge=2)
+    warmup: int = Field(3, ge=2)
+    threshold: float = Field(6.0, gt=0)
+    critical: float = Field(10.0, gt=0)
+    min_std: float = Field(0.001, gt=0)
 
 
 ActionSeverity = Literal["info", "warning", "critical", "never"]
@@ -198,6 +224,7 @@ class Config(_Section):
     checkpoints: CheckpointsConfig = CheckpointsConfig()
     watch: WatchConfig = WatchConfig()
     state: StateConfig = StateConfig()
+    checkpoint_scan: CheckpointScanConfig = CheckpointScanConfig()
     actions: ActionsConfig = ActionsConfig()
     metrics: MetricsConfig = MetricsConfig()
 

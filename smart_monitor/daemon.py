@@ -114,8 +114,8 @@ class Daemon:
         close_hooks = attach_hooks(self.engine, cfg, self.log)
         self.watcher.start()
         self.log.info(
-            "Started", mode="run", metrics=str(cfg.metrics_file), checkpoints=str(cfg.checkpoint_dir),
-            backend=self.watcher.kind, state=source or "fresh",
+            "Started", mode="run", metrics=str(cfg.metrics_file),
+            checkpoints=str(cfg.checkpoint_dir), backend=self.watcher.kind, state=source or "fresh",
         )
         self.notifier.ready(self._status())
         self._next_ping = self.clock()
@@ -162,14 +162,12 @@ class Daemon:
         handle, malformed = self.engine.handle_line, self.engine.malformed
         limit = self.config.records.max_line_bytes
         deadline = self.clock() + _TURN_SECONDS
-        n = 0
-        for offset, line in self.tailer.lines():
+        for n, (offset, line) in enumerate(self.tailer.lines(), 1):
             if line is OVERSIZED:
                 malformed("oversized", f"line over {limit} bytes", offset)
             else:
                 handle(line, offset)
             self._dirty = True
-            n += 1
             if self.stopping.is_set():
                 return
             if n % 256 == 0 and self.clock() >= deadline:

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .pipeline import Outcome, Pipeline, SnapshotRequest
@@ -15,6 +15,9 @@ from .records import MalformedLine, Record, parse_line, to_record
 from .snapshot import SnapshotError, SnapshotWriter
 from .sources.checkpoints import Checkpoint, CheckpointIndex
 from .triggers import Trigger
+
+if TYPE_CHECKING:
+    from .forensics.scan import CheckpointScanner
 
 __all__ = ["Engine"]
 
@@ -51,6 +54,11 @@ class Engine:
         self.done_keys: set[str] = set()
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
+        self.scanner: CheckpointScanner | None = None
+        if config.checkpoint_scan.enabled:  # imported only when on
+            from .forensics.scan import CheckpointScanner
+
+            self.scanner = CheckpointScanner(config.checkpoint_scan)
 
     # -- start-up -------------------------------------------------------------------
     def recover(self) -> None:
@@ -63,7 +71,37 @@ class Engine:
         new = self.index.scan()
         for ck in new:
             self.log.info("Checkpoint complete", name=ck.name, step=ck.step)
+            if self.scanner is not None:
+                self.scanner.submit(ck)  # read off this thread; poll() collects it
         return new
+
+    def collect_scans(self, wait: bool = False) -> None:
+        """Log the finished checkpoint scans and act on their triggers."""
+        if self.scanner is None or not self.scanner.busy:
+            return
+        for result in self.scanner.collect(wait):
+            ck = result.checkpoint
+            if result.inspection is None:
+                self.counts["scan_failures"] += 1
+                self.log.warning(
+                    "Checkpoint scan failed", name=ck.name, step=ck.step, error=result.error
+                )
+                continue
+            self.counts["scans"] += 1
+            self.log.info(
+                "Checkpoint scanned", name=ck.name, step=ck.step,
+                global_norm=round(result.inspection.global_norm, 6),
+                nonfinite_tensors=len(result.inspection.nonfinite),
+            )
+            if result.triggers:
+                self.handle_triggers(ck.step, result.triggers, result.summary())
+
+    def handle_triggers(
+        self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]
+    ) -> None:
+        """Triggers produced outside the record stream go the normal way: detection
+        log lines, policy, snapshot."""
+        self._act(self.pipeline.external(step, triggers, metrics))
 
     # -- records --------------------------------------------------------------------
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
@@ -148,7 +186,9 @@ class Engine:
         self._snapshot(request)
 
     def poll(self) -> None:
-        """Make the waiting snapshots whose checkpoint arrived or whose wait ran out."""
+        """Make the waiting snapshots whose checkpoint arrived or whose wait ran out,
+        and act on the checkpoint scans that finished."""
+        self.collect_scans()
         if not self.pending:
             return
         now = self.clock()
@@ -161,8 +201,10 @@ class Engine:
         self.pending = still
 
     def finish(self) -> None:
-        """On stop or at the end of a replay: make what waits with what exists."""
+        """On stop or at the end of a replay: make what waits with what exists (the
+        checkpoint scans already started are waited for: their verdict is the point)."""
         self.scan_checkpoints()
+        self.collect_scans(wait=True)
         pending, self.pending = self.pending, []
         for p in pending:
             self._snapshot(p.request)
@@ -225,9 +267,14 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts)}
+        state = {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts)}
+        if self.scanner is not None:
+            state["checkpoint_scan"] = self.scanner.detector.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.pipeline.load_state_dict(state.get("pipeline", {}))
         self.counts.update(state.get("counts", {}))
+        if self.scanner is not None:
+            self.scanner.detector.load_state_dict(state.get("checkpoint_scan", {}))
 

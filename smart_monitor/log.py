@@ -132,7 +132,12 @@ def make_logger(
         outputs.append(daily.write)
     if stderr is not None:
         err = stderr
-        outputs.append(lambda line: (err.write(line + "\n"), err.flush()))
+
+        def to_stderr(line: str) -> None:
+            err.write(line + "\n")
+            err.flush()
+
+        outputs.append(to_stderr)
     renderer = render_text if log_format == "text" else render_json
     minimum = _LEVELS[level]
 

@@ -64,14 +64,15 @@ class Pipeline:
         restarted_after = None
         step = record.step
         if isinstance(record, TrainRecord):
-            if self.last_step is not None and step < self.last_step:
+            train_step = record.step
+            if self.last_step is not None and train_step < self.last_step:
                 restarted_after = self.last_step
-                self.rewind(step - 1)
-            self.last_step = step
+                self.rewind(train_step - 1)
+            self.last_step = train_step
             if record.loss is not None:
-                self.loss_history.append((step, record.loss))
+                self.loss_history.append((train_step, record.loss))
             if record.learning_rate is not None:
-                self.lr_history.append((step, record.learning_rate))
+                self.lr_history.append((train_step, record.learning_rate))
         elif isinstance(record, ExampleRecord):
             self.examples.append(record.raw)
         if step is None:
@@ -88,6 +89,17 @@ class Pipeline:
         decision = self.policy.decide(step, triggers)
         request = self._request(step, decision, record) if decision.snapshot else None
         return Outcome(step, tuple(triggers), decision.suppressed, request, restarted_after)
+
+    def external(
+        self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]
+    ) -> Outcome:
+        """Triggers found outside the record stream (the checkpoint scan) take the same
+        policy path: cooldown, MULTIPLE_TRIGGERS, the same metadata; ``metrics`` stands
+        in for the triggering record."""
+        decision = self.policy.decide(step, triggers)
+        record = SummaryRecord(step, metrics)
+        request = self._request(step, decision, record) if decision.snapshot else None
+        return Outcome(step, triggers, decision.suppressed, request)
 
     def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
         kinds = {t.kind for t in decision.snapshot}

@@ -29,9 +29,7 @@ __all__ = [
 
 DEFAULT_ALIASES: Mapping[str, str] = {"lr": "learning_rate", "global_step": "step"}
 
-_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
 _EXAMPLE_KEYS = ("prompt", "golden_answer", "model_answer")
-_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm")
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -117,16 +115,17 @@ def to_record(
     data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES
 ) -> Record | None:
     """Tell the record kind from its fields. None: a record with nothing to monitor."""
+    # Explicit `in` chains, not any(...): this runs for every line of a replay.
     if aliases:
         data = _apply_aliases(data, aliases)
-    if any(k in data for k in _EXAMPLE_KEYS):
+    if "prompt" in data or "golden_answer" in data or "model_answer" in data:
         return _example(data)
-    if any(k in data for k in _SUMMARY_KEYS):
+    if "train_runtime" in data or "train_samples_per_second" in data or "total_flos" in data:
         return SummaryRecord(_optional_step(data), data)
     if "eval_loss" in data or "eval_accuracy" in data or "accuracy" in data:
         acc = data.get("eval_accuracy", data.get("accuracy"))
         return EvalRecord(_step(data), _number(data, "eval_loss"), _as_float("accuracy", acc), data)
-    if any(k in data for k in _TRAIN_KEYS):
+    if "loss" in data or "learning_rate" in data or "grad_norm" in data:
         return TrainRecord(
             _step(data),
             _number(data, "loss"),
@@ -138,7 +137,10 @@ def to_record(
 
 
 def _apply_aliases(data: Mapping[str, Any], aliases: Mapping[str, str]) -> Mapping[str, Any]:
-    if not any(a in data for a in aliases):
+    for alias in aliases:
+        if alias in data:
+            break
+    else:
         return data
     out = dict(data)
     for alias, name in aliases.items():
@@ -183,6 +185,8 @@ def _optional_step(data: Mapping[str, Any]) -> int | None:
     step = data.get("step")
     if step is None:
         return None
+    if type(step) is int and step >= 0:  # the common case, first
+        return step
     if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):
         raise MalformedLine("bad_type", "step")
     if step < 0 or step != int(step):
@@ -195,8 +199,8 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
 
 
 def _as_float(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
+    if value is None or type(value) is float:
+        return value  # type: ignore[no-any-return]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedLine("bad_type", key)
     return float(value)

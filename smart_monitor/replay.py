@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .engine import Engine
+from .hooks import attach_plots
 from .snapshot import SnapshotWriter
 from .sources.checkpoints import CheckpointIndex
 from .sources.files import OVERSIZED, iter_lines, trainer_state_history
@@ -34,6 +35,7 @@ def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None
     index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock=lambda: 0.0)
     engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir, config.snapshot.mode))
     engine.recover()
+    stop_plots = attach_plots(engine, log)  # no actions, no metrics server: the run is over
     engine.scan_checkpoints()
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
@@ -44,6 +46,7 @@ def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None
     else:
         _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
     engine.finish()
+    stop_plots()  # every snapshot's loss_history.png is drawn before replay returns
     log.info("Stopped", mode="replay", **{k: v for k, v in sorted(engine.counts.items())})
     return engine
 

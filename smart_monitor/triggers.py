@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["CRITICAL_KINDS", "Severity", "Trigger", "kind_of", "stats_label"]
+__all__ = [
+    "CRITICAL_KINDS",
+    "WEIGHTS_NONFINITE",
+    "WEIGHT_NORM_ZSCORE",
+    "Severity",
+    "Trigger",
+    "kind_of",
+    "stats_label",
+]
 
 
 class Severity(str, Enum):
@@ -47,6 +55,11 @@ NUMBERED_KINDS = (
     "wrong_answer_low_loss",
     "weight_norm_zscore",
 )
+# Fired by the optional checkpoint scan (forensics/scan.py) from a checkpoint's weights,
+# not from a record; weights_nonfinite is left out of CRITICAL_KINDS so that a stats
+# table of a run without the scan does not claim "0 (good!)" for something never checked.
+WEIGHTS_NONFINITE = "weights_nonfinite"
+WEIGHT_NORM_ZSCORE = "weight_norm_zscore"
 # Shown in the stats table even at zero: any of these means a run worth a look.
 CRITICAL_KINDS = (
     "loss_nonfinite",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ..config import DetectorsConfig
 from .base import Detector
 from .evaluation import AccuracyDrop, BestModel
+from .labels import ConflictingLabels
 from .loss import Divergence, LossSpike, NonFinite
 from .predictions import InvertedLossPattern, PredictionOutliers
 from .zscore import LossZScore, LrZScore
@@ -27,6 +28,7 @@ REGISTRY: dict[str, Callable[[DetectorsConfig], Detector]] = {
     "accuracy_drop": lambda c: AccuracyDrop(c.accuracy_drop),
     "prediction_outliers": lambda c: PredictionOutliers(c.predictions),
     "inverted_loss_pattern": lambda c: InvertedLossPattern(c.predictions),
+    "conflicting_labels": lambda c: ConflictingLabels(c.conflicting_labels),
 }
 
 _SECTION = {"prediction_outliers": "predictions", "inverted_loss_pattern": "predictions"}

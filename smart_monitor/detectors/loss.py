@@ -13,11 +13,18 @@ from .base import isfinite
 
 __all__ = ["Divergence", "LossSpike", "NonFinite"]
 
+_MAD_TO_STD = 1.4826  # MAD times this is the std of a normal sample
+
 
 class LossSpike:
-    """Fires when the loss is more than ``threshold_pct`` above its rolling median.
+    """Fires when the loss is more than ``threshold_pct`` above its rolling median and
+    has risen by ``min_rise`` of the run's starting loss (the median when warm-up
+    ended): a percentage of a near-zero loss means nothing (0.0001 -> 0.0002 is "+100 %"
+    at 4-decimal rounding). The rise must also be ``min_robust_z`` robust standard
+    deviations (1.4826 MAD): in a noisy late phase a doubling is only noise. A value that fires stays out of the median; ``relearn``
+    firings in a row are a new level and join it.
 
-    >>> d = LossSpike(LossSpikeConfig(window=4, warmup=4))
+    >>> d = LossSpike(LossSpikeConfig(window=4, warmup=4, threshold_pct=50))
     >>> for i, v in enumerate([1.0, 1.02, 0.98, 1.0]):
     ...     assert not d.update(TrainRecord(i, v, None, None, {}))
     >>> d.update(TrainRecord(4, 1.873, None, None, {}))[0].name
@@ -29,42 +36,73 @@ class LossSpike:
     def __init__(self, config: LossSpikeConfig) -> None:
         self.config = config
         self.baseline = RollingMedian(config.window)
+        self.scale: float | None = None
+        self.streak: list[tuple[int, float]] = []
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord) or not isfinite(record.loss):
             return []
         loss = float(record.loss)  # type: ignore[arg-type]
-        if len(self.baseline) >= self.config.warmup:
-            median = self.baseline.median
-            if median > 0:
-                pct = (loss / median - 1.0) * 100.0
-                if pct > self.config.threshold_pct:
-                    details = {"pct": pct, "value": loss, "baseline": median}
-                    name = f"{self.kind}_{pct:.1f}pct"
-                    return [Trigger(self.kind, name, Severity.WARNING, record.step, details)]
-        self.baseline.add(record.step, loss)
-        return []
+        baseline = self.baseline
+        if len(baseline) < self.config.warmup:
+            baseline.add(record.step, loss)
+            return []
+        median = baseline.median
+        if self.scale is None:
+            self.scale = abs(median)
+        pct = (loss / median - 1.0) * 100.0 if median > 0 else 0.0
+        if (
+            pct <= self.config.threshold_pct
+            or loss - median <= self.config.min_rise * self.scale
+            or loss - median <= self.config.min_robust_z * _MAD_TO_STD * baseline.mad
+        ):
+            self.streak.clear()
+            baseline.add(record.step, loss)
+            return []
+        self.streak.append((record.step, loss))
+        if len(self.streak) >= self.config.relearn:
+            for s, v in self.streak:
+                baseline.add(s, v)
+            self.streak.clear()
+        details = {"pct": pct, "value": loss, "baseline": median}
+        return [Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", Severity.WARNING, record.step, details)]
 
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
+        self.streak = [p for p in self.streak if p[0] <= step]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline.state_dict()}
+        return {
+            "baseline": self.baseline.state_dict(),
+            "scale": self.scale,
+            "streak": [list(p) for p in self.streak],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline.load_state_dict(state.get("baseline", {}))
+        self.scale = state.get("scale")
+        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
 
 
 class Divergence:
-    """Fires once when the smoothed loss has stayed ``factor`` times above its best for
-    ``patience`` consecutive records: a run that is going away, not a bad batch."""
+    """Fires once when the rolling median of the loss has stayed ``factor`` times above
+    its best (and ``min_rise`` of the starting loss above it) for ``patience``
+    consecutive records: a run that is going away, not a bad batch. The median, unlike
+    a mean, does not move for isolated spikes; it re-arms once the loss comes back.
+
+    >>> d = Divergence(DivergenceConfig(window=5, warmup=5, patience=3))
+    >>> losses = [1.0] * 10 + [1.0 + 0.1 * i for i in range(1, 20)]
+    >>> [t.step for i, v in enumerate(losses) for t in d.update(TrainRecord(i, v, None, None, {}))]
+    [17]
+    """
 
     kind = "divergence_detected"
 
     def __init__(self, config: DivergenceConfig) -> None:
         self.config = config
-        self.ewma: float | None = None
+        self.median = RollingMedian(config.window)
         self.best = math.inf
+        self.scale: float | None = None
         self.seen = 0
         self.above = 0
         self.fired = False
@@ -72,42 +110,51 @@ class Divergence:
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord) or not isfinite(record.loss):
             return []
-        loss = float(record.loss)  # type: ignore[arg-type]
-        a = self.config.alpha
-        self.ewma = loss if self.ewma is None else a * loss + (1 - a) * self.ewma
+        self.median.add(record.step, float(record.loss))  # type: ignore[arg-type]
         self.seen += 1
         if self.seen < self.config.warmup:
-            self.best = min(self.best, self.ewma)
             return []
-        if self.ewma > self.best * self.config.factor:
-            self.above += 1
-        else:
+        level = self.median.median
+        if self.scale is None:
+            self.scale = abs(level)
+        best = self.best
+        rising = (
+            0 < best < math.inf
+            and level > best * self.config.factor
+            and level - best > self.config.min_rise * self.scale
+        )
+        if not rising:
             self.above = 0
             self.fired = False
-            self.best = min(self.best, self.ewma)
-        if self.above >= self.config.patience and not self.fired:
-            self.fired = True
-            details = {"smoothed": self.ewma, "best": self.best, "ratio": self.ewma / self.best}
-            return [Trigger(self.kind, self.kind, Severity.CRITICAL, record.step, details)]
-        return []
+            self.best = min(best, level)
+            return []
+        self.above += 1
+        if self.above < self.config.patience or self.fired:
+            return []
+        self.fired = True
+        details = {"smoothed": level, "best": best, "ratio": level / best}
+        return [Trigger(self.kind, self.kind, Severity.CRITICAL, record.step, details)]
 
     def rewind(self, step: int) -> None:
+        self.median.rewind(step)
         self.above = 0
         self.fired = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "ewma": self.ewma,
+            "median": self.median.state_dict(),
             "best": None if math.isinf(self.best) else self.best,
+            "scale": self.scale,
             "seen": self.seen,
             "above": self.above,
             "fired": self.fired,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ewma = state.get("ewma")
+        self.median.load_state_dict(state.get("median", {}))
         best = state.get("best")
         self.best = math.inf if best is None else float(best)
+        self.scale = state.get("scale")
         self.seen = int(state.get("seen", 0))
         self.above = int(state.get("above", 0))
         self.fired = bool(state.get("fired", False))
@@ -117,7 +164,14 @@ class NonFinite:
     """NaN or infinite loss (critical); NaN or infinite gradient norm, which is where HF
     shows a NaN when it filters the logged loss: a warning for an isolated step (fp16
     loss scaling skips it and carries on), critical when it repeats within
-    ``grad_norm_repeat_steps`` or the loss is non-finite too."""
+    ``grad_norm_repeat_steps`` or the loss is non-finite too.
+
+    >>> d = NonFinite(NonFiniteConfig())
+    >>> [(t.name, t.severity.value) for t in d.update(TrainRecord(5, 0.7, None, math.nan, {}))]
+    [('grad_norm_nonfinite', 'warning')]
+    >>> [t.severity.value for t in d.update(TrainRecord(9, 0.7, None, math.inf, {}))]
+    ['critical']
+    """
 
     def __init__(self, config: NonFiniteConfig) -> None:
         self.config = config
@@ -126,16 +180,20 @@ class NonFinite:
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord):
             return []
+        loss, grad = record.loss, record.grad_norm
+        loss_bad = loss is not None and not math.isfinite(loss)
+        grad_bad = grad is not None and not math.isfinite(grad)
+        if not (loss_bad or grad_bad):
+            return []
         out: list[Trigger] = []
-        loss_bad = record.loss is not None and not math.isfinite(record.loss)
         if loss_bad:
-            details = {"value": repr(record.loss)}
+            details = {"value": repr(loss)}
             out.append(Trigger("loss_nonfinite", "loss_nonfinite", Severity.CRITICAL, record.step, details))
-        if record.grad_norm is not None and not math.isfinite(record.grad_norm):
+        if grad_bad:
             last = self.last_bad_grad
-            repeated = last is not None and record.step - last <= self.config.grad_norm_repeat_steps
+            repeated = last is not None and 0 < record.step - last <= self.config.grad_norm_repeat_steps
             severity = Severity.CRITICAL if repeated or loss_bad else Severity.WARNING
-            details = {"value": repr(record.grad_norm), "previous_nonfinite_step": last}
+            details = {"value": repr(grad), "previous_nonfinite_step": last}
             out.append(Trigger("grad_norm_nonfinite", "grad_norm_nonfinite", severity, record.step, details))
             self.last_bad_grad = record.step
         return out

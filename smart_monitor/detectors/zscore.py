@@ -14,14 +14,17 @@ from .base import isfinite
 __all__ = ["LossZScore", "LrZScore"]
 
 
-def _zscore(value: float, window: RollingWindow, min_rel_std: float) -> float:
-    """``(value - mean) / std`` with a floor on std so a flat series cannot give inf."""
-    std = max(window.std, min_rel_std * abs(window.mean), 1e-12)
-    return (value - window.mean) / std
-
-
 class LossZScore:
-    """Fires when the loss is ``threshold`` standard deviations from its recent window.
+    """Fires when the loss is ``threshold`` standard deviations above its recent window
+    (``direction = "both"``: below too) and has moved by ``min_rise`` of the run's
+    starting loss.
+
+    Why each guard: the std has a floor (``min_rel_std`` of the mean), so a flat loss
+    cannot give an infinite z; a value that fires stays out of the window, so a spike
+    cannot hide the next one; ``relearn`` firings in a row are a new level, not an
+    outlier, and become the baseline; and ``min_rise`` is a share of the loss the run
+    started at (the window's mean when warm-up ended), so a run that memorised its data
+    down to 0.0002 does not alarm on 0.0002 -> 0.002 (real runs do that all the time).
 
     >>> d = LossZScore(LossZScoreConfig(window=8, warmup=8))
     >>> for i, v in enumerate([0.72, 0.71, 0.73, 0.70, 0.72, 0.71, 0.73, 0.72]):
@@ -35,43 +38,77 @@ class LossZScore:
     def __init__(self, config: LossZScoreConfig) -> None:
         self.config = config
         self.window = RollingWindow(config.window)
+        self.scale: float | None = None
+        self.streak: list[tuple[int, float]] = []
         self.last_z: float | None = None
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord) or not isfinite(record.loss):
             return []
         loss = float(record.loss)  # type: ignore[arg-type]
-        if len(self.window) < self.config.warmup:
-            self.window.add(record.step, loss)
+        window = self.window
+        if len(window) < self.config.warmup:
+            window.add(record.step, loss)
             return []
-        z = _zscore(loss, self.window, self.config.min_rel_std)
+        mean = window.mean
+        if self.scale is None:
+            self.scale = abs(mean)
+        z = (loss - mean) / max(window.std, self.config.min_rel_std * abs(mean), 1e-12)
         self.last_z = z
-        if abs(z) <= self.config.threshold:
-            self.window.add(record.step, loss)
+        score = z if self.config.direction == "up" else abs(z)
+        if score <= self.config.threshold or abs(loss - mean) <= self.config.min_rise * self.scale:
+            self.streak.clear()
+            window.add(record.step, loss)
             return []
+        self.streak.append((record.step, loss))
+        if len(self.streak) >= self.config.relearn:
+            for s, v in self.streak:
+                window.add(s, v)
+            self.streak.clear()
         severity = Severity.CRITICAL if abs(z) > self.config.critical else Severity.WARNING
-        details = {"z": z, "value": loss, "mean": self.window.mean, "std": self.window.std}
+        details = {"z": z, "value": loss, "mean": mean, "std": window.std}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
+        self.streak = [p for p in self.streak if p[0] <= step]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window.state_dict(), "last_z": self.last_z}
+        return {
+            "window": self.window.state_dict(),
+            "scale": self.scale,
+            "streak": [list(p) for p in self.streak],
+            "last_z": self.last_z,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window.load_state_dict(state.get("window", {}))
+        self.scale = state.get("scale")
+        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
         self.last_z = state.get("last_z")
 
 
 class LrZScore:
     """Fires when the learning rate leaves its schedule.
 
-    A schedule (warm-up, cosine, linear decay) moves the LR by a smoothly changing
-    amount per step, so the detector scores the per-step change against the recent
-    changes, not the value against recent values: the planned ramp is not an anomaly,
-    a reset to peak or a x10 is. The change is taken from the last accepted value, so
-    one glitched step does not make its return to schedule look like a second glitch.
+    A schedule (warm-up, cosine, linear, warmup-stable-decay) moves the LR by a smoothly
+    changing amount per step, so the detector scores the per-step change against the
+    recent changes, not the value against recent values: the planned ramp and decay are
+    not anomalies, a reset to peak, a x10 or a collapse are. The std of the changes has
+    a floor of ``min_rel_std`` of the LR per record, so a constant LR (std 0) or the
+    kink where warm-up ends cannot give an infinite z.
+
+    A value that fires is held aside: if the next record is back on the schedule, it
+    was a one-step glitch; if it follows on from the held value, the LR moved to a new
+    level (a restart, a collapse), which becomes the schedule, so one problem is one
+    detection, not one per record.
+
+    >>> d = LrZScore(LrZScoreConfig())
+    >>> out = [d.update(TrainRecord(s, None, 2e-4, None, {})) for s in range(1, 30)]
+    >>> d.update(TrainRecord(30, None, 2e-3, None, {}))[0].name
+    'lr_zscore_180.00'
+    >>> d.update(TrainRecord(31, None, 2e-4, None, {}))
+    []
     """
 
     kind = "lr_zscore"
@@ -80,47 +117,66 @@ class LrZScore:
         self.config = config
         self.window = RollingWindow(config.window)
         self.last: tuple[int, float] | None = None
+        self.held: tuple[int, float] | None = None
         self.last_z: float | None = None
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord) or not isfinite(record.learning_rate):
             return []
         lr = float(record.learning_rate)  # type: ignore[arg-type]
-        if self.last is None or record.step <= self.last[0]:
-            self.last = (record.step, lr)
+        step = record.step
+        if self.last is None or step <= self.last[0]:
+            self.last = (step, lr)
+            return []
+        z = self._z(step, lr, self.last)
+        if len(self.window) < self.config.warmup:
+            self._accept(step, lr)
+            return []
+        self.last_z = z
+        if abs(z) <= self.config.threshold:
+            self.held = None
+            self._accept(step, lr)
+            return []
+        held, self.held = self.held, (step, lr)
+        if held is not None and abs(self._z(step, lr, held)) <= self.config.threshold:
+            self.last, self.held = held, None  # the held value was a new level
+            self._accept(step, lr)
             return []
         last_step, last_lr = self.last
-        rate = (lr - last_lr) / (record.step - last_step)
-        if len(self.window) < self.config.warmup:
-            self.window.add(record.step, rate)
-            self.last = (record.step, lr)
-            return []
-        floor = self.config.min_rel_std * abs(last_lr) / max(1, record.step - last_step)
-        std = max(self.window.std, floor, 1e-30)
-        z = (rate - self.window.mean) / std
-        self.last_z = z
-        if abs(z) <= self.config.threshold or not math.isfinite(z):
-            self.window.add(record.step, rate)
-            self.last = (record.step, lr)
-            return []
+        expected = last_lr + self.window.mean * (step - last_step)
         severity = Severity.CRITICAL if abs(z) > self.config.critical else Severity.WARNING
-        details = {"z": z, "value": lr, "expected": last_lr + self.window.mean * (record.step - last_step)}
-        return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
+        details = {"z": z, "value": lr, "expected": expected}
+        return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, step, details)]
+
+    def _z(self, step: int, lr: float, since: tuple[int, float]) -> float:
+        dt = step - since[0]
+        rate = (lr - since[1]) / dt
+        std = max(self.window.std, self.config.min_rel_std * abs(since[1]) / dt, 1e-30)
+        return (rate - self.window.mean) / std
+
+    def _accept(self, step: int, lr: float) -> None:
+        assert self.last is not None
+        self.window.add(step, (lr - self.last[1]) / (step - self.last[0]))
+        self.last = (step, lr)
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
         if self.last is not None and self.last[0] > step:
             self.last = None
+        if self.held is not None and self.held[0] > step:
+            self.held = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self.window.state_dict(),
             "last": list(self.last) if self.last else None,
+            "held": list(self.held) if self.held else None,
             "last_z": self.last_z,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window.load_state_dict(state.get("window", {}))
-        last = state.get("last")
+        last, held = state.get("last"), state.get("held")
         self.last = (int(last[0]), float(last[1])) if last else None
+        self.held = (int(held[0]), float(held[1])) if held else None
         self.last_z = state.get("last_z")

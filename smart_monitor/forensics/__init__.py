@@ -1,0 +1,15 @@
+"""Checkpoint forensics: what is inside a snapshot's weights (``smart-monitor inspect``)
+and the daemon's optional scan of each new checkpoint. Needs numpy only for
+safetensors files; torch files need the ``smart-monitor[torch]`` extra."""
+
+from .inspection import Comparison, Inspection, compare_checkpoints, format_text, inspect_checkpoint
+from .tensors import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "Comparison",
+    "Inspection",
+    "compare_checkpoints",
+    "format_text",
+    "inspect_checkpoint",
+]
