@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m smart_monitor.demo
 
-test: $(STAMP)
+# The report test renders the page in headless Chromium: Debian's package, installed
+# when missing (CI starts from a bare machine; the test fails, never skips, without it).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check smart_monitor tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q -n 2

@@ -45,9 +45,9 @@ class LossSpikeConfig(_Section):
     enabled: bool = True
     window: int = Field(20, ge=2)
     warmup: int = Field(10, ge=2)
-    threshold_pct: float = Field(100.0, gt=0)
+    threshold_pct: float = Field(150.0, gt=0)
     min_rise: float = Field(0.05, ge=0)
-    min_robust_z: float = Field(5.0, ge=0)
+    min_robust_z: float = Field(6.0, ge=0)
     relearn: int = Field(5, ge=1)
 
 
@@ -82,10 +82,10 @@ class AccuracyDropConfig(_Section):
 class PredictionsConfig(_Section):
     enabled: bool = True
     high_loss: float = Field(2.0, gt=0)
-    low_loss: float = Field(0.1, ge=0)
-    inverted_window: int = Field(200, ge=4)
-    inverted_min_each: int = Field(20, ge=2)
-    inverted_alpha: float = Field(0.001, gt=0, lt=1)
+    low_loss: float = Field(0.15, ge=0)
+    inverted_window: int = Field(64, ge=4)
+    inverted_min_each: int = Field(10, ge=2)
+    inverted_alpha: float = Field(1e-4, gt=0, lt=1)
 
 
 class ConflictingLabelsConfig(_Section):
@@ -107,6 +107,7 @@ class DetectorsConfig(_Section):
 
 class PolicyConfig(_Section):
     cooldown_steps: int = Field(200, ge=0)
+    recovery_steps: int = Field(100, ge=0)
     history: int = Field(100, ge=1)
     recent_examples: int = Field(20, ge=0)
 

@@ -173,6 +173,10 @@ class Daemon:
             if n % 256 == 0 and self.clock() >= deadline:
                 self.wakeups.post("metrics")  # a backlog: come back after the other duties
                 return
+        if self.tailer.switched:  # the old file is drained: save at the boundary, go on
+            self.tailer.switched = False
+            self._save(final=True)
+            self.wakeups.post("metrics")
 
     def _on_event(self, event: str, data: Mapping[str, Any]) -> None:
         if event == "snapshot":
@@ -192,7 +196,8 @@ class Daemon:
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:
         """Skipped while a best model waits for its checkpoint (a kill would lose the
-        wait: the saved offset stays before it), except on stop, after finish()."""
+        wait: the saved offset stays before it), unless ``final``: on stop, after
+        finish(), and when the metrics file was replaced."""
         if self.engine.pending and not final:
             return
         data = {

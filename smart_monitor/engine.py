@@ -160,10 +160,18 @@ class Engine:
                 step=outcome.step,
                 triggers=[t.name for t in outcome.suppressed],
                 severity=max((t.severity for t in outcome.suppressed), key=lambda s: s.rank).value,
-                reason="cooldown",
+                reason="incident_or_cooldown",
             )
         if outcome.snapshot is not None:
             self._request(outcome.snapshot)
+        for incident in outcome.extra.get("recovered", ()):
+            self.log.info(
+                "Incident recovered",
+                step=outcome.step, incident=incident.id, problem=incident.problem,
+                started=incident.started, peak_step=incident.peak_step,
+                peak_trigger=incident.peak_trigger, last_detection=incident.last,
+                detections=incident.detections, severity=incident.severity,
+            )
 
     def _detected(self, t: Trigger) -> None:
         self.counts["detections"] += 1
@@ -193,8 +201,12 @@ class Engine:
             return
         now = self.clock()
         still = []
+        newest = max(self.index.complete, default=-1)
         for p in self.pending:
-            if self.index.get(p.request.step) is not None or now >= p.deadline:
+            # a checkpoint past the step means checkpoint-<step> will never come (the
+            # trainer saves in order): fall back now, before rotation deletes the others
+            step = p.request.step
+            if self.index.get(step) is not None or now >= p.deadline or newest > step:
                 self._snapshot(p.request)
             else:
                 still.append(p)

@@ -28,7 +28,8 @@ class SnapshotInfo:
 
 
 def read_snapshots(snapshot_dir: Path) -> list[SnapshotInfo]:
-    """Every published snapshot, oldest first (names start with their UTC time)."""
+    """Every published snapshot, oldest first (by ``created_at``, in milliseconds: names
+    made in the same second sort by trigger name otherwise)."""
     infos = []
     for path, meta in SnapshotWriter(snapshot_dir).published():
         ck = meta.get("checkpoint")
@@ -43,6 +44,7 @@ def read_snapshots(snapshot_dir: Path) -> list[SnapshotInfo]:
                 bytes=_size(path),
             )
         )
+    infos.sort(key=lambda i: (i.created_at, i.path.name))
     return infos
 
 
@@ -60,7 +62,9 @@ def _size(root: Path) -> int:
 
 
 def human_bytes(n: float) -> str:
-    """>>> human_bytes(512), human_bytes(1536), human_bytes(3 << 30)
+    """Binary units, one decimal, as ``ls -lh`` and ``du -h`` show sizes.
+
+    >>> human_bytes(512), human_bytes(1536), human_bytes(3 << 30)
     ('512 B', '1.5 KiB', '3.0 GiB')
     """
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -84,11 +84,17 @@ class Pipeline:
             fired = detector.update(record)
             if fired:
                 triggers.extend(fired)
+        recovered = self.policy.observe(step)
+        extra = {"recovered": tuple(recovered)} if recovered else {}
         if not triggers:
-            return Outcome(step, restarted_after=restarted_after) if restarted_after else None
+            if restarted_after is None and not recovered:
+                return None
+            return Outcome(step, restarted_after=restarted_after, extra=extra)
         decision = self.policy.decide(step, triggers)
         request = self._request(step, decision, record) if decision.snapshot else None
-        return Outcome(step, tuple(triggers), decision.suppressed, request, restarted_after)
+        return Outcome(
+            step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra
+        )
 
     def external(
         self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]
@@ -126,6 +132,7 @@ class Pipeline:
             "lr_history": [list(p) for p in self.lr_history],
             "metrics": dict(record.raw),
             "details": {t.name: dict(t.details) for t in decision.snapshot},
+            **_incident_blocks(decision, self.config.policy.recovery_steps),
             "segment": self.segment,
             "monitor": {"version": __version__, "config": self.config.model_dump(mode="json")},
         }
@@ -168,3 +175,24 @@ class Pipeline:
         self.examples.extend(state.get("examples", []))
         self.last_step = state.get("last_step")
         self.segment = int(state.get("segment", 0))
+
+
+def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
+    """``incident``: the incident this snapshot opens (the log's ``Incident recovered``
+    line, with the same id, tells when it peaked and ended); ``conflicting_labels``:
+    the prompt and both golden answers."""
+    out: dict[str, Any] = {}
+    if decision.incidents:
+        first = decision.incidents[0]
+        out["incident"] = {
+            "id": first.id,
+            "problem": first.problem,
+            "started": first.started,
+            "status": "open",
+            "recovers_after_steps": recovery_steps,
+            "also": [i.id for i in decision.incidents[1:]],
+        }
+    for t in decision.snapshot:
+        if t.kind == "conflicting_labels":
+            out["conflicting_labels"] = dict(t.details)
+    return out

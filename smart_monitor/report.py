@@ -158,10 +158,15 @@ def write_loss_history_png(snapshot: Path) -> Path:
     if isinstance(step, int):
         _mark(ax, [(step, str(meta.get("severity")))])
     ax.legend(fontsize=8, loc="best")
-    target = snapshot / "loss_history.png"
-    tmp = snapshot / f".loss_history.png.tmp-{os.getpid()}"
+    return _publish(snapshot / "loss_history.png", _png(fig))
+
+
+def _publish(target: Path, data: bytes) -> Path:
+    """Write to a temporary name beside ``target``, then rename: a reader (a browser, a
+    user opening the snapshot) never sees half a file."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(_png(fig))
+        tmp.write_bytes(data)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -174,7 +179,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:960px;color:#2
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
 img.plot{width:100%;border:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #eee;
-text-align:left}td.n{text-align:right}.critical{color:#d62728}.warning{color:#c65f00}
+text-align:left;white-space:nowrap}td.n{text-align:right}.critical{color:#d62728}.warning{color:#c65f00}
 .info{color:#2ca02c}p.none{color:#777}
 """
 
@@ -251,10 +256,4 @@ def write_report(
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return _publish(target, page.encode())

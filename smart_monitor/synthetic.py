@@ -9,9 +9,9 @@ anomalies), a loss that falls as the LR anneals and at epoch boundaries, HF's lo
 and grad norm of the logging step itself), eval rounds with accuracy, and prediction
 examples drawn from a fixed pool of prompts, so a prompt comes back with its answer.
 
->>> recs = list(simulate(RunSpec(steps=20, logging_steps=10, eval_every=20, examples_per_eval=2)))
->>> [sorted(r)[:3] for r in recs[:3]]
-[['epoch', 'grad_norm', 'learning_rate'], ['epoch', 'grad_norm', 'learning_rate'], ['eval_accuracy', 'eval_loss', 'step']]
+>>> spec = RunSpec(steps=20, logging_steps=10, eval_every=20, examples_per_eval=2)
+>>> [sorted(r)[-2:] for r in simulate(spec)][:4]
+[['loss', 'step'], ['loss', 'step'], ['eval_loss', 'step'], ['prompt', 'step']]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class _Curve:
         return cls(floor, (start - floor) * 31**alpha, alpha)
 
     def at(self, step: int) -> float:
-        return self.floor + self.amp * (step + 30) ** -self.alpha
+        return self.floor + self.amp * math.pow(step + 30, -self.alpha)
 
 
 def simulate(spec: RunSpec) -> Iterator[dict[str, Any]]:
@@ -157,8 +157,12 @@ def _lr(spec: RunSpec, step: int) -> float:
         if a.kind != "lr_zscore" or step < a.step:
             continue
         if a.variant == "reset":
-            restarted = RunSpec(steps=spec.steps - a.step + spec.warmup, schedule=spec.schedule,
-                                peak_lr=spec.peak_lr, warmup=spec.warmup)
+            restarted = RunSpec(
+                steps=spec.steps - a.step + spec.warmup,
+                schedule=spec.schedule,
+                peak_lr=spec.peak_lr,
+                warmup=spec.warmup,
+            )
             lr = lr_at(restarted, step - a.step + spec.warmup)
         elif a.variant == "collapse":
             lr *= 0.01
@@ -176,7 +180,7 @@ def _step_loss(spec: RunSpec, curve: _Curve, step: int, lr: float, rng: random.R
     if step >= spec.warmup:  # annealing the LR lowers the loss
         loss *= 1 - 0.1 * (1 - min(1.0, lr_at(spec, step) / spec.peak_lr))
     loss *= 0.85 ** int(spec.epochs * (step - 1) / spec.steps)  # memorisation per epoch
-    loss *= math.exp(rng.gauss(-spec.noise**2 / 2, spec.noise))
+    loss *= math.exp(rng.gauss(-(spec.noise**2) / 2, spec.noise))
     if rng.random() < spec.hard_batch_rate:  # Lomax(3): a power-law tail
         loss *= 1 + spec.noise * (rng.random() ** (-1 / 3) - 1)
     return loss

@@ -15,11 +15,12 @@ __all__ = [
     "Severity",
     "Trigger",
     "kind_of",
+    "problem_of",
     "stats_label",
 ]
 
 
-class Severity(str, Enum):
+class Severity(str, Enum):  # noqa: UP042 (StrEnum would change how 3.11 formats it)
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
@@ -68,6 +69,26 @@ CRITICAL_KINDS = (
     "inverted_loss_pattern",
 )
 _NUMBER_SUFFIX = re.compile(r"_-?[0-9][0-9.]*(pct)?$")
+
+
+# Kinds that report one problem: their detections form one incident, one snapshot.
+_PROBLEM = {
+    "loss_zscore": "loss_spike",
+    "loss_spike": "loss_spike",
+    "loss_nonfinite": "nonfinite",
+    "grad_norm_nonfinite": "nonfinite",
+    "perfect_answer_high_loss": "prediction_outlier",
+    "wrong_answer_low_loss": "prediction_outlier",
+}
+
+
+def problem_of(kind: str) -> str:
+    """The problem a trigger kind reports (incidents group by it); itself by default.
+
+    >>> problem_of("loss_zscore"), problem_of("lr_zscore")
+    ('loss_spike', 'lr_zscore')
+    """
+    return _PROBLEM.get(kind, kind)
 
 
 def kind_of(name: str) -> str:

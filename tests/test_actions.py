@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from live_daemon import live_daemon, log_text, stop, wait_for
 
 from smart_monitor.actions import Actions
 from smart_monitor.config import ConfigError, load_config
@@ -55,7 +56,7 @@ def make_actions(tmp_path: Path, logged: Logged, **actions: Any) -> Actions:
 class Hook(BaseHTTPRequestHandler):
     server: Receiver
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.bodies.append(json.loads(body))
         self.server.received.set()
@@ -99,7 +100,9 @@ def logged(tmp_path: Path) -> Logged:
     return Logged(tmp_path)
 
 
-def test_webhook_posts_slack_compatible_json(tmp_path: Path, logged: Logged, receiver: Receiver) -> None:
+def test_webhook_posts_slack_compatible_json(
+    tmp_path: Path, logged: Logged, receiver: Receiver
+) -> None:
     actions = make_actions(tmp_path, logged, webhook={"url": receiver.url})
     actions("snapshot", snapshot_event(step=340))
     actions.stop()
@@ -271,3 +274,43 @@ def test_nothing_configured_means_no_actions_and_no_thread(tmp_path: Path, logge
 def test_bad_action_config_names_the_key(actions: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}"):
         load_config(actions=actions)
+
+
+def test_live_daemon_signals_the_trainer_and_posts_on_nan(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The whole path: ``smart-monitor run`` beside a simulated trainer that writes its
+    own pidfile; a NaN loss at step 300 must stop it long before its 5,000 steps."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    pidfile, stop_file = run / "trainer.pid", run / "STOP"
+    config = tmp_path / "monitor.toml"
+    config.write_text(
+        f'[actions.signal]\npidfile = "{pidfile}"\non_triggers = ["loss_nonfinite"]\n'
+        f'on_severity = "never"\n[actions.webhook]\nurl = "{receiver.url}"\n'
+        f'[actions.stop_file]\npath = "{stop_file}"\n'
+    )
+    trainer_code = (
+        "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+        "from smart_monitor.trainer_sim import main; main(sys.argv[2:])"
+    )
+    with live_daemon(run, out, "--config", str(config)) as daemon:
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", trainer_code, str(pidfile), "--out", str(run),
+             "--steps", "5000", "--rate", "500", "--anomaly", "loss_nonfinite:300"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            assert trainer.wait(60) == -signal.SIGTERM
+        finally:
+            trainer.kill()
+            trainer.wait()
+        wait_for(lambda: len(receiver.bodies) >= 1, 30, "the webhook")
+        assert stop(daemon) == 0
+    [body] = [b for b in receiver.bodies if b["triggers"] == ["loss_nonfinite"]]
+    assert body["step"] == 300 and "anomaly_" in body["snapshot"]
+    assert json.loads(stop_file.read_text())["triggers"] == ["loss_nonfinite"]
+    logs = log_text(out)
+    assert "Action done action=signal step=300 triggers=loss_nonfinite" in logs
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 300 <= last["step"] < 5000

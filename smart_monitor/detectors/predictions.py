@@ -38,8 +38,12 @@ class PredictionOutliers:
         if not isfinite(record.loss):
             return []
         loss = float(record.loss)  # type: ignore[arg-type]
-        details = {"loss": loss, "prompt": record.prompt, "golden_answer": record.golden_answer,
-                   "model_answer": record.model_answer}
+        details = {
+            "loss": loss,
+            "prompt": record.prompt,
+            "golden_answer": record.golden_answer,
+            "model_answer": record.model_answer,
+        }
         if record.matches and loss > self.config.high_loss:
             kind = "perfect_answer_high_loss"
         elif not record.matches and loss < self.config.low_loss:
@@ -109,8 +113,11 @@ class InvertedLossPattern:
         self.last_step = min(self.last_step, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"examples": [list(e) for e in self.examples], "active": self.active,
-                "last_step": self.last_step}
+        return {
+            "examples": [list(e) for e in self.examples],
+            "active": self.active,
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.examples.clear()

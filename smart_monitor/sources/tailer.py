@@ -66,12 +66,16 @@ class Tailer:
         self.offset = 0  # start of the first line not yet handed out
         self.skipping = False  # discarding the rest of an oversized line
         self.nul_bytes = 0
+        self.switched = False  # the file was replaced or deleted; the reader resets it
+        self._gone = False
         self._buf = b""  # bytes read but not yet handed out start at ``_buf[_start]``
         self._start = 0
         self._restored: dict[str, Any] | None = None
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._restored is not None:  # not yet applied (the file is missing): keep it
+            return dict(self._restored)
         ident = self.identity
         return {
             "path": str(self.path),
@@ -113,18 +117,22 @@ class Tailer:
             assert self.identity is not None
             if st is not None and (st.st_dev, st.st_ino) == (self.identity.dev, self.identity.ino):
                 if self._changed_in_place(st.st_size):
-                    yield from self._reopen(st, "truncated")
+                    self._reopen("truncated")
                     return
                 yield from self._read()
                 return
             # deleted, or replaced by rename: what the old file still holds comes first
             yield from self._read()
-            if st is None:
-                return
-            yield from self._reopen(st, "replaced")
+            if st is not None:
+                self._reopen("replaced")
+            elif not self._gone:  # drained: a restart must not wait for the old offset
+                self._gone = self.switched = True
+                self.event("Metrics file deleted", {"path": str(self.path)})
             return
         if st is not None:
-            yield from self._reopen(st, None)
+            self._reopen(None)
+            if self.fd is not None:
+                yield from self._read()
 
     def _changed_in_place(self, size: int) -> bool:
         """Truncated below what was read, or truncated and regrown (the head or the bytes
@@ -135,7 +143,11 @@ class Tailer:
         assert ident is not None
         return bool(ident.head) and self._head_hash() != ident.head
 
-    def _reopen(self, st: os.stat_result, why: str | None) -> Iterator[tuple[int, bytes]]:
+    def _reopen(self, why: str | None) -> None:
+        """Open the file now at the path. After a truncation or a replacement the reader
+        gets no line of the new file in this ``lines()`` and ``switched`` is set: the
+        daemon saves its state at that boundary (the old file drained, the new one at
+        0), so a kill after it neither resumes into the old identity nor loses lines."""
         self._drop_partial()
         self.close()
         try:
@@ -144,6 +156,7 @@ class Tailer:
             return
         st = os.fstat(fd)
         self.fd = fd
+        self._gone = False
         self.identity = Identity(st.st_dev, st.st_ino, self._head_hash())
         self.offset, self.skipping, self._buf, self._start = 0, False, b"", 0
         restored, self._restored = self._restored, None
@@ -155,9 +168,9 @@ class Tailer:
             self.event("Metrics file changed while stopped", {"path": str(self.path)})
         elif why is not None:
             self.event(f"Metrics file {why}", {"path": str(self.path)})
+            self.switched = True
         else:
             self.event("Opened metrics file", {"path": str(self.path)})
-        yield from self._read()
 
     def _matches(self, state: Mapping[str, Any], size: int) -> bool:
         """The saved state describes this file: same first line, long enough, and the
@@ -192,6 +205,8 @@ class Tailer:
             head = self._head_hash()
             if head:
                 self.identity = Identity(self.identity.dev, self.identity.ino, head)
+        if self._start < len(self._buf):  # a reader stopped between buffered lines
+            yield from self._split(b"")
         while True:
             pos = self._read_pos()
             chunk = os.pread(self.fd, _CHUNK, pos)

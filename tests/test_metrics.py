@@ -1,0 +1,138 @@
+"""``/metrics`` scraped over real HTTP from an engine fed real lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import make_checkpoint
+from prometheus_client.parser import text_string_to_metric_families
+
+from smart_monitor.config import Config, load_config
+from smart_monitor.engine import Engine
+from smart_monitor.hooks import attach_hooks
+from smart_monitor.log import make_logger
+from smart_monitor.metrics import MetricsServer
+from smart_monitor.snapshot import SnapshotWriter
+from smart_monitor.sources.checkpoints import CheckpointIndex
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_engine(tmp_path: Path, clock: Clock, **overrides: object) -> tuple[Engine, Config]:
+    run = tmp_path / "run"
+    config = load_config(
+        checkpoint_dir=run, snapshot_dir=tmp_path / "snaps", log_dir=tmp_path / "logs",
+        **overrides,
+    )
+    log, _ = make_logger(config.log_dir, stderr=None)
+    index = CheckpointIndex(run, config.checkpoints, clock=clock)
+    engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir), clock=clock)
+    make_checkpoint(run, 10, payload=b"w" * 5000)
+    engine.scan_checkpoints()
+    return engine, config
+
+
+def feed(engine: Engine) -> None:
+    for step in range(1, 13):
+        engine.handle_line(json.dumps({"step": step, "loss": 2.0, "learning_rate": 1e-4}).encode())
+    engine.handle_line(b'{"step": 13, "loss": NaN}')
+    engine.handle_line(b"{not json")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_scrape_shows_what_the_engine_did(tmp_path: Path) -> None:
+    clock = Clock()
+    engine, config = make_engine(tmp_path, clock)
+    server = MetricsServer(engine, config.metrics)  # port 0: any free port, for the test
+    engine.listeners.append(server)
+    port = server.start()
+    try:
+        before = scrape(port)
+        assert before[("smart_monitor_records_total", ())] == 0
+        assert math.isnan(before[("smart_monitor_last_step", ())])  # no record yet
+        feed(engine)
+        clock.now += 42.5
+        m = scrape(port)
+    finally:
+        server.stop()
+    crit = (("severity", "critical"), ("trigger", "loss_nonfinite"))
+    assert m[("smart_monitor_records_total", ())] == 13
+    assert m[("smart_monitor_malformed_lines_total", ())] == 1
+    assert m[("smart_monitor_detections_total", crit)] == 1
+    assert m[("smart_monitor_snapshots_total", crit)] == 1
+    [(snap, _meta)] = list(engine.writer.published())
+    model_bytes = sum(f.stat().st_size for f in (snap / "model").rglob("*") if f.is_file())
+    assert m[("smart_monitor_snapshot_bytes_total", ())] == model_bytes > 5000
+    assert m[("smart_monitor_last_step", ())] == 13
+    assert m[("smart_monitor_seconds_since_last_record", ())] == 42.5
+
+
+def test_two_engines_keep_separate_counts(tmp_path: Path) -> None:
+    servers = []
+    for name in ("a", "b"):
+        engine, config = make_engine(tmp_path / name, Clock())
+        server = MetricsServer(engine, config.metrics)
+        engine.listeners.append(server)
+        servers.append((engine, server, server.start()))
+    try:
+        feed(servers[0][0])
+        counts = [scrape(port)[("smart_monitor_records_total", ())] for _, _, port in servers]
+    finally:
+        for _, server, _ in servers:
+            server.stop()
+    assert counts == [13, 0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_attach_hooks_serves_metrics_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    engine, config = make_engine(tmp_path, Clock(), metrics={"port": port})
+    stop = attach_hooks(engine, config, engine.log)
+    try:
+        feed(engine)
+        assert scrape(port)[("smart_monitor_records_total", ())] == 13
+    finally:
+        stop()
+    with pytest.raises(OSError):
+        scrape(port)
+    assert engine.listeners == []
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert f"Serving metrics address=127.0.0.1 port={port}" in logs
+
+
+def test_a_port_in_use_is_logged_and_not_fatal(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        engine, config = make_engine(tmp_path, Clock(), metrics={"port": port})
+        stop = attach_hooks(engine, config, engine.log)
+        feed(engine)  # the engine runs on without its metrics
+        stop()
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "Metrics off" in logs and engine.counts["records"] == 13
