@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_checkpoint
@@ -78,16 +79,20 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def snapshots(run: Path) -> dict[int, tuple[str, dict[str, object]]]:
-    out = {}
+def snapshots(run: Path) -> list[tuple[str, dict[str, Any]]]:
+    out = []
     for d in sorted((run / "out" / "snapshots").iterdir()):
-        meta = json.loads((d / "metadata.json").read_text())
-        out[meta["step"]] = (d.name, meta)
+        out.append((d.name, json.loads((d / "metadata.json").read_text())))
     return out
 
 
+def at_step(run: Path, step: int, pattern: str) -> tuple[str, dict[str, Any]]:
+    found = [(n, m) for n, m in snapshots(run) if m["step"] == step and re.search(pattern, n)]
+    assert len(found) == 1, (step, pattern, [n for n, _ in snapshots(run)])
+    return found[0]
+
+
 def test_each_injected_anomaly_has_its_snapshot_and_checkpoint(replayed: Path) -> None:
-    snaps = snapshots(replayed)
     expect = {
         1200: (r"loss_(zscore|spike)|MULTIPLE_TRIGGERS", "checkpoint-1000"),
         2100: (r"lr_zscore_", "checkpoint-2000"),
@@ -95,24 +100,23 @@ def test_each_injected_anomaly_has_its_snapshot_and_checkpoint(replayed: Path) -
         2750: (r"perfect_answer_high_loss_", "checkpoint-2500"),
     }
     for step, (pattern, checkpoint) in expect.items():
-        name, meta = snaps[step]
-        assert re.search(pattern, name), name
-        assert meta["checkpoint"]["name"] == checkpoint  # type: ignore[index]
+        name, meta = at_step(replayed, step, pattern)
+        assert meta["checkpoint"]["name"] == checkpoint
         assert (replayed / "out" / "snapshots" / name / "model" / "model.safetensors").exists()
 
 
 def test_snapshot_names_and_metadata_keys(replayed: Path) -> None:
     rx = re.compile(r"^anomaly_\d{8}_\d{6}_[A-Za-z0-9_.\-]+$")
-    for name, meta in snapshots(replayed).values():
+    for name, meta in snapshots(replayed):
         assert rx.match(name)
         assert set(meta) >= KEYS
-        assert meta["monitor"]["version"]  # type: ignore[index]
+        assert meta["monitor"]["version"]
         assert isinstance(meta["loss_history"], list) and meta["loss_history"]
 
 
 def test_metadata_is_strict_json_even_for_nan(replayed: Path) -> None:
-    _, meta = snapshots(replayed)[2600]
-    assert meta["metrics"]["loss"] == "NaN"  # type: ignore[index]
+    _, meta = at_step(replayed, 2600, "loss_nonfinite")
+    assert meta["metrics"]["loss"] == "NaN"
     assert meta["severity"] == "critical"
 
 

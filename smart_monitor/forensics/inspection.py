@@ -68,12 +68,14 @@ def tensor_stats(t: TensorFile) -> TensorStats:
     sumsq = 0.0
     if t.is_float:
         for c in float_chunks(t):
-            finite = np.isfinite(c)
-            if not finite.all():
+            s = float(np.dot(c, c))
+            if not math.isfinite(s):  # NaN and Inf propagate: count them only then
+                finite = np.isfinite(c)
                 nan += int(np.isnan(c).sum())
                 inf += int(np.isinf(c).sum())
                 c = c[finite]
-            sumsq += float(np.dot(c, c))
+                s = float(np.dot(c, c))
+            sumsq += s
     return TensorStats(t.name, t.dtype, t.shape, t.numel, nan, inf, sumsq)
 
 
@@ -194,13 +196,18 @@ def compare_checkpoints(path: Path, other: Path) -> Comparison:
 def _diff(a: TensorFile, b: TensorFile) -> tuple[float, float]:
     """Sum of squared differences and of squares of ``b``, over finite pairs."""
     d = n = 0.0
+    buf: np.ndarray[Any, np.dtype[np.float64]] | None = None
     for ca, cb in zip(float_chunks(a), float_chunks(b), strict=True):
-        diff = ca - cb
-        ok = np.isfinite(diff)
-        if not ok.all():
+        if buf is None:
+            buf = np.empty(ca.shape[0], np.float64)
+        diff = np.subtract(ca, cb, out=buf[: ca.shape[0]])
+        dd, nn = float(np.dot(diff, diff)), float(np.dot(cb, cb))
+        if not (math.isfinite(dd) and math.isfinite(nn)):
+            ok = np.isfinite(diff)
             diff, cb = diff[ok], cb[ok]
-        d += float(np.dot(diff, diff))
-        n += float(np.dot(cb, cb))
+            dd, nn = float(np.dot(diff, diff)), float(np.dot(cb, cb))
+        d += dd
+        n += nn
     return d, n
 
 

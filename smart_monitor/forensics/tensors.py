@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,13 +178,24 @@ def _flatten(obj: Any, prefix: str, tensor_type: type) -> Iterator[tuple[str, An
 
 
 def float_chunks(t: TensorFile) -> Iterator[np.ndarray[Any, np.dtype[np.float64]]]:
-    """The tensor as float64 chunks of at most ``CHUNK`` elements (bf16 widened)."""
-    decode: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
-    if t.dtype == "BF16":
-        def decode(c: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-            return (c.astype(np.uint32) << 16).view(np.float32)
-    else:
-        def decode(c: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-            return c
-    for i in range(0, t.data.shape[0], CHUNK):
-        yield np.asarray(decode(t.data[i : i + CHUNK]), dtype=np.float64)
+    """The tensor as float64 chunks of at most ``CHUNK`` elements (bf16 widened).
+
+    Each chunk is a view of one buffer reused for the next: fresh multi-MiB arrays per
+    chunk would cost a page fault per page, which is most of the time on a big file.
+    """
+    n = t.data.shape[0]
+    if n == 0:
+        return
+    size = min(CHUNK, n)
+    out = np.empty(size, np.float64)
+    wide = np.empty(size, np.uint32) if t.dtype == "BF16" else None
+    for i in range(0, n, size):
+        src = t.data[i : i + size]
+        o = out[: src.shape[0]]
+        if wide is not None:  # bfloat16 is the top half of a float32
+            w = wide[: src.shape[0]]
+            np.left_shift(src, 16, out=w, dtype=np.uint32)
+            np.copyto(o, w.view(np.float32))
+        else:
+            np.copyto(o, src)
+        yield o
