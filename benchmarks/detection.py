@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -174,8 +175,15 @@ class Tally:
     info: int = 0
 
 
-def benchmark(seeds: int, clean_steps: int, anomaly_steps: int, config: Config) -> int:
-    grid = [(n, lg, sc) for n in NOISES for lg in LOGGING for sc in SCHEDULES]
+Grid = list[tuple[float, int, Schedule]]
+FULL_GRID: Grid = [(n, lg, sc) for n in NOISES for lg in LOGGING for sc in SCHEDULES]
+
+
+def benchmark(
+    seeds: int, clean_steps: int, anomaly_steps: int, config: Config, grid: Grid = FULL_GRID
+) -> int:
+    """Print the figures; 0 when every kind has recall >= 0.95 and no cell of the grid
+    has more than 0.5 false alarms per 10,000 clean steps."""
     fa: dict[tuple[float, int], Tally] = defaultdict(Tally)
     false_kinds: Counter[str] = Counter()
     for noise, logging, schedule in grid:
@@ -245,7 +253,7 @@ def benchmark(seeds: int, clean_steps: int, anomaly_steps: int, config: Config) 
     )
     for name, n, recall, delays, misses in rows:
         med = statistics.median(delays) if delays else float("nan")
-        p90 = sorted(delays)[int(0.9 * (len(delays) - 1))] if delays else float("nan")
+        p90 = sorted(delays)[math.ceil(0.9 * len(delays)) - 1] if delays else float("nan")
         mx = max(delays) if delays else float("nan")
         print(f"{name:48} {n:>5} {recall:>7.3f} {med:>13.0f} {p90:>6.0f} {mx:>6.0f}")
         for m in misses[:3]:
@@ -253,10 +261,13 @@ def benchmark(seeds: int, clean_steps: int, anomaly_steps: int, config: Config) 
     print("\nfalse alarms per 10,000 clean steps (and best_model_loss, information, per 10,000)")
     print(f"{'noise':>6} " + " ".join(f"{'logging=' + str(lg):>16}" for lg in LOGGING))
     total = Tally()
-    for noise in NOISES:
+    for noise in sorted({n for n, _, _ in grid}):
         cells = []
         for lg in LOGGING:
-            t = fa[(noise, lg)]
+            t = fa.get((noise, lg), Tally())
+            if not t.clean_steps:
+                cells.append("-")
+                continue
             total.clean_steps += t.clean_steps
             total.alarms += t.alarms
             total.info += t.info
@@ -305,11 +316,14 @@ def real_runs(config: Config, folder: Path = REAL_RUNS) -> dict[str, list[tuple[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, short runs")
+    parser.add_argument("--tiny", action="store_true", help="a smoke test: noise 15 %% only")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     config = Config()
     started = time.perf_counter()
-    if args.quick:
+    if args.tiny:
+        rc = benchmark(1, 3000, 3000, config, [(0.15, 1, "cosine"), (0.15, 10, "wsd")])
+    elif args.quick:
         rc = benchmark(1, 4000, 3000, config)
     else:
         rc = benchmark(args.seeds, 20000, 4000, config)

@@ -61,14 +61,19 @@ def main() -> None:
 @_ckpt_opt
 @_output_opt
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option(
+    "--report", is_flag=True, help="Print, per trigger type, how often it fired and at which steps."
+)
 def replay(
     config_file: Path | None,
     metrics: Path | None,
     checkpoints: Path | None,
     output: Path | None,
     progress: bool | None,
+    report: bool,
 ) -> None:
     """Run the pipeline over a finished run (JSONL metrics or HF trainer_state.json)."""
+    from .replay import DetectionReport
     from .replay import replay as run_replay
 
     config = _load(config_file, metrics, checkpoints, output)
@@ -78,7 +83,8 @@ def replay(
         click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
         sys.exit(1)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
-    engine = run_replay(config, config.metrics_file, log, progress)
+    detections = DetectionReport()
+    engine = run_replay(config, config.metrics_file, log, progress, [detections])
     if daily is not None:
         daily.close()
     c = engine.counts
@@ -86,6 +92,8 @@ def replay(
         f"replayed {c['records']} records ({c['malformed']} malformed): "
         f"{c['detections']} detections, {c['snapshots']} snapshots in {config.snapshot_dir}"
     )
+    if report:
+        click.echo(detections.format())
 
 
 @main.command()
@@ -223,7 +231,7 @@ def inspect(path: Path, against: Path | None, as_json: bool, top: int) -> None:
     try:
         ins = inspect_checkpoint(path)
         cmp = compare_checkpoints(path, against) if against is not None else None
-    except CheckpointError as exc:
+    except (CheckpointError, OSError) as exc:  # OSError: a file vanished or is unreadable
         click.echo(f"smart-monitor: {exc}", err=True)
         sys.exit(1)
     if as_json:

@@ -55,7 +55,8 @@ def main(out: Path = Path("demo-output")) -> int:
                    "--steps", str(STEPS), "--rate", str(RATE)]
         for a in ANOMALIES:
             trainer += ["--anomaly", a]
-        print(f"demo: simulated trainer, {STEPS} steps at {RATE}/s, anomalies {', '.join(ANOMALIES)}")
+        print(f"demo: simulated trainer, {STEPS} steps at {RATE}/s, "
+              f"anomalies {', '.join(ANOMALIES)}")
         subprocess.run(trainer, check=True)
         time.sleep(1.0)  # let the daemon catch the last lines before it is stopped
     finally:

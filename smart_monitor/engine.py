@@ -3,16 +3,20 @@ log every event, make snapshots (idempotently), wait for a best model's checkpoi
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .pipeline import Outcome, Pipeline, SnapshotRequest
+from .policy import Incident
 from .records import MalformedLine, Record, parse_line, to_record
-from .snapshot import SnapshotError, SnapshotWriter
+from .snapshot import SnapshotError, SnapshotWriter, json_safe
 from .sources.checkpoints import Checkpoint, CheckpointIndex
 from .triggers import Trigger
 
@@ -53,6 +57,7 @@ class Engine:
         self.pending: list[_Pending] = []
         self.done_keys: set[str] = set()
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
+        self.incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
         self.scanner: CheckpointScanner | None = None
         if config.checkpoint_scan.enabled:  # imported only when on
@@ -172,6 +177,7 @@ class Engine:
                 peak_trigger=incident.peak_trigger, last_detection=incident.last,
                 detections=incident.detections, severity=incident.severity,
             )
+            self._record_recovery(incident, outcome.step)
 
     def _detected(self, t: Trigger) -> None:
         self.counts["detections"] += 1
@@ -217,6 +223,8 @@ class Engine:
         checkpoint scans already started are waited for: their verdict is the point)."""
         self.scan_checkpoints()
         self.collect_scans(wait=True)
+        if self.scanner is not None:
+            self.scanner.close()  # its thread; a later scan would start another
         pending, self.pending = self.pending, []
         for p in pending:
             self._snapshot(p.request)
@@ -243,6 +251,8 @@ class Engine:
                 return
             self.done_keys.add(request.key)
             self.counts["snapshots"] += 1
+            if "incident" in metadata:
+                self.incident_snapshots[metadata["incident"]["id"]] = result.path
             for t in request.triggers:
                 self.snapshots_by_kind[t.kind] += 1
             getattr(self.log, request.severity.value)(
@@ -254,6 +264,28 @@ class Engine:
             self._emit("snapshot", {"request": request, "path": result.path, "bytes": result.bytes})
             return
         self._failed(request, "source_vanished", "every candidate checkpoint vanished")
+
+    def _record_recovery(self, incident: Incident, step: int) -> None:
+        """Complete the snapshot's ``incident`` block (peak, end) once it recovered:
+        written to a temporary name, synced, renamed, like every published file."""
+        path = self.incident_snapshots.pop(incident.id, None)
+        if path is None:
+            return
+        target = path / "metadata.json"
+        tmp = path / ".metadata.json.tmp"
+        try:
+            meta = json.loads(target.read_bytes())
+            meta["incident"] = {
+                **meta.get("incident", {}), **incident.block(), "status": "recovered",
+                "recovered_step": step,
+            }
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(json_safe(meta), indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except (OSError, ValueError) as exc:  # deleted by retention, or by hand
+            self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
 
     def _checkpoint_for(self, request: SnapshotRequest) -> Checkpoint | None:
         if request.exact_checkpoint:

@@ -178,8 +178,9 @@ class Pipeline:
 
 
 def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
-    """``incident``: the incident this snapshot opens (the log's ``Incident recovered``
-    line, with the same id, tells when it peaked and ended); ``conflicting_labels``:
+    """``incident``: the incident this snapshot opens, ``"status": "open"``; the engine
+    completes it (peak, last detection, ``recovered_step``) when the incident recovers,
+    as the log's ``Incident recovered`` line with the same id says. ``conflicting_labels``:
     the prompt and both golden answers."""
     out: dict[str, Any] = {}
     if decision.incidents:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,52 @@ from .hooks import attach_plots
 from .snapshot import SnapshotWriter
 from .sources.checkpoints import CheckpointIndex
 from .sources.files import OVERSIZED, iter_lines, trainer_state_history
+from .triggers import stats_label
 
-__all__ = ["replay"]
+__all__ = ["DetectionReport", "replay"]
 
 _PROGRESS_MIN_BYTES = 32 << 20  # a progress bar only for files that take a while
 
 
-def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None) -> Engine:
-    """Feed every record of ``metrics`` through one Engine and return it (its counts).
+class DetectionReport:
+    """An engine listener: per trigger kind, the steps it fired at (``replay --report``),
+    so a user can tune thresholds on last week's run before deploying.
+
+    >>> r = DetectionReport()
+    >>> for step in (1500, 4300):
+    ...     r("detected", {"trigger": "loss_zscore", "step": step})
+    >>> print(r.format())
+    trigger                         count  steps
+    loss_zscore_*                       2  1500, 4300
+    """
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[int]] = {}
+
+    def __call__(self, event: str, data: Mapping[str, Any]) -> None:
+        if event == "detected":
+            self.steps.setdefault(str(data["trigger"]), []).append(int(data["step"]))
+
+    def format(self, max_steps: int = 30) -> str:
+        lines = [f"{'trigger':30} {'count':>6}  steps"]
+        for kind, steps in sorted(self.steps.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            shown = ", ".join(map(str, steps[:max_steps]))
+            more = f", ... (+{len(steps) - max_steps})" if len(steps) > max_steps else ""
+            lines.append(f"{stats_label(kind):30} {len(steps):>6}  {shown}{more}")
+        if not self.steps:
+            lines.append("(no detections)")
+        return "\n".join(lines)
+
+
+def replay(
+    config: Config,
+    metrics: Path,
+    log: Any,
+    progress: bool | None = None,
+    listeners: Sequence[Callable[[str, Mapping[str, Any]], None]] = (),
+) -> Engine:
+    """Feed every record of ``metrics`` through one Engine and return it (its counts);
+    ``listeners`` see its events (``DetectionReport``).
 
     The run is over, so every checkpoint folder left is complete and no wait for a
     best model's checkpoint can help: both are set accordingly.
@@ -34,6 +73,7 @@ def replay(config: Config, metrics: Path, log: Any, progress: bool | None = None
     )
     index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock=lambda: 0.0)
     engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir, config.snapshot.mode))
+    engine.listeners.extend(listeners)
     engine.recover()
     stop_plots = attach_plots(engine, log)  # no actions, no metrics server: the run is over
     engine.scan_checkpoints()

@@ -7,8 +7,8 @@ JSON values (``state_dict``).
 
 from __future__ import annotations
 
-import bisect
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from typing import Any
 
@@ -25,40 +25,47 @@ class RollingWindow:
     (0.7175, 0.00968)
     """
 
-    __slots__ = ("_items", "_m2", "mean", "size")
+    __slots__ = ("_items", "_m2", "_since", "mean", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: deque[tuple[int, float]] = deque()
         self.mean = 0.0
         self._m2 = 0.0
+        self._since = 0  # replacements since the sums were last recomputed exactly
 
     def __len__(self) -> int:
         return len(self._items)
 
     @property
+    def var(self) -> float:
+        """Population variance."""
+        n = len(self._items)
+        return max(self._m2, 0.0) / n if n else 0.0
+
+    @property
     def std(self) -> float:
         """Population standard deviation (the z-score's denominator in DESIGN.md)."""
-        n = len(self._items)
-        return math.sqrt(max(self._m2, 0.0) / n) if n else 0.0
+        return math.sqrt(self.var)
 
     def add(self, step: int, value: float) -> None:
-        if len(self._items) == self.size:
-            self._remove(self._items.popleft()[1])
-        self._items.append((step, value))
-        n = len(self._items)
-        delta = value - self.mean
-        self.mean += delta / n
-        self._m2 += delta * (value - self.mean)
-
-    def _remove(self, value: float) -> None:
-        n = len(self._items)  # already popped
-        if n == 0:
-            self.mean = self._m2 = 0.0
+        items = self._items
+        n = len(items)
+        items.append((step, value))
+        if n < self.size:
+            n += 1
+            delta = value - self.mean
+            self.mean += delta / n
+            self._m2 += delta * (value - self.mean)
             return
-        delta = value - self.mean
-        self.mean -= delta / n
-        self._m2 -= delta * (value - self.mean)
+        # full: replace the oldest value in one update (the replay hot path)
+        old = items.popleft()[1]
+        mean = self.mean
+        self.mean = new = mean + (value - old) / n
+        self._m2 += (value - old) * (value - new + old - mean)
+        self._since += 1
+        if self._since >= 64 * n:  # rounding drifts over millions of updates: re-sum
+            self._reset(list(items))
 
     def values(self) -> list[float]:
         return [v for _, v in self._items]
@@ -70,10 +77,13 @@ class RollingWindow:
             self._reset(kept)
 
     def _reset(self, items: list[tuple[int, float]]) -> None:
+        """Exact two-pass sums over ``items``."""
         self._items.clear()
-        self.mean = self._m2 = 0.0
-        for s, v in items:
-            self.add(s, v)
+        self._items.extend(items)
+        self._since = 0
+        n = len(items)
+        self.mean = sum(v for _, v in items) / n if n else 0.0
+        self._m2 = sum((v - self.mean) ** 2 for _, v in items)
 
     def state_dict(self) -> dict[str, Any]:
         return {"items": [list(p) for p in self._items]}
@@ -103,15 +113,19 @@ class RollingMedian:
         return len(self._items)
 
     def add(self, step: int, value: float) -> None:
-        if len(self._items) == self.size:
-            old = self._items.popleft()[1]
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._items.append((step, value))
-        bisect.insort(self._sorted, value)
+        items, ordered = self._items, self._sorted
+        if len(items) == self.size:
+            del ordered[bisect_left(ordered, items.popleft()[1])]
+        items.append((step, value))
+        insort(ordered, value)
 
     @property
     def median(self) -> float:
-        return _median(self._sorted)
+        ordered = self._sorted
+        n = len(ordered)
+        if n % 2:
+            return ordered[n // 2]
+        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2 if n else math.nan
 
     @property
     def mad(self) -> float:

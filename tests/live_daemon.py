@@ -1,40 +1,21 @@
-"""The real ``smart-monitor run`` as a subprocess, for the tests that train a real
-model beside it (tests/test_integrations_*.py)."""
+"""``smart-monitor run`` as a user starts it (``--metrics --checkpoints --output``, no
+config file needed), for the tests that train a real model beside it."""
 
 from __future__ import annotations
 
-import signal
+import json
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import pytest
-
-SMART_MONITOR = Path(sys.executable).with_name("smart-monitor")
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def log_text(out: Path) -> str:
-    """Every line the daemon logged under ``out/logs``."""
-    logs = out / "logs"
-    return "".join(p.read_text() for p in sorted(logs.glob("*.log"))) if logs.is_dir() else ""
+from live_harness import SMART_MONITOR, log_text, terminate, wait_until
 
 
 @contextmanager
 def live_daemon(run: Path, out: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``smart-monitor run`` following ``run``, started and ready before it yields;
-    stopped with SIGTERM (or killed) on the way out."""
+    """Following ``run`` and ready before it yields; SIGTERM (or kill) on the way out."""
     with open(out.parent / f"{out.name}.stderr", "wb") as err:  # a full pipe would block it
         proc = subprocess.Popen(
             [str(SMART_MONITOR), "run", "--metrics", str(run / "metrics.jsonl"),
@@ -42,19 +23,25 @@ def live_daemon(run: Path, out: Path, *extra: str) -> Iterator[subprocess.Popen[
             stdout=subprocess.DEVNULL, stderr=err,
         )
     try:
-        wait_for(lambda: " Started " in log_text(out), 30, "the daemon to start")
+        wait_until(lambda: " Started " in log_text(out), "the daemon to start", 30)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, and the exit code (0 expected: it saves state and exits)."""
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=30)
+def train_beside_daemon(
+    run: Path, out: Path, train: Callable[[Path], None], *extra: str
+) -> tuple[list[dict[str, Any]], int]:
+    """Run ``train(run)`` while the daemon follows, in which the learning rate goes x50
+    once; return the records written and the step where the x50 was first logged,
+    after the daemon logged a snapshot for that step and stopped cleanly."""
+    run.mkdir()
+    with live_daemon(run, out, *extra) as proc:
+        train(run)
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        lrs = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
+        break_step = next(step for step, lr in lrs if lr > 10 * lrs[0][1])
+        logged = f"Created snapshot step={break_step} "
+        wait_until(lambda: logged in log_text(out), "the snapshot of the break", 30)
+        assert terminate(proc) == 0
+    return records, break_step

@@ -155,16 +155,20 @@ class Live:
 
 def write_config_file(cfg: Config, path: Path) -> Path:
     """The same settings as a TOML file, for ``smart-monitor run --config``."""
-    def toml(v: Any) -> str:
+
+    def value(v: Any) -> str:
         return json.dumps(str(v)) if isinstance(v, Path) else json.dumps(v)
 
+    def table(name: str, data: dict[str, Any]) -> list[str]:
+        out = [f"[{name}]"] if name else []
+        out += [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+        for k, v in data.items():
+            if isinstance(v, dict):
+                out += table(f"{name}.{k}" if name else k, v)
+        return out
+
     data = cfg.model_dump(mode="python", exclude_defaults=True)
-    top = [f"{k} = {toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    sections = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            sections.append(f"[{k}]\n" + "\n".join(f"{kk} = {toml(vv)}" for kk, vv in v.items()))
-    path.write_text("\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n")
+    path.write_text("\n".join(table("", data)) + "\n")
     assert load_config(path) == cfg
     return path
 

@@ -8,11 +8,11 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from live_daemon import live_daemon, log_text, stop, wait_for
+from live_daemon import live_daemon
+from live_harness import log_text, snapshots, terminate, wait_until
 from safetensors.numpy import save_file
 
 from smart_monitor.config import CheckpointScanConfig, load_config
@@ -110,14 +110,6 @@ def hf_run(run: Path, series: list[float], nan_at: int | None = None) -> None:
             fh.write(json.dumps({"step": step, "loss": 1.0, "learning_rate": 1e-4}) + "\n")
 
 
-def snapshots(out: Path) -> dict[str, dict[str, Any]]:
-    snaps = out / "snapshots"
-    return {
-        p.name: json.loads((p / "metadata.json").read_text())
-        for p in sorted(snaps.iterdir()) if p.is_dir()
-    } if snaps.is_dir() else {}
-
-
 def test_replay_snapshots_the_jump_and_the_nan_checkpoint(tmp_path: Path) -> None:
     series = norms(12)
     series[8:] = [v * 2 for v in series[8:]]  # the norm doubles at checkpoint-900
@@ -134,7 +126,7 @@ def test_replay_snapshots_the_jump_and_the_nan_checkpoint(tmp_path: Path) -> Non
         daily.close()
     assert engine.counts["scans"] == 12 and engine.counts["scan_failures"] == 0
 
-    by_step = {m["step"]: m for m in snapshots(out).values()}
+    by_step = {m["step"]: m for m in snapshots(out)}
     jump = by_step[900]
     assert [str(t).split("_")[:3] for t in jump["triggers"]] == [["weight", "norm", "zscore"]]
     assert jump["checkpoint"]["name"] == "checkpoint-900"
@@ -174,9 +166,9 @@ def test_live_daemon_scans_off_its_loop_and_snapshots_nan_weights(tmp_path: Path
     config.write_text(SCAN_ON)
     with live_daemon(run, out, "--config", str(config)) as proc:
         hf_run(run, norms(4), nan_at=400)
-        wait_for(lambda: "triggers=weights_nonfinite" in log_text(out), 30, "the NaN snapshot")
-        assert stop(proc) == 0
-    (meta,) = [m for m in snapshots(out).values() if m["triggers"] == ["weights_nonfinite"]]
+        wait_until(lambda: "triggers=weights_nonfinite" in log_text(out), "the NaN snapshot", 30)
+        assert terminate(proc) == 0
+    (meta,) = [m for m in snapshots(out) if m["triggers"] == ["weights_nonfinite"]]
     assert meta["step"] == 400 and meta["checkpoint"]["name"] == "checkpoint-400"
     state = json.loads((out / "state" / "state.json").read_text())["data"]["engine"]
     assert state["checkpoint_scan"]["last"][0] == 400  # the scorer resumes where it stopped

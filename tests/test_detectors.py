@@ -42,8 +42,13 @@ BUSY = DetectorsConfig.model_validate(
         "divergence": {"window": 5, "warmup": 10, "factor": 1.1, "patience": 3},
         "best_model": {"min_rel_delta": 0.0, "train_min_steps": 20},
         "accuracy_drop": {"threshold_pct": 2.0},
-        "predictions": {"high_loss": 1.0, "low_loss": 0.3, "inverted_window": 20,
-                        "inverted_min_each": 4, "inverted_alpha": 0.05},
+        "predictions": {
+            "high_loss": 1.0,
+            "low_loss": 0.3,
+            "inverted_window": 20,
+            "inverted_min_each": 4,
+            "inverted_alpha": 0.05,
+        },
         "conflicting_labels": {"max_prompts": 30},
     }
 )
@@ -52,14 +57,24 @@ BUSY = DetectorsConfig.model_validate(
 def stream(seed: int = 3) -> list[Record]:
     """A busy synthetic run: every anomaly kind, noise, evals and examples."""
     spec = RunSpec(
-        steps=1500, seed=seed, noise=0.1, schedule="wsd", warmup=50, eval_every=50,
+        steps=1500,
+        seed=seed,
+        noise=0.1,
+        schedule="wsd",
+        warmup=50,
+        eval_every=50,
         examples_per_eval=12,
         anomalies=(
-            Anomaly("loss_spike", 300, 4.0), Anomaly("lr_zscore", 400),
-            Anomaly("grad_norm_nonfinite", 450), Anomaly("loss_nonfinite", 500),
-            Anomaly("lr_zscore", 600, variant="collapse"), Anomaly("accuracy_drop", 700),
-            Anomaly("conflicting_labels", 800), Anomaly("perfect_answer_high_loss", 850),
-            Anomaly("inverted_loss_pattern", 1000), Anomaly("divergence_detected", 1200, 150),
+            Anomaly("loss_spike", 300, 4.0),
+            Anomaly("lr_zscore", 400),
+            Anomaly("grad_norm_nonfinite", 450),
+            Anomaly("loss_nonfinite", 500),
+            Anomaly("lr_zscore", 600, variant="collapse"),
+            Anomaly("accuracy_drop", 700),
+            Anomaly("conflicting_labels", 800),
+            Anomaly("perfect_answer_high_loss", 850),
+            Anomaly("inverted_loss_pattern", 1000),
+            Anomaly("divergence_detected", 1200, 150),
         ),
     )
     out = [to_record(r) for r in simulate(spec)]
@@ -112,8 +127,9 @@ def test_rewind_then_replay_is_the_run_after_the_restart(name: str, records: lis
 
 
 # -- the seed's examples, with the seed's numbers ---------------------------------------
-def train(step: int, loss: float | None = None, lr: float | None = None,
-          grad: float | None = None) -> TrainRecord:
+def train(
+    step: int, loss: float | None = None, lr: float | None = None, grad: float | None = None
+) -> TrainRecord:
     return TrainRecord(step, loss, lr, grad, {})
 
 
@@ -136,8 +152,10 @@ def test_seed_example_loss_spike_87_3pct() -> None:
     assert [t.name for t in d.update(train(4, 1.873))] == ["loss_spike_87.3pct"]
 
 
-@pytest.mark.parametrize(("lr", "name"), [(2e-4 * (1 + 35.7 * 0.05), "lr_zscore_35.70"),
-                                          (2e-4 * (1 - 3.21 * 0.05), "lr_zscore_-3.21")])
+@pytest.mark.parametrize(
+    ("lr", "name"),
+    [(2e-4 * (1 + 35.7 * 0.05), "lr_zscore_35.70"), (2e-4 * (1 - 3.21 * 0.05), "lr_zscore_-3.21")],
+)
 def test_seed_example_lr_zscore_names(lr: float, name: str) -> None:
     d = LrZScore(LrZScoreConfig(threshold=3.0))
     feed(d, [train(s, lr=2e-4) for s in range(1, 30)])
@@ -152,7 +170,9 @@ def test_seed_examples_of_evaluation_and_predictions() -> None:
     ]
     drop = AccuracyDrop(AccuracyDropConfig())
     feed(drop, [EvalRecord(1, None, 0.80, {})])
-    assert [t.name for t in drop.update(EvalRecord(2, None, 0.677, {}))] == ["accuracy_drop_12.3pct"]
+    assert [t.name for t in drop.update(EvalRecord(2, None, 0.677, {}))] == [
+        "accuracy_drop_12.3pct"
+    ]
     outliers = PredictionOutliers(PredictionsConfig())
     assert outliers.update(ExampleRecord(7, "q", "a", "a", True, 2.34, {}))[0].name == (
         "perfect_answer_high_loss_2.34"
@@ -165,8 +185,10 @@ def test_seed_examples_of_evaluation_and_predictions() -> None:
 def test_seed_example_contract_perfect_answer_among_normal_ones() -> None:
     """The contract check's case: 2.4 among right answers at 0.3 and wrong ones at 1.5."""
     d = PredictionOutliers(PredictionsConfig())
-    normal = [ExampleRecord(2750, f"q{e}", "a", "a" if e < 7 else "b", e < 7,
-                            0.3 if e < 7 else 1.5, {}) for e in range(1, 10)]
+    normal = [
+        ExampleRecord(2750, f"q{e}", "a", "a" if e < 7 else "b", e < 7, 0.3 if e < 7 else 1.5, {})
+        for e in range(1, 10)
+    ]
     assert not feed(d, normal)
     assert d.update(ExampleRecord(2750, "q0", "a", "a", True, 2.4, {}))[0].name.startswith(
         "perfect_answer_high_loss_"
@@ -175,11 +197,25 @@ def test_seed_example_contract_perfect_answer_among_normal_ones() -> None:
 
 def test_seed_example_inverted_pattern_needs_a_significant_test() -> None:
     d = InvertedLossPattern(PredictionsConfig())
-    few = [ExampleRecord(1, f"q{i}", "a", "a" if i % 2 else "b", bool(i % 2),
-                         2.0 if i % 2 else 0.2, {}) for i in range(8)]
+    few = [
+        ExampleRecord(
+            1, f"q{i}", "a", "a" if i % 2 else "b", bool(i % 2), 2.0 if i % 2 else 0.2, {}
+        )
+        for i in range(8)
+    ]
     assert not feed(d, few), "four of each is two small means, not evidence"
-    many = [ExampleRecord(2, f"q{i}", "a", "a" if i % 2 else "b", bool(i % 2),
-                          2.0 + 0.01 * i if i % 2 else 0.2 + 0.01 * i, {}) for i in range(40)]
+    many = [
+        ExampleRecord(
+            2,
+            f"q{i}",
+            "a",
+            "a" if i % 2 else "b",
+            bool(i % 2),
+            2.0 + 0.01 * i if i % 2 else 0.2 + 0.01 * i,
+            {},
+        )
+        for i in range(40)
+    ]
     (t,) = feed(d, many)
     assert t.name == "inverted_loss_pattern_correct_high" and t.severity is Severity.CRITICAL
     assert t.details["p_value"] < 1e-4
@@ -229,8 +265,9 @@ def test_near_zero_loss_doubling_is_not_a_spike() -> None:
 @pytest.mark.parametrize("logging", [1, 10])
 def test_planned_lr_schedules_never_fire(schedule: Any, logging: int) -> None:
     for warmup in (10, 100, 500):
-        spec = RunSpec(steps=4000, schedule=schedule, warmup=warmup, logging_steps=logging,
-                       eval_every=0)
+        spec = RunSpec(
+            steps=4000, schedule=schedule, warmup=warmup, logging_steps=logging, eval_every=0
+        )
         d = LrZScore(LrZScoreConfig())
         lrs = [train(r["step"], lr=r["learning_rate"]) for r in simulate(spec)]
         assert not feed(d, lrs), (schedule, warmup)
@@ -246,8 +283,12 @@ def test_hf_linear_warmup_then_decay_from_zero_is_no_alarm() -> None:
 
 def test_lr_reset_and_collapse_fire_once_each() -> None:
     for variant in ("reset", "collapse"):
-        spec = RunSpec(steps=3000, schedule="cosine", eval_every=0,
-                       anomalies=(Anomaly("lr_zscore", 2000, variant=variant),))
+        spec = RunSpec(
+            steps=3000,
+            schedule="cosine",
+            eval_every=0,
+            anomalies=(Anomaly("lr_zscore", 2000, variant=variant),),
+        )
         d = LrZScore(LrZScoreConfig())
         fired = feed(d, [train(r["step"], lr=r["learning_rate"]) for r in simulate(spec)])
         assert [t.step for t in fired] == [2000], variant
@@ -264,8 +305,10 @@ def test_divergence_ignores_isolated_spikes_and_fires_once_on_a_trend() -> None:
 
 def test_conflicting_labels_names_both_answers_and_ignores_case_and_spaces() -> None:
     d = ConflictingLabels(ConflictingLabelsConfig())
-    ex = [ExampleRecord(s, "capital of France?", g, "Paris", True, 0.1, {})
-          for s, g in ((10, "Paris"), (20, " paris "), (30, "Lyon"), (40, "Lyon"))]
+    ex = [
+        ExampleRecord(s, "capital of France?", g, "Paris", True, 0.1, {})
+        for s, g in ((10, "Paris"), (20, " paris "), (30, "Lyon"), (40, "Lyon"))
+    ]
     (t,) = feed(d, ex)
     assert (t.step, t.details["answers"], t.details["first_step"]) == (30, ["Paris", "Lyon"], 10)
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from smart_monitor.config import (
+    AccuracyDropConfig,
+    BestModelConfig,
     ConflictingLabelsConfig,
     DivergenceConfig,
     LossSpikeConfig,
@@ -18,11 +20,16 @@ from smart_monitor.config import (
     NonFiniteConfig,
     PredictionsConfig,
 )
+from smart_monitor.detectors.evaluation import AccuracyDrop, BestModel
 from smart_monitor.detectors.labels import ConflictingLabels
 from smart_monitor.detectors.loss import Divergence, LossSpike, NonFinite
-from smart_monitor.detectors.predictions import InvertedLossPattern, mann_whitney_p
+from smart_monitor.detectors.predictions import (
+    InvertedLossPattern,
+    PredictionOutliers,
+    mann_whitney_p,
+)
 from smart_monitor.detectors.zscore import LossZScore, LrZScore
-from smart_monitor.records import ExampleRecord, TrainRecord
+from smart_monitor.records import EvalRecord, ExampleRecord, TrainRecord
 from smart_monitor.stats import RollingMedian, RollingWindow
 
 
@@ -137,8 +144,11 @@ def test_loss_spike_matches_numpy_oracle() -> None:
         scale = abs(med) if scale is None else scale
         mad = float(np.median(np.abs(win - med)))
         pct = (x / med - 1) * 100
-        fire = (pct > cfg.threshold_pct and x - med > cfg.min_rise * scale
-                and x - med > cfg.min_robust_z * 1.4826 * mad)
+        fire = (
+            pct > cfg.threshold_pct
+            and x - med > cfg.min_rise * scale
+            and x - med > cfg.min_robust_z * 1.4826 * mad
+        )
         assert [t.step for t in got] == ([step] if fire else []), step
         if fire:
             fired += 1
@@ -168,7 +178,11 @@ def test_divergence_matches_numpy_oracle() -> None:
             continue
         level = float(np.median(finite[-cfg.window :]))
         scale = abs(level) if scale is None else scale
-        if 0 < best < math.inf and level > best * cfg.factor and level - best > cfg.min_rise * scale:
+        if (
+            0 < best < math.inf
+            and level > best * cfg.factor
+            and level - best > cfg.min_rise * scale
+        ):
             above += 1
             fire = above >= cfg.patience and armed
             armed = armed and not fire
@@ -237,7 +251,7 @@ def test_nonfinite_matches_numpy_isfinite() -> None:
 
 def _numpy_mann_whitney_p(high: list[float], low: list[float]) -> float:
     values = np.array(high + low)
-    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
     upper = np.cumsum(counts)
     ranks = (upper - (counts - 1) / 2)[inverse]
     n1, n2 = len(high), len(low)
@@ -286,3 +300,55 @@ def test_conflicting_labels_match_a_dict_of_sets() -> None:
         want = prompt in seen and norm not in seen[prompt]
         seen.setdefault(prompt, set()).add(norm)
         assert bool(got) == want, i
+
+
+def test_accuracy_drop_matches_numpy_running_max() -> None:
+    cfg = AccuracyDropConfig(threshold_pct=5.0)
+    d = AccuracyDrop(cfg)
+    rng = random.Random(8)
+    acc = np.clip(np.cumsum(rng.choices([0.01, -0.01, 0.0, -0.08, 0.07], k=400)) + 0.5, 0, 1)
+    active = False
+    for i, a in enumerate(acc):
+        got = d.update(EvalRecord(i, None, float(a), {}))
+        dropped = np.max(acc[: i + 1]) * 100 - a * 100 > cfg.threshold_pct
+        fire = bool(dropped and not active and i > 0)
+        active = bool(dropped)
+        assert bool(got) == fire, i
+        if fire:
+            assert got[0].details["best"] == pytest.approx(np.max(acc[:i]) * 100)
+
+
+def test_best_model_values_fall_by_the_margin_and_nothing_else_beats_them() -> None:
+    cfg = BestModelConfig(min_rel_delta=0.02, min_steps=300)
+    d = BestModel(cfg)
+    rng = random.Random(9)
+    losses = np.exp(np.cumsum(rng.choices([-0.03, -0.01, 0.0, 0.02], k=300))) * 2.0
+    fired: list[tuple[int, float]] = []
+    for i, v in enumerate(losses):
+        fired += [
+            (t.step, t.details["value"]) for t in d.update(EvalRecord(100 * i, float(v), None, {}))
+        ]
+    best, best_step = float(losses[0]), 0
+    for step, value in fired:
+        assert value < best - max(cfg.min_delta, cfg.min_rel_delta * best)
+        assert step - best_step >= cfg.min_steps
+        seen = losses[best_step // 100 + 1 : step // 100]  # evals between two bests
+        margin = np.maximum(cfg.min_delta, cfg.min_rel_delta * best)
+        late = seen[np.arange(best_step // 100 + 1, step // 100) * 100 - best_step >= cfg.min_steps]
+        assert not np.any(late < best - margin), "a real improvement was skipped"
+        best, best_step = value, step
+    assert len(fired) >= 3
+
+
+def test_prediction_outliers_match_numpy_thresholds() -> None:
+    cfg = PredictionsConfig()
+    d = PredictionOutliers(cfg)
+    rng = np.random.default_rng(10)
+    ok = rng.random(2000) < 0.6
+    loss = np.round(rng.lognormal(np.where(ok, np.log(0.5), np.log(0.8)), 1.0), 3)
+    got = [
+        bool(d.update(ExampleRecord(1, "q", "a", "a", bool(o), float(v), {})))
+        for o, v in zip(ok, loss, strict=True)
+    ]
+    want = (ok & (loss > cfg.high_loss)) | (~ok & (loss < cfg.low_loss))
+    assert got == want.tolist() and 20 < want.sum() < 1000

@@ -238,6 +238,23 @@ def test_cli_says_what_is_wrong_with_unreadable_input(tmp_path: Path) -> None:
     assert res.returncode == 1 and "truncated" in res.stderr
 
 
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x05\x00", "too short"),
+        (b"\xff" * 8, "not a safetensors file"),
+        ((4).to_bytes(8, "little") + b"[1] ", "header is not an object"),
+        ((16).to_bytes(8, "little") + b'{"a": {"x": 1}} ', "bad header entry for tensor a"),
+        ((4).to_bytes(8, "little") + b"\xff\xfe{}", "unreadable safetensors header"),
+    ],
+)
+def test_a_damaged_header_is_one_clear_error(tmp_path: Path, data: bytes, message: str) -> None:
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match=message):
+        inspect_checkpoint(tmp_path / "model.safetensors")
+
+
 def test_torch_file_without_torch_names_the_extra(tmp_path: Path) -> None:
     """The daemon's environment may lack torch: a .bin then asks for the extra."""
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
@@ -258,3 +275,16 @@ def test_torch_file_without_torch_names_the_extra(tmp_path: Path) -> None:
 def test_a_folder_without_weights_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no model weights"):
         checkpoint_files(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_dtype_numpy_lacks_is_listed_not_guessed(tmp_path: Path, suffix: str) -> None:
+    state = {"a.w": torch.randn(4), "b.w": torch.randn(8).to(torch.float8_e4m3fn)}
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, path)
+    ins = inspect_checkpoint(path)
+    assert ins.skipped == ["b.w"] and ins.parameters == 4 and list(ins.layers) == ["a"]
+    assert "not reduced  1 tensor(s)" in format_text(ins)

@@ -9,12 +9,14 @@ rotates it away, and the snapshot's ``model.safetensors`` must still load afterw
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from live_daemon import live_daemon, log_text, stop, wait_for
+from live_daemon import train_beside_daemon
+from live_harness import SMART_MONITOR, log_text, snapshots
 
 pytestmark = pytest.mark.slow
 
@@ -80,25 +82,14 @@ def test_live_daemon_pins_checkpoint_before_lr_break(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the model is built from a config
 
     run, out = tmp_path / "run", tmp_path / "out"
-    run.mkdir()
-    with live_daemon(run, out) as proc:
-        train_gpt2(run)
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in records if "learning_rate" in r]
-        break_step = next(r["step"] for r in train if r["learning_rate"] > 0.01)
-        wait_for(lambda: f"Created snapshot step={break_step} " in log_text(out), 30,
-                 "the lr_zscore snapshot")
-        assert stop(proc) == 0
+    records, break_step = train_beside_daemon(run, out, train_gpt2)
+    train = [r for r in records if "learning_rate" in r]
 
     assert break_step % SAVE_STEPS, "the break must not fall on a save step (a race)"
     kept = break_step // SAVE_STEPS * SAVE_STEPS
 
-    snaps = [p for p in (out / "snapshots").iterdir() if "lr_zscore" in p.name
-             or "MULTIPLE_TRIGGERS" in p.name]
-    meta = [json.loads((p / "metadata.json").read_text()) for p in snaps]
-    hit = [(p, m) for p, m in zip(snaps, meta, strict=True) if m["step"] == break_step]
-    assert len(hit) == 1, [m["triggers"] for m in meta]
-    snap, m = hit[0]
+    (m,) = [m for m in snapshots(out) if m["step"] == break_step]
+    snap = m["_path"]
     assert any(t.startswith("lr_zscore_") for t in m["triggers"])
     assert m["checkpoint"]["name"] == f"checkpoint-{kept}"
 
@@ -106,6 +97,15 @@ def test_live_daemon_pins_checkpoint_before_lr_break(
     assert not (run / f"checkpoint-{kept}").exists()
     weights = load_file(snap / "model" / "model.safetensors")
     assert "transformer.h.1.mlp.c_fc.weight" in weights
+    inspected = subprocess.run(
+        [str(SMART_MONITOR), "inspect", str(snap), "--json", "--against",
+         str(run / f"checkpoint-{MAX_STEPS}")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    report = json.loads(inspected.stdout)
+    assert report["parameters"] == sum(w.numel() for w in weights.values())
+    assert report["nonfinite"] == []
+    assert report["against"]["changes"][0]["relative"] > 0.5  # lr x50 moved the weights
 
     # The metadata holds the trainer's real records.
     by_step = {r["step"]: r for r in train}

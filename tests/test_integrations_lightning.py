@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_daemon import live_daemon, log_text, stop, wait_for
+from live_daemon import train_beside_daemon
+from live_harness import snapshots
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ reconcile_seconds = 0.2
 """
 
 
-def train_lightning(run: Path) -> None:
+def train_lightning(run: Path, **trainer_args: Any) -> None:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -80,17 +81,19 @@ def train_lightning(run: Path) -> None:
     train = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, generator=gen)
     val = torch.utils.data.DataLoader(data, batch_size=128)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=MAX_STEPS, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=LOG_EVERY,
-        val_check_interval=100, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        callbacks=[
+    trainer = pl.Trainer(**{
+        "max_steps": MAX_STEPS, "accelerator": "cpu", "devices": 1, "logger": False,
+        "enable_progress_bar": False, "enable_model_summary": False,
+        "log_every_n_steps": LOG_EVERY, "val_check_interval": 100,
+        "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+        "callbacks": [
             ModelCheckpoint(dirpath=run, every_n_train_steps=SAVE_STEPS, save_top_k=2,
                             monitor="progress", mode="max"),
             MetricsCallback(run / "metrics.jsonl"),
             BreakLearningRate(),
         ],
-    )
+        **trainer_args,
+    })
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -103,17 +106,10 @@ def test_live_daemon_pins_lightning_checkpoint(tmp_path: Path) -> None:
     import torch
 
     run, out = tmp_path / "run", tmp_path / "out"
-    run.mkdir()
     config = tmp_path / "smart_monitor.toml"
     config.write_text(CONFIG)
-    with live_daemon(run, out, "--config", str(config)) as proc:
-        train_lightning(run)
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in records if "learning_rate" in r]
-        break_step = next(r["step"] for r in train if r["learning_rate"] > 0.01)
-        wait_for(lambda: f"Created snapshot step={break_step} " in log_text(out), 30,
-                 "the lr_zscore snapshot")
-        assert stop(proc) == 0
+    records, break_step = train_beside_daemon(run, out, train_lightning, "--config", str(config))
+    train = [r for r in records if "learning_rate" in r]
 
     # What the callback wrote: every logged step with loss, lr and grad norm; val metrics.
     assert [r["step"] for r in train] == list(range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY))
@@ -124,11 +120,8 @@ def test_live_daemon_pins_lightning_checkpoint(tmp_path: Path) -> None:
 
     assert break_step % SAVE_STEPS
     kept = break_step // SAVE_STEPS * SAVE_STEPS
-    snaps = [p for p in (out / "snapshots").iterdir() if p.is_dir()]
-    hits = [(p, json.loads((p / "metadata.json").read_text())) for p in snaps]
-    hits = [(p, m) for p, m in hits if m["step"] == break_step]
-    assert len(hits) == 1
-    snap, meta = hits[0]
+    (meta,) = [m for m in snapshots(out) if m["step"] == break_step]
+    snap = meta["_path"]
     assert any(t.startswith("lr_zscore_") for t in meta["triggers"])
     name = meta["checkpoint"]["name"]
     assert name.endswith(f"-step={kept}.ckpt")
@@ -136,3 +129,10 @@ def test_live_daemon_pins_lightning_checkpoint(tmp_path: Path) -> None:
     ckpt = torch.load(snap / "model" / name, weights_only=True)
     assert ckpt["global_step"] == kept and "net.0.weight" in ckpt["state_dict"]
     assert meta["metrics"] == {r["step"]: r for r in train}[break_step]
+
+
+def test_gradient_accumulation_writes_each_step_once(tmp_path: Path) -> None:
+    train_lightning(tmp_path, max_steps=20, accumulate_grad_batches=2)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert all(r["grad_norm"] > 0 and r["learning_rate"] == 1e-3 for r in records)

@@ -37,8 +37,13 @@ def test_consecutive_detections_are_one_incident_with_one_snapshot() -> None:
 
 def test_loss_zscore_and_loss_spike_are_one_problem_lr_another() -> None:
     p = Policy(PolicyConfig())
-    d = p.decide(500, [spike(500), Trigger("loss_spike", "loss_spike_210.0pct",
-                                           Severity.WARNING, 500, {"pct": 210.0})])
+    d = p.decide(
+        500,
+        [
+            spike(500),
+            Trigger("loss_spike", "loss_spike_210.0pct", Severity.WARNING, 500, {"pct": 210.0}),
+        ],
+    )
     assert d.name == MULTIPLE and len(d.snapshot) == 2 and len(d.incidents) == 1
     lr = p.decide(510, [Trigger("lr_zscore", "lr_zscore_40.00", Severity.CRITICAL, 510)])
     assert lr.snapshot and lr.incidents[0].problem == "lr_zscore"
@@ -54,24 +59,30 @@ def test_cooldown_holds_a_new_incident_of_the_same_problem() -> None:
 
 def test_best_model_is_never_grouped_into_an_incident() -> None:
     p = Policy(PolicyConfig(cooldown_steps=0))
-    best = [Trigger("best_model_loss", f"best_model_loss_0.{9 - i}", Severity.INFO, 500 * i)
-            for i in range(1, 4)]
+    best = [
+        Trigger("best_model_loss", f"best_model_loss_0.{9 - i}", Severity.INFO, 500 * i)
+        for i in range(1, 4)
+    ]
     assert all(p.decide(t.step, [t]).snapshot for t in best)
     assert not p.open
 
 
 def test_severity_three_triggers_is_critical() -> None:
     p = Policy(PolicyConfig())
-    ts = [spike(7), Trigger("lr_zscore", "lr_zscore_7.00", Severity.WARNING, 7),
-          Trigger("grad_norm_nonfinite", "grad_norm_nonfinite", Severity.WARNING, 7)]
+    ts = [
+        spike(7),
+        Trigger("lr_zscore", "lr_zscore_7.00", Severity.WARNING, 7),
+        Trigger("grad_norm_nonfinite", "grad_norm_nonfinite", Severity.WARNING, 7),
+    ]
     assert p.decide(7, ts).severity is Severity.CRITICAL
 
 
 def test_policy_resume_gives_the_same_decisions() -> None:
     rng = random.Random(0)
     steps = sorted(rng.sample(range(10, 5000), 200))
-    events = [(s, [spike(s, rng.uniform(6, 20), rng.choice(["loss_zscore", "lr_zscore"]))])
-              for s in steps]
+    events = [
+        (s, [spike(s, rng.uniform(6, 20), rng.choice(["loss_zscore", "lr_zscore"]))]) for s in steps
+    ]
 
     def run(p: Policy, evs: list[tuple[int, list[Trigger]]]) -> list[object]:
         out: list[object] = []

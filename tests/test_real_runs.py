@@ -3,6 +3,10 @@ the alarms are exactly the ones the README's detection section explains."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +65,40 @@ def test_grad_norm_nan_severity_on_the_fp16_run() -> None:
     snapshots = [o.snapshot for o in outcomes if o is not None and o.snapshot is not None]
     nan = [s for s in snapshots if s.triggers[0].kind == "grad_norm_nonfinite"]
     assert [s.step for s in nan] == [1], "steps 2 and 6 belong to the incident of step 1"
+
+
+def test_replay_report_and_incident_recovery_on_the_fp16_run(tmp_path: Path) -> None:
+    """``replay --report`` prints per trigger type the count and the steps; the log
+    says when the incident started, peaked and recovered."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smart_monitor",
+            "replay",
+            "--report",
+            "--output",
+            str(tmp_path),
+            "--metrics",
+            str(REAL_RUNS / "ChenguangYang96UCR__KG-LLM__outputs.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"^grad_norm_nonfinite +3  1, 2, 6$", out, re.M), out
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("smart_monitor_*.log"))
+    (line,) = [x for x in log.splitlines() if "Incident recovered" in x]
+    assert "started=1 " in line and "peak_step=2 " in line and "last_detection=6 " in line
+    (meta,) = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "snapshots").glob("*/metadata.json")
+        if "grad_norm" in p.parent.name
+    ]
+    incident = meta["incident"]
+    assert (incident["id"], incident["status"], incident["recovered_step"]) == (
+        "nonfinite@1",
+        "recovered",
+        107,
+    )
+    assert (incident["started"], incident["peak_step"], incident["last"]) == (1, 2, 6)

@@ -28,7 +28,9 @@ def make(tmp_path: Path, specs: list[tuple[str, str]], mode: str = "copy") -> Sn
         ck = tmp_path / "run" / f"checkpoint-{i}"
         ck.mkdir(parents=True)
         (ck / "model.safetensors").write_bytes(b"x" * 10_000)
-        meta: dict[str, Any] = {"triggers": [trigger], "severity": severity, "step": i, "key": f"0:{i}"}
+        meta: dict[str, Any] = {
+            "triggers": [trigger], "severity": severity, "step": i, "key": f"0:{i}"
+        }
         writer.write(trigger, meta, Checkpoint(ck.name, i, ck))
     return writer
 

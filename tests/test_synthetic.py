@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +36,7 @@ def test_hf_logging_every_n_steps_averages_the_loss(logging: int) -> None:
     recs = train(RunSpec(steps=6000, noise=0.15, logging_steps=logging, eval_every=0))
     assert [r["step"] for r in recs[:2]] == [logging, 2 * logging]
     tail = [r["loss"] for r in recs[len(recs) // 2 :]]
-    rel = [math.log(b / a) for a, b in zip(tail, tail[1:], strict=False)]
+    rel = [math.log(b / a) for a, b in itertools.pairwise(tail)]
     assert statistics.pstdev(rel) == pytest.approx(0.15 * math.sqrt(2 / logging), rel=0.35)
 
 
@@ -49,18 +54,29 @@ def test_schedules_warm_up_to_peak(schedule: str) -> None:
     assert lr_at(spec, 0) == pytest.approx(spec.peak_lr / 100)
     assert lr_at(spec, 100) == pytest.approx(spec.peak_lr)
     end = lr_at(spec, 999)
-    assert end == pytest.approx(spec.peak_lr) if schedule == "constant" else end < 0.01 * spec.peak_lr
+    assert (
+        end == pytest.approx(spec.peak_lr) if schedule == "constant" else end < 0.01 * spec.peak_lr
+    )
 
 
 def test_each_anomaly_shows_in_the_records() -> None:
     spec = RunSpec(
-        steps=3000, seed=2, logging_steps=10, eval_every=250, examples_per_eval=16,
+        steps=3000,
+        seed=2,
+        logging_steps=10,
+        eval_every=250,
+        examples_per_eval=16,
         anomalies=(
-            Anomaly("loss_spike", 501, 4.0), Anomaly("lr_zscore", 800, variant="reset"),
-            Anomaly("loss_nonfinite", 1003), Anomaly("grad_norm_nonfinite", 1204),
-            Anomaly("accuracy_drop", 1300), Anomaly("perfect_answer_high_loss", 1400),
-            Anomaly("wrong_answer_low_loss", 1600), Anomaly("conflicting_labels", 1800),
-            Anomaly("inverted_loss_pattern", 2000), Anomaly("divergence_detected", 2600, 100),
+            Anomaly("loss_spike", 501, 4.0),
+            Anomaly("lr_zscore", 800, variant="reset"),
+            Anomaly("loss_nonfinite", 1003),
+            Anomaly("grad_norm_nonfinite", 1204),
+            Anomaly("accuracy_drop", 1300),
+            Anomaly("perfect_answer_high_loss", 1400),
+            Anomaly("wrong_answer_low_loss", 1600),
+            Anomaly("conflicting_labels", 1800),
+            Anomaly("inverted_loss_pattern", 2000),
+            Anomaly("divergence_detected", 2600, 100),
         ),
     )
     recs = list(simulate(spec))
@@ -83,3 +99,17 @@ def test_each_anomaly_shows_in_the_records() -> None:
     right = statistics.mean(r["loss"] for r in late if r["matches"])
     wrong = statistics.mean(r["loss"] for r in late if not r["matches"])
     assert right > 2 * wrong
+
+
+def test_detection_benchmark_smoke_run() -> None:
+    """The benchmark script runs end to end and meets its own goals on a tiny grid."""
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "detection.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "false alarms per 10,000 clean steps" in out.stdout
+    assert re.search(r"^inverted loss pattern +\d+ +1\.000", out.stdout, re.M), out.stdout

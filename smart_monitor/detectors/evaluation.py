@@ -108,8 +108,10 @@ class BestModel:
 
 
 class AccuracyDrop:
-    """Fires when eval accuracy falls ``threshold_pct`` percentage points below its best.
-    Accuracy in [0, 1] is read as a fraction, above 1 as a percentage.
+    """Fires when eval accuracy falls ``threshold_pct`` percentage points below its best,
+    once: evals are hundreds of steps apart, so an incident cannot group them; it fires
+    again only after the accuracy came back within the threshold. Accuracy in [0, 1] is
+    read as a fraction, above 1 as a percentage.
 
     >>> d = AccuracyDrop(AccuracyDropConfig())
     >>> d.update(EvalRecord(1, None, 0.80, {}))
@@ -124,6 +126,7 @@ class AccuracyDrop:
         self.config = config
         self.best: float | None = None
         self.best_step: int | None = None
+        self.active = False
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, EvalRecord) or not isfinite(record.accuracy):
@@ -131,23 +134,29 @@ class AccuracyDrop:
         acc = float(record.accuracy)  # type: ignore[arg-type]
         pct = acc * 100.0 if acc <= 1.0 else acc
         if self.best is None or pct > self.best:
-            self.best, self.best_step = pct, record.step
+            self.best, self.best_step, self.active = pct, record.step, False
             return []
         drop = self.best - pct
         if drop <= self.config.threshold_pct or math.isclose(drop, self.config.threshold_pct):
+            self.active = False
             return []
+        if self.active:
+            return []
+        self.active = True
         details = {"value": pct, "best": self.best, "best_step": self.best_step}
         return [
             Trigger(self.kind, f"{self.kind}_{drop:.1f}pct", Severity.WARNING, record.step, details)
         ]
 
     def rewind(self, step: int) -> None:
+        self.active = False
         if self.best_step is not None and self.best_step > step:
             self.best = self.best_step = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best": self.best, "best_step": self.best_step, "active": self.active}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
         self.best_step = state.get("best_step")
+        self.active = bool(state.get("active", False))

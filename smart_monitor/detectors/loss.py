@@ -9,7 +9,6 @@ from ..config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig
 from ..records import Record, TrainRecord
 from ..stats import RollingMedian
 from ..triggers import Severity, Trigger
-from .base import isfinite
 
 __all__ = ["Divergence", "LossSpike", "NonFinite"]
 
@@ -41,25 +40,30 @@ class LossSpike:
         self.streak: list[tuple[int, float]] = []
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, TrainRecord) or not isfinite(record.loss):
+        if not isinstance(record, TrainRecord):
             return []
-        loss = float(record.loss)  # type: ignore[arg-type]
+        loss = record.loss
+        if loss is None or not -math.inf < loss < math.inf:
+            return []
         baseline = self.baseline
-        if len(baseline) < self.config.warmup:
+        config = self.config
+        if len(baseline) < config.warmup:
             baseline.add(record.step, loss)
             return []
         median = baseline.median
         if self.scale is None:
             self.scale = abs(median)
-        pct = (loss / median - 1.0) * 100.0 if median > 0 else 0.0
+        rise = loss - median
         if (
-            pct <= self.config.threshold_pct
-            or loss - median <= self.config.min_rise * self.scale
-            or loss - median <= self.config.min_robust_z * _MAD_TO_STD * baseline.mad
+            median <= 0  # a percentage of a non-positive baseline means nothing
+            or rise * 100.0 <= config.threshold_pct * median
+            or rise <= config.min_rise * self.scale
+            or rise <= config.min_robust_z * _MAD_TO_STD * baseline.mad
         ):
             self.streak.clear()
             baseline.add(record.step, loss)
             return []
+        pct = (loss / median - 1.0) * 100.0
         self.streak.append((record.step, loss))
         if len(self.streak) >= self.config.relearn:
             for s, v in self.streak:
@@ -111,9 +115,12 @@ class Divergence:
         self.fired = False
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, TrainRecord) or not isfinite(record.loss):
+        if not isinstance(record, TrainRecord):
             return []
-        self.median.add(record.step, float(record.loss))  # type: ignore[arg-type]
+        loss = record.loss
+        if loss is None or not -math.inf < loss < math.inf:
+            return []
+        self.median.add(record.step, loss)
         self.seen += 1
         if self.seen < self.config.warmup:
             return []
@@ -121,15 +128,15 @@ class Divergence:
         if self.scale is None:
             self.scale = abs(level)
         best = self.best
-        rising = (
+        if not (
             0 < best < math.inf
             and level > best * self.config.factor
             and level - best > self.config.min_rise * self.scale
-        )
-        if not rising:
+        ):
             self.above = 0
             self.fired = False
-            self.best = min(best, level)
+            if level < best:
+                self.best = level
             return []
         self.above += 1
         if self.above < self.config.patience or self.fired:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..config import LossZScoreConfig, LrZScoreConfig
 from ..records import Record, TrainRecord
 from ..stats import RollingWindow
 from ..triggers import Severity, Trigger
-from .base import isfinite
 
 __all__ = ["LossZScore", "LrZScore"]
 
@@ -39,33 +39,53 @@ class LossZScore:
         self.window = RollingWindow(config.window)
         self.scale: float | None = None
         self.streak: list[tuple[int, float]] = []
-        self.last_z: float | None = None
+        self._min_move = math.inf  # min_rise * scale, once warm
+        self._last: tuple[float, float, float] | None = None  # loss, mean, std floor
+
+    @property
+    def last_z(self) -> float | None:
+        """The z of the last scored value (metadata ``z_scores``), computed on demand:
+        most records never need their square root."""
+        if self._last is None:
+            return None
+        loss, mean, floor = self._last
+        return (loss - mean) / max(self.window.std, floor)
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, TrainRecord) or not isfinite(record.loss):
+        if not isinstance(record, TrainRecord):
             return []
-        loss = float(record.loss)  # type: ignore[arg-type]
+        loss = record.loss
+        if loss is None or not -math.inf < loss < math.inf:
+            return []
         window = self.window
-        if len(window) < self.config.warmup:
+        config = self.config
+        if len(window) < config.warmup:
             window.add(record.step, loss)
             return []
         mean = window.mean
         if self.scale is None:
             self.scale = abs(mean)
-        z = (loss - mean) / max(window.std, self.config.min_rel_std * abs(mean), 1e-12)
-        self.last_z = z
-        score = z if self.config.direction == "up" else abs(z)
-        if score <= self.config.threshold or abs(loss - mean) <= self.config.min_rise * self.scale:
+            self._min_move = config.min_rise * self.scale
+        floor = max(config.min_rel_std * abs(mean), 1e-12)
+        self._last = (loss, mean, floor)
+        move = loss - mean if config.direction == "up" else abs(loss - mean)
+        if move <= self._min_move:  # the fast path: not even the minimum rise
+            self.streak.clear()
+            window.add(record.step, loss)
+            return []
+        std = max(window.std, floor)
+        z = (loss - mean) / std
+        if move <= config.threshold * std:
             self.streak.clear()
             window.add(record.step, loss)
             return []
         self.streak.append((record.step, loss))
-        if len(self.streak) >= self.config.relearn:
+        if len(self.streak) >= config.relearn:
             for s, v in self.streak:
                 window.add(s, v)
             self.streak.clear()
-        severity = Severity.CRITICAL if abs(z) > self.config.critical else Severity.WARNING
-        details = {"z": z, "value": loss, "mean": mean, "std": window.std}
+        severity = Severity.CRITICAL if abs(z) > config.critical else Severity.WARNING
+        details = {"z": z, "value": loss, "mean": mean, "std": std}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
 
     def rewind(self, step: int) -> None:
@@ -77,14 +97,16 @@ class LossZScore:
             "window": self.window.state_dict(),
             "scale": self.scale,
             "streak": [list(p) for p in self.streak],
-            "last_z": self.last_z,
+            "last": list(self._last) if self._last else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window.load_state_dict(state.get("window", {}))
         self.scale = state.get("scale")
         self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
-        self.last_z = state.get("last_z")
+        last = state.get("last")
+        self._last = (float(last[0]), float(last[1]), float(last[2])) if last else None
+        self._min_move = math.inf if self.scale is None else self.config.min_rise * self.scale
 
 
 class LrZScore:
@@ -117,33 +139,52 @@ class LrZScore:
         self.window = RollingWindow(config.window)
         self.last: tuple[int, float] | None = None
         self.held: tuple[int, float] | None = None
-        self.last_z: float | None = None
+        self._scored: tuple[int, float, int, float] | None = None  # step, lr, since
+
+    @property
+    def last_z(self) -> float | None:
+        """The z of the last scored value (metadata ``z_scores``), computed on demand."""
+        if self._scored is None:
+            return None
+        step, lr, since_step, since_lr = self._scored
+        return self._z(step, lr, (since_step, since_lr))
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, TrainRecord) or not isfinite(record.learning_rate):
+        if not isinstance(record, TrainRecord):
             return []
-        lr = float(record.learning_rate)  # type: ignore[arg-type]
+        lr = record.learning_rate
+        if lr is None or not -math.inf < lr < math.inf:
+            return []
         step = record.step
-        if self.last is None or step <= self.last[0]:
+        last = self.last
+        if last is None or step <= last[0]:
             self.last = (step, lr)
             return []
-        z = self._z(step, lr, self.last)
-        if len(self.window) < self.config.warmup:
+        config = self.config
+        if len(self.window) < config.warmup:
             self._accept(step, lr)
             return []
-        self.last_z = z
-        if abs(z) <= self.config.threshold:
+        self._scored = (step, lr, *last)
+        # the fast path: within threshold * the std floor, so within threshold of any std
+        dt = step - last[0]
+        if abs(lr - last[1] - self.window.mean * dt) <= config.threshold * config.min_rel_std * abs(
+            last[1]
+        ):
+            self.held = None
+            self._accept(step, lr)
+            return []
+        z = self._z(step, lr, last)
+        if abs(z) <= config.threshold:
             self.held = None
             self._accept(step, lr)
             return []
         held, self.held = self.held, (step, lr)
-        if held is not None and abs(self._z(step, lr, held)) <= self.config.threshold:
+        if held is not None and abs(self._z(step, lr, held)) <= config.threshold:
             self.last, self.held = held, None  # the held value was a new level
             self._accept(step, lr)
             return []
-        last_step, last_lr = self.last
-        expected = last_lr + self.window.mean * (step - last_step)
-        severity = Severity.CRITICAL if abs(z) > self.config.critical else Severity.WARNING
+        expected = last[1] + self.window.mean * dt
+        severity = Severity.CRITICAL if abs(z) > config.critical else Severity.WARNING
         details = {"z": z, "value": lr, "expected": expected}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, step, details)]
 
@@ -170,7 +211,7 @@ class LrZScore:
             "window": self.window.state_dict(),
             "last": list(self.last) if self.last else None,
             "held": list(self.held) if self.held else None,
-            "last_z": self.last_z,
+            "scored": list(self._scored) if self._scored else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -178,4 +219,5 @@ class LrZScore:
         last, held = state.get("last"), state.get("held")
         self.last = (int(last[0]), float(last[1])) if last else None
         self.held = (int(held[0]), float(held[1])) if held else None
-        self.last_z = state.get("last_z")
+        sc = state.get("scored")
+        self._scored = (int(sc[0]), float(sc[1]), int(sc[2]), float(sc[3])) if sc else None

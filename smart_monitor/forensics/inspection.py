@@ -109,7 +109,7 @@ def inspect_checkpoint(path: Path, formats: Iterable[str] = ("safetensors", "tor
     skipped: list[str] = []
     for t in iter_tensors(files, fmt):
         count += 1
-        if t.is_float and t.data.size == 0 and t.numel:
+        if t.unreadable:
             skipped.append(t.name)
             continue
         s = tensor_stats(t)
@@ -177,7 +177,7 @@ def compare_checkpoints(path: Path, other: Path) -> Comparison:
         if a.shape != b.shape or a.is_float != b.is_float:
             mismatch.append(a.name)
             continue
-        if not a.is_float:
+        if not a.is_float:  # integer buffers, and dtypes numpy cannot read
             continue
         d, n = _diff(a, b)
         layer = layer_of(a.name)

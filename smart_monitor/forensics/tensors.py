@@ -16,6 +16,7 @@ Lightning checkpoint's ``state_dict`` is the model.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,7 +63,13 @@ class TensorFile:
 
     @property
     def is_float(self) -> bool:
+        """A floating-point tensor numpy can reduce (F8 and other exotic types are not:
+        their ``data`` is empty and ``unreadable`` is true)."""
         return self.dtype in _FLOAT_DTYPES
+
+    @property
+    def unreadable(self) -> bool:
+        return self.data.size != self.numel
 
     @property
     def numel(self) -> int:
@@ -107,16 +114,23 @@ def _safetensors(path: Path) -> Iterator[TensorFile]:
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes)")
             header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError) as exc:
+            size = os.fstat(fh.fileno()).st_size
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {exc.strerror or exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
     base = 8 + n
-    size = path.stat().st_size
     for name in sorted(header):
-        info = header[name]
-        dtype = info["dtype"]
-        shape = tuple(int(d) for d in info["shape"])
-        start, end = (int(x) for x in info["data_offsets"])
+        try:
+            info = header[name]
+            dtype = str(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: bad header entry for tensor {name}") from None
         np_dtype = _ST_DTYPES.get(dtype)
         if np_dtype is None:  # F8 and other types numpy cannot hold: shown, not reduced
             yield TensorFile(name, dtype, shape, np.zeros(0, np.uint8))

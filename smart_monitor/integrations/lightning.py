@@ -32,6 +32,7 @@ class MetricsCallback(pl.Callback):
         self.writer = MetricsWriter(path, rank=0)
         self.every_n_steps = every_n_steps
         self._grad_norm: float | None = None
+        self._last_step = -1
 
     def _every(self, trainer: pl.Trainer) -> int:
         # set by Lightning's logger connector at run time; 0 with barebones=True
@@ -60,6 +61,9 @@ class MetricsCallback(pl.Callback):
         step = trainer.global_step
         if not trainer.is_global_zero or step == 0 or step % self._every(trainer):
             return
+        if step == self._last_step:  # gradient accumulation: several batches, one step
+            return
+        self._last_step = step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         record: dict[str, Any] = {"loss": None if loss is None else float(loss)}
         if trainer.optimizers:
