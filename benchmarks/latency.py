@@ -112,7 +112,8 @@ def latency(backend: str, samples: int) -> tuple[list[float], float, float]:
             out: list[float] = []
             step = 1
             for _ in range(samples):
-                os.write(fd, "".join(line(s, flat_loss(s)) for s in range(step + 1, step + 400)).encode())
+                quiet = "".join(line(s, flat_loss(s)) for s in range(step + 1, step + 400))
+                os.write(fd, quiet.encode())
                 step += 400
                 time.sleep(0.3 if backend == "inotify" else 1.2)  # let it catch up
                 size = log.stat().st_size
@@ -176,7 +177,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="few samples, 5 s idle, 200k lines")
     a = p.parse_args()
     n_inotify, n_polling, n_lines = (5, 3, 200_000) if a.quick else (40, 12, 2_000_000)
@@ -187,9 +190,10 @@ def main() -> None:
               f" p99 {pct(ms, 0.99):7.1f} ms, max {max(ms):7.1f} ms (n={len(ms)});"
               f" idle CPU {cpu:.2f} % of a core, RSS {rss:.1f} MB")
     samples, rate = big_file(n_lines)
-    rss = [r for _, r in samples]
+    rss = [r for d, r in samples if d > 0]  # 0 %: the process is still starting
+    shown = samples[:: max(1, len(samples) // 8)] + samples[-1:]
     print(f"{n_lines:,} lines followed at {rate:,.0f} lines/s; RSS MB at % done: "
-          + ", ".join(f"{d}%={r:.1f}" for d, r in samples[:: max(1, len(samples) // 8)] + samples[-1:]))
+          + ", ".join(f"{d}%={r:.1f}" for d, r in shown))
     print(f"RSS min {min(rss):.1f} MB, max {max(rss):.1f} MB, final {rss[-1]:.1f} MB")
 
 

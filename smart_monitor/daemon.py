@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -119,6 +120,7 @@ class Daemon:
         )
         self.notifier.ready(self._status())
         self._next_ping = self.clock()
+        self._next_save = self.clock() + cfg.state.save_interval_seconds
         return close_hooks
 
     def _timeout(self) -> float:
@@ -153,7 +155,12 @@ class Daemon:
         except Exception as exc:  # one bad turn must not end the watch
             self.errors += 1
             self.errors_in_row += 1
-            self.log.error("Worker error", error=repr(exc), errors=self.errors)
+            if self.errors_in_row <= _UNHEALTHY_AFTER or self.errors % 100 == 0:
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                self.log.error(
+                    "Worker error", error=repr(exc), where=f"{frame.filename}:{frame.lineno}",
+                    errors=self.errors,
+                )
         self._report()
 
     def _read(self) -> None:

@@ -38,8 +38,10 @@ class Incident:
     severity: str = Severity.WARNING.value
 
     def block(self) -> dict[str, Any]:
-        """The ``incident`` block of ``metadata.json`` and of the log events."""
-        return asdict(self)
+        """The ``incident`` block of ``metadata.json`` (``peak_score`` is internal)."""
+        out = asdict(self)
+        del out["peak_score"]
+        return out
 
 
 def _score(t: Trigger) -> float:
@@ -165,7 +167,7 @@ class Policy:
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_snapshot": dict(self.last_snapshot),
-            "open": [i.block() for i in self.open.values()],
+            "open": [asdict(i) for i in self.open.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -25,13 +25,13 @@ class RollingWindow:
     (0.7175, 0.00968)
     """
 
-    __slots__ = ("_items", "_m2", "_since", "mean", "size")
+    __slots__ = ("_items", "_since", "m2", "mean", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: deque[tuple[int, float]] = deque()
         self.mean = 0.0
-        self._m2 = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
         self._since = 0  # replacements since the sums were last recomputed exactly
 
     def __len__(self) -> int:
@@ -41,7 +41,7 @@ class RollingWindow:
     def var(self) -> float:
         """Population variance."""
         n = len(self._items)
-        return max(self._m2, 0.0) / n if n else 0.0
+        return max(self.m2, 0.0) / n if n else 0.0
 
     @property
     def std(self) -> float:
@@ -56,13 +56,13 @@ class RollingWindow:
             n += 1
             delta = value - self.mean
             self.mean += delta / n
-            self._m2 += delta * (value - self.mean)
+            self.m2 += delta * (value - self.mean)
             return
         # full: replace the oldest value in one update (the replay hot path)
         old = items.popleft()[1]
         mean = self.mean
         self.mean = new = mean + (value - old) / n
-        self._m2 += (value - old) * (value - new + old - mean)
+        self.m2 += (value - old) * (value - new + old - mean)
         self._since += 1
         if self._since >= 64 * n:  # rounding drifts over millions of updates: re-sum
             self._reset(list(items))
@@ -83,7 +83,7 @@ class RollingWindow:
         self._since = 0
         n = len(items)
         self.mean = sum(v for _, v in items) / n if n else 0.0
-        self._m2 = sum((v - self.mean) ** 2 for _, v in items)
+        self.m2 = sum((v - self.mean) ** 2 for _, v in items)
 
     def state_dict(self) -> dict[str, Any]:
         return {"items": [list(p) for p in self._items]}

@@ -317,3 +317,11 @@ def test_conflicting_labels_memory_is_bounded() -> None:
     d = ConflictingLabels(ConflictingLabelsConfig(max_prompts=5))
     feed(d, [ExampleRecord(i, f"q{i}", "a", "a", True, 0.1, {}) for i in range(50)])
     assert len(d.prompts) == 5
+
+
+def test_a_loss_that_starts_at_zero_never_alarms() -> None:
+    """RL policy losses are about 0 by construction (a real run logs 0.0 and -0.0 for its
+    first hundred steps, then values of 1e-4): no z of 1e8 from a zero std."""
+    series = [train(i, 0.0) for i in range(60)] + [train(60, 0.0001), train(61, 0.0005)]
+    assert not feed(LossZScore(LossZScoreConfig()), series)
+    assert not feed(LossSpike(LossSpikeConfig()), series)

@@ -119,6 +119,8 @@ def test_pipeline_metadata_gets_an_incident_block_and_recovery_outcome() -> None
     assert not any(outcomes)
     first = pipe.process(loss(200, 4.0))
     assert first is not None and first.snapshot is not None
+    (z,) = [t.details["z"] for t in first.triggers if t.kind == "loss_zscore"]
+    assert first.snapshot.metadata["z_scores"]["loss"] == round(z, 4)
     block = first.snapshot.metadata["incident"]
     assert (block["problem"], block["started"], block["status"]) == ("loss_spike", 200, "open")
     second = pipe.process(loss(201, 5.0))

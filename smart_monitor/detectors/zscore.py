@@ -13,6 +13,15 @@ from ..triggers import Severity, Trigger
 __all__ = ["LossZScore", "LrZScore"]
 
 
+def _min_move(min_rise: float, scale: float | None) -> float:
+    """The smallest rise worth an alarm: ``min_rise`` of the starting loss. A loss that
+    starts at 0 (a policy-gradient loss is about 0 by construction) gives no scale to
+    measure a rise against, so it never alarms."""
+    if scale is None or scale < 1e-12:
+        return math.inf
+    return min_rise * scale
+
+
 class LossZScore:
     """Fires when the loss is ``threshold`` standard deviations above its recent window
     (``direction = "both"``: below too) and has moved by ``min_rise`` of the run's
@@ -40,7 +49,7 @@ class LossZScore:
         self.scale: float | None = None
         self.streak: list[tuple[int, float]] = []
         self._min_move = math.inf  # min_rise * scale, once warm
-        self._last: tuple[float, float, float] | None = None  # loss, mean, std floor
+        self._last: tuple[float, float, float, float, int] | None = None  # loss, mean, ...
 
     @property
     def last_z(self) -> float | None:
@@ -48,8 +57,8 @@ class LossZScore:
         most records never need their square root."""
         if self._last is None:
             return None
-        loss, mean, floor = self._last
-        return (loss - mean) / max(self.window.std, floor)
+        loss, mean, floor, m2, n = self._last
+        return (loss - mean) / max(math.sqrt(max(m2, 0.0) / n), floor)
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord):
@@ -59,15 +68,16 @@ class LossZScore:
             return []
         window = self.window
         config = self.config
-        if len(window) < config.warmup:
+        n = len(window)
+        if n < config.warmup:
             window.add(record.step, loss)
             return []
         mean = window.mean
         if self.scale is None:
             self.scale = abs(mean)
-            self._min_move = config.min_rise * self.scale
+            self._min_move = _min_move(config.min_rise, self.scale)
         floor = max(config.min_rel_std * abs(mean), 1e-12)
-        self._last = (loss, mean, floor)
+        self._last = (loss, mean, floor, window.m2, n)  # the window as it scored this value
         move = loss - mean if config.direction == "up" else abs(loss - mean)
         if move <= self._min_move:  # the fast path: not even the minimum rise
             self.streak.clear()
@@ -105,8 +115,11 @@ class LossZScore:
         self.scale = state.get("scale")
         self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
         last = state.get("last")
-        self._last = (float(last[0]), float(last[1]), float(last[2])) if last else None
-        self._min_move = math.inf if self.scale is None else self.config.min_rise * self.scale
+        self._last = None
+        if last and len(last) == 5:
+            loss, mean, floor, m2, n = last
+            self._last = (float(loss), float(mean), float(floor), float(m2), int(n))
+        self._min_move = _min_move(self.config.min_rise, self.scale)
 
 
 class LrZScore:

@@ -68,6 +68,7 @@ class Tailer:
         self.nul_bytes = 0
         self.switched = False  # the file was replaced or deleted; the reader resets it
         self._gone = False
+        self._refused = False
         self._buf = b""  # bytes read but not yet handed out start at ``_buf[_start]``
         self._start = 0
         self._restored: dict[str, Any] | None = None
@@ -111,7 +112,7 @@ class Tailer:
         except (FileNotFoundError, NotADirectoryError):
             st = None
         except PermissionError as exc:
-            self.event("Metrics file unreadable", {"path": str(self.path), "error": str(exc)})
+            self._denied(exc)
             st = None
         if self.fd is not None:
             assert self.identity is not None
@@ -152,11 +153,14 @@ class Tailer:
         self.close()
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, PermissionError):
+        except FileNotFoundError:
+            return
+        except PermissionError as exc:  # retried at every wake-up until it is readable
+            self._denied(exc)
             return
         st = os.fstat(fd)
         self.fd = fd
-        self._gone = False
+        self._gone = self._refused = False
         self.identity = Identity(st.st_dev, st.st_ino, self._head_hash())
         self.offset, self.skipping, self._buf, self._start = 0, False, b"", 0
         restored, self._restored = self._restored, None
@@ -267,6 +271,11 @@ class Tailer:
         if left and self.fd is not None:
             self.event("Dropped unterminated line", {"bytes": left, "offset": self.offset})
         self._buf, self._start = b"", 0
+
+    def _denied(self, exc: OSError) -> None:
+        if not self._refused:  # once, not at every retry
+            self._refused = True
+            self.event("Metrics file unreadable", {"path": str(self.path), "error": str(exc)})
 
     def _read_pos(self) -> int:
         return self.offset + len(self._buf) - self._start
