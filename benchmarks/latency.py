@@ -127,7 +127,7 @@ def latency(backend: str, samples: int) -> tuple[list[float], float, float]:
                     time.sleep(0.0005)
                 out.append((time.perf_counter() - t0) * 1000)
             os.close(fd)
-            time.sleep(2)
+            time.sleep(10)  # the plot hook draws each snapshot's PNG after it is made
             idle = 30.0 if samples > 5 else 5.0
             c0, t0 = cpu_seconds(proc.pid), time.monotonic()
             time.sleep(idle)

@@ -60,10 +60,13 @@ def main() -> None:
 @_metrics_opt
 @_ckpt_opt
 @_output_opt
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
+)
 @click.option(
     "--report", is_flag=True, help="Print, per trigger type, how often it fired and at which steps."
 )
+@click.option("--plots/--no-plots", default=True, help="Draw loss_history.png in each snapshot.")
 def replay(
     config_file: Path | None,
     metrics: Path | None,
@@ -71,6 +74,7 @@ def replay(
     output: Path | None,
     progress: bool | None,
     report: bool,
+    plots: bool,
 ) -> None:
     """Run the pipeline over a finished run (JSONL metrics or HF trainer_state.json)."""
     from .replay import DetectionReport
@@ -84,7 +88,7 @@ def replay(
         sys.exit(1)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     detections = DetectionReport()
-    engine = run_replay(config, config.metrics_file, log, progress, [detections])
+    engine = run_replay(config, config.metrics_file, log, progress, [detections], plots)
     if daily is not None:
         daily.close()
     c = engine.counts
@@ -206,7 +210,9 @@ def report(
 def check_config(file: Path) -> None:
     """Validate a config file: silent success (exit 0) or one line naming the key (exit 2)."""
     config = _load(file, None, None, None)
-    click.echo(f"{file}: ok (metrics_file={config.metrics_file}, snapshot_dir={config.snapshot_dir})")
+    click.echo(
+        f"{file}: ok (metrics_file={config.metrics_file}, snapshot_dir={config.snapshot_dir})"
+    )
 
 
 EXIT_NONFINITE = 3

@@ -237,9 +237,8 @@ class Config(_Section):
             return self
         ck = self.checkpoint_dir.resolve()
         snap = self.snapshot_dir.resolve()
-        if snap == ck or snap.is_relative_to(ck) and snap.relative_to(ck).parts[0].startswith(
-            "checkpoint-"
-        ):
+        inside = snap.is_relative_to(ck) and snap != ck
+        if snap == ck or (inside and snap.relative_to(ck).parts[0].startswith("checkpoint-")):
             raise ValueError(
                 "snapshot_dir must not be the checkpoint folder or a checkpoint-* folder inside it"
             )

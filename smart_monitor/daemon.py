@@ -68,15 +68,15 @@ class Daemon:
             else None
         )
         self.watcher = Watcher(
-            config.metrics_file, config.checkpoint_dir, config.watch.backend,
-            config.watch.poll_interval, self.wakeups, log, observer_factory,
+            config.metrics_file, config.checkpoint_dir, config.watch.backend, self.wakeups, log,
+            observer_factory,
         )
         self.errors = 0
         self.errors_in_row = 0
         self.retired: list[str] = []
         self._dirty = False
         self._new_snapshots = False
-        self._next_save = self._next_reconcile = self._next_ping = 0.0
+        self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
 
     # -- control (safe from signal handlers: they only post) -------------------------
     def stop(self) -> None:
@@ -125,6 +125,8 @@ class Daemon:
 
     def _timeout(self) -> float:
         deadlines = [self._next_reconcile, self._next_ping]
+        if self.watcher.kind == "polling":
+            deadlines.append(self._next_poll)
         if self._dirty:
             deadlines.append(self._next_save)
         if self.engine.pending:
@@ -137,6 +139,9 @@ class Daemon:
             full = now >= self._next_reconcile
             if full:
                 self._next_reconcile = now + self.config.watch.reconcile_seconds
+            if self.watcher.kind == "polling" and now >= self._next_poll:
+                self._next_poll = now + self.config.watch.poll_interval
+                kinds |= {"metrics", "checkpoints"}  # what an observer would have said
             if "reopen" in kinds and self.daily is not None:
                 self.daily.reopen()
             if self.watcher.check():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
+from .batch import TrainBlock
 from .config import Config
 from .detectors import build_detectors
 from .policy import Decision, Policy
@@ -18,6 +19,7 @@ from .triggers import Severity, Trigger
 __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
 
 STATE_VERSION = 1
+_MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class Pipeline:
         self.examples: deque[Mapping[str, Any]] = deque(maxlen=config.policy.recent_examples)
         self.last_step: int | None = None
         self.segment = 0
+        self._horizon = 256  # records screened at once by process_block (adapts)
 
     def process(self, record: Record) -> Outcome | None:
         if isinstance(record, SummaryRecord):
@@ -95,6 +98,59 @@ class Pipeline:
         return Outcome(
             step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra
         )
+
+    def process_block(self, block: TrainBlock) -> list[Outcome]:
+        """The same as ``process`` on each record of ``block``, in order, in bulk: the
+        detectors screen a stretch of it, the records before the first candidate are
+        absorbed, the last of those and the candidate itself go through ``process``
+        (so every state ends exactly where ``process`` would leave it)."""
+        outcomes: list[Outcome] = []
+        i, n = 0, len(block)
+        if n < _MIN_BLOCK:  # numpy's fixed costs outweigh the gain on a few records
+            for j in range(n):
+                out = self.process(block.record(j))
+                if out is not None:
+                    outcomes.append(out)
+            return outcomes
+        horizon = self._horizon
+        while i < n:
+            stop = min(n, i + horizon)
+            end = self._screen(block, i, stop)  # [i, end) are quiet; end < stop: a candidate
+            if end - i >= 2:
+                self._absorb(block, i, end - 1)
+            last = end + 1 if end < stop else end
+            for j in range(max(i, end - 1), last):
+                out = self.process(block.record(j))
+                if out is not None:
+                    outcomes.append(out)
+            horizon = max(16, 2 * (end - i)) if end < stop else min(4 * horizon, 1 << 16)
+            i = last
+        self._horizon = horizon
+        return outcomes
+
+    def _screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        if self.last_step is not None and block.rows[start][0] < self.last_step:
+            return start  # steps went backwards: a trainer restart, for process()
+        end = stop
+        due = self.policy.due
+        if due is not None and block.rows[stop - 1][0] >= due:
+            end = start + int(block.steps[start:stop].searchsorted(due))
+        for detector in self.detectors.values():
+            if end == start:
+                break
+            end = min(end, detector.screen(block, start, end))
+        return end
+
+    def _absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        for detector in self.detectors.values():
+            detector.absorb(block, start, end)
+        self.last_step = block.rows[end - 1][0]
+        keep = self.config.policy.history
+        rows = block.rows[max(start, end - keep) : end]
+        if block.loss is not None:
+            self.loss_history.extend((r[0], r[1]) for r in rows)  # type: ignore[misc]
+        if block.learning_rate is not None:
+            self.lr_history.extend((r[0], r[2]) for r in rows)  # type: ignore[misc]
 
     def external(
         self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]

@@ -91,6 +91,11 @@ class Policy:
         self.open: dict[str, Incident] = {}
         self._due: int | None = None  # the first step at which an open incident recovers
 
+    @property
+    def due(self) -> int | None:
+        """The first step at which ``observe`` may close an incident."""
+        return self._due
+
     def observe(self, step: int) -> list[Incident]:
         """Close the incidents that have been quiet for ``recovery_steps`` by ``step``."""
         if self._due is None or step < self._due:

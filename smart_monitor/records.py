@@ -200,7 +200,7 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
 
 def _as_float(key: str, value: Any) -> float | None:
     if value is None or type(value) is float:
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedLine("bad_type", key)
     return float(value)

@@ -14,7 +14,7 @@ from .engine import Engine
 from .hooks import attach_plots
 from .snapshot import SnapshotWriter
 from .sources.checkpoints import CheckpointIndex
-from .sources.files import OVERSIZED, iter_lines, trainer_state_history
+from .sources.files import iter_line_chunks, trainer_state_history
 from .triggers import stats_label
 
 __all__ = ["DetectionReport", "replay"]
@@ -58,9 +58,11 @@ def replay(
     log: Any,
     progress: bool | None = None,
     listeners: Sequence[Callable[[str, Mapping[str, Any]], None]] = (),
+    plots: bool = True,
 ) -> Engine:
     """Feed every record of ``metrics`` through one Engine and return it (its counts);
-    ``listeners`` see its events (``DetectionReport``).
+    ``listeners`` see its events (``DetectionReport``); ``plots``: draw each snapshot's
+    ``loss_history.png`` (after the last record, so drawing never slows the replay).
 
     The run is over, so every checkpoint folder left is complete and no wait for a
     best model's checkpoint can help: both are set accordingly.
@@ -75,14 +77,14 @@ def replay(
     engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir, config.snapshot.mode))
     engine.listeners.extend(listeners)
     engine.recover()
-    stop_plots = attach_plots(engine, log)  # no actions, no metrics server: the run is over
+    # plots only: no actions, no metrics server, the run is over
+    stop_plots = attach_plots(engine, log, defer=True) if plots else lambda: None
     engine.scan_checkpoints()
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
     history = trainer_state_history(metrics)
     if history is not None:
-        for entry in history:
-            engine.handle_entry(entry)
+        engine.handle_entries(history)
     else:
         _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
     engine.finish()
@@ -91,21 +93,18 @@ def replay(
     return engine
 
 
-def _replay_jsonl(engine: Engine, metrics: Path, max_line_bytes: int, progress: bool | None) -> None:
+def _replay_jsonl(
+    engine: Engine, metrics: Path, max_line_bytes: int, progress: bool | None
+) -> None:
     size = metrics.stat().st_size
     if progress is None:
         progress = sys.stderr.isatty() and size >= _PROGRESS_MIN_BYTES
-    handle = engine.handle_line
     with open(metrics, "rb") as fh, tqdm(
         total=size, unit="B", unit_scale=True, disable=not progress, desc="replay"
     ) as bar:
         done = 0
-        for n, (offset, line) in enumerate(iter_lines(fh, max_line_bytes)):
-            if line == OVERSIZED:  # empty lines are never yielded otherwise
-                engine.malformed("oversized", f"line over {max_line_bytes} bytes", offset)
-            else:
-                handle(line, offset)
-            if progress and n % 65536 == 0:
-                bar.update(offset - done)
-                done = offset
+        for offset, lines in iter_line_chunks(fh, max_line_bytes):
+            engine.handle_lines(lines, offset)
+            bar.update(offset - done)
+            done = offset
         bar.update(size - done)

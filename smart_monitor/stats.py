@@ -70,6 +70,14 @@ class RollingWindow:
     def values(self) -> list[float]:
         return [v for _, v in self._items]
 
+    def extend(self, steps: list[int], values: list[float]) -> None:
+        """``add`` each pair; a run longer than the window replaces it in one pass."""
+        if len(values) < self.size:
+            for s, v in zip(steps, values, strict=True):
+                self.add(s, v)
+        else:
+            self._reset(list(zip(steps[-self.size :], values[-self.size :], strict=True)))
+
     def rewind(self, step: int) -> None:
         """Forget every point logged after ``step``."""
         kept = [(s, v) for s, v in self._items if s <= step]
@@ -137,6 +145,17 @@ class RollingMedian:
 
     def values(self) -> list[float]:
         return [v for _, v in self._items]
+
+    def extend(self, steps: list[int], values: list[float]) -> None:
+        """``add`` each pair; a run longer than the window replaces it in one pass."""
+        if len(values) < self.size:
+            for s, v in zip(steps, values, strict=True):
+                self.add(s, v)
+            return
+        items = list(zip(steps[-self.size :], values[-self.size :], strict=True))
+        self._items.clear()
+        self._items.extend(items)
+        self._sorted = sorted(values[-self.size :])
 
     def rewind(self, step: int) -> None:
         kept = [(s, v) for s, v in self._items if s <= step]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from live_harness import (
     SMART_MONITOR,
+    Live,
+    append,
     config,
     kill9,
     line,
@@ -213,3 +215,52 @@ def test_systemd_unit_template() -> None:
     for k, v in (("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("PrivateTmp", "yes")):
         assert keys[k] == [v]
     assert keys["StateDirectory"] == ["smart-monitor/%i"] and keys["ReadWritePaths"]
+
+
+def _best_model_at_50(metrics: Path) -> None:
+    """An eval loss that improves at step 50 (the first eval sets the baseline)."""
+    append(metrics, lines(1, 30) + b'{"step": 30, "eval_loss": 1.2}\n'
+           + lines(31, 50) + b'{"step": 50, "eval_loss": 1.0}\n')
+
+
+def test_best_model_waiting_for_its_checkpoint_is_finished_on_stop(tmp_path: Path) -> None:
+    cfg = config(tmp_path, snapshot={"checkpoint_wait_seconds": 3600})
+    write_checkpoint(tmp_path / "run", 40)
+    live = Live(cfg)
+    _best_model_at_50(cfg.metrics_file)
+    live.wait_records(52)
+    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    assert snapshots(live.out) == []
+    live.stop()  # SIGTERM: made at once with what exists
+    [snap] = snapshots(live.out)
+    assert snap["step"] == 50 and snap["checkpoint"]["name"] == "checkpoint-40"
+
+
+def test_best_model_gets_its_own_checkpoint_when_it_comes(tmp_path: Path) -> None:
+    cfg = config(tmp_path, snapshot={"checkpoint_wait_seconds": 3600})
+    write_checkpoint(tmp_path / "run", 40)
+    live = Live(cfg)
+    _best_model_at_50(cfg.metrics_file)
+    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    write_checkpoint(tmp_path / "run", 50)  # HF saves checkpoint-S after logging step S
+    live.wait_log("Created snapshot")
+    live.stop()
+    [snap] = snapshots(live.out)
+    assert snap["checkpoint"]["name"] == "checkpoint-50"
+
+
+def test_best_model_falls_back_once_a_later_checkpoint_shows_its_own_never_comes(
+    tmp_path: Path,
+) -> None:
+    """The trainer saves in step order: checkpoint-60 means checkpoint-50 will not be
+    written; waiting on would only let rotation delete checkpoint-40 meanwhile."""
+    cfg = config(tmp_path, snapshot={"checkpoint_wait_seconds": 3600})
+    write_checkpoint(tmp_path / "run", 40)
+    live = Live(cfg)
+    _best_model_at_50(cfg.metrics_file)
+    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    write_checkpoint(tmp_path / "run", 60)
+    live.wait_log("Created snapshot")
+    live.stop()
+    [snap] = snapshots(live.out)
+    assert snap["checkpoint"]["name"] == "checkpoint-40"

@@ -48,7 +48,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def deaf_observer(kind: str, poll_interval: float) -> BaseObserver:
+def deaf_observer() -> BaseObserver:
     """An observer that never reports anything in a test's lifetime: every event lost."""
     return PollingObserver(timeout=3600)
 
@@ -362,10 +362,8 @@ def test_fault_18_monotonic_clock_and_step_order(tmp_path: Path) -> None:
 
 # -- watching ------------------------------------------------------------------------
 def test_fault_19_inotify_limit_falls_back_to_polling(tmp_path: Path) -> None:
-    def exhausted(kind: str, poll_interval: float) -> BaseObserver:
-        if kind == "inotify":  # what inotify_add_watch raises at max_user_watches
-            raise OSError(errno.ENOSPC, "inotify watch limit reached")
-        return PollingObserver(timeout=poll_interval)
+    def exhausted() -> BaseObserver:  # what inotify_add_watch raises at max_user_watches
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
     cfg = config(tmp_path, "auto")
     live = Live(cfg, factory=exhausted)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from live_harness import Live, append, config, line, lines, snapshots
 
 from smart_monitor.log import make_logger
 from smart_monitor.retention import added_bytes, enforce_retention
@@ -92,3 +96,18 @@ def test_bytes_count_only_what_a_snapshot_adds(tmp_path: Path) -> None:
     assert all(added_bytes(p) > 10_000 for p, _ in copied.published())
     enforce_retention(copied, 0, 25_000, quiet_log(tmp_path / "b")[0])
     assert names(copied) == [1, 2]
+
+
+def test_live_daemon_applies_limits_and_remembers_what_it_removed(tmp_path: Path) -> None:
+    cfg = config(tmp_path, snapshot={"max_count": 1}, detectors={"best_model": {"enabled": False}})
+    live = Live(cfg)
+    append(cfg.metrics_file, lines(1, 99) + line(100, math.nan) + lines(101, 499)
+           + line(500, math.nan) + lines(501, 899) + line(900, math.nan) + lines(901, 910))
+    live.wait_log("Removed snapshot", 2)
+    live.stop()
+    assert [s["step"] for s in snapshots(live.out)] == [900]
+    retired = json.loads((cfg.state_dir / "state.json").read_text())["data"]["retired_keys"]
+    assert len(retired) == 2
+    live = Live(cfg)
+    live.stop()
+    assert set(retired) <= live.daemon.engine.done_keys  # a re-read will not remake them

@@ -6,23 +6,54 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+from ..batch import TrainBlock
 from ..records import Record
 from ..triggers import Trigger
 
-__all__ = ["Detector", "isfinite"]
+__all__ = ["Detector", "IgnoresTrainBlocks", "NotesTrainSteps", "isfinite"]
 
 
 class Detector(Protocol):
     """``update`` is called with every record, in order; ``rewind`` when the trainer
-    resumed from the checkpoint at ``step`` and will re-log the steps after it."""
+    resumed from the checkpoint at ``step`` and will re-log the steps after it.
+
+    ``screen``/``absorb`` are the bulk path for runs of plain train records (see
+    ``batch.py``): ``screen`` returns the index of the first record in ``[start, stop)``
+    that might fire (``stop`` if none can), conservatively; ``absorb`` then changes the
+    state exactly as ``update`` would have for the quiet records ``[start, end)``.
+    """
 
     def update(self, record: Record) -> list[Trigger]: ...
+
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int: ...
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None: ...
 
     def rewind(self, step: int) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class IgnoresTrainBlocks:
+    """For a detector that no finite train record can fire and that keeps nothing of it."""
+
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        return stop
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        return None
+
+
+class NotesTrainSteps(IgnoresTrainBlocks):
+    """For a detector that keeps only the step of train records (examples without a
+    step take the latest one)."""
+
+    last_step: int
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        self.last_step = block.rows[end - 1][0]
 
 
 def isfinite(value: float | None) -> bool:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..batch import TrainBlock
 from ..config import AccuracyDropConfig, BestModelConfig
 from ..records import EvalRecord, Record, TrainRecord
 from ..triggers import Severity, Trigger
-from .base import isfinite
+from .base import IgnoresTrainBlocks, isfinite
 
 __all__ = ["AccuracyDrop", "BestModel"]
 
@@ -82,6 +83,33 @@ class BestModel:
         name = f"{self.kind}_{self.train_ewma:.4f}"
         return [Trigger(self.kind, name, Severity.INFO, step, details)]
 
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        """Before the first eval record, the smoothed train loss can make a best model:
+        the recurrence runs here (cheap, and exactly as ``update`` computes it)."""
+        if self.eval_seen or block.loss is None:
+            return stop
+        ewma, best, best_step = self.train_ewma, self.train_best, self.train_best_step
+        if ewma is None or best is None or best_step is None:
+            return start
+        a = self.config.train_alpha
+        min_steps = self.config.train_min_steps
+        margin = max(self.config.min_delta, self.config.min_rel_delta * abs(best))
+        for i, (step, loss, *_) in enumerate(block.rows[start:stop], start):
+            ewma = a * loss + (1 - a) * ewma  # type: ignore[operator]
+            if step - best_step >= min_steps and ewma < best - margin:
+                return i
+        return stop
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        if self.eval_seen or block.loss is None or start >= end:
+            return
+        a = self.config.train_alpha
+        ewma = self.train_ewma
+        assert ewma is not None  # screen sends the first train record to update
+        for _, loss, *_ in block.rows[start:end]:
+            ewma = a * loss + (1 - a) * ewma  # type: ignore[operator]
+        self.train_ewma = ewma
+
     def rewind(self, step: int) -> None:
         if self.best_step is not None and self.best_step > step:
             self.best = self.best_step = None
@@ -107,7 +135,7 @@ class BestModel:
         self.train_best_step = state.get("train_best_step")
 
 
-class AccuracyDrop:
+class AccuracyDrop(IgnoresTrainBlocks):
     """Fires when eval accuracy falls ``threshold_pct`` percentage points below its best,
     once: evals are hundreds of steps apart, so an incident cannot group them; it fires
     again only after the accuracy came back within the threshold. Accuracy in [0, 1] is

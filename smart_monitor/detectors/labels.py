@@ -8,6 +8,7 @@ from typing import Any
 from ..config import ConflictingLabelsConfig
 from ..records import ExampleRecord, Record
 from ..triggers import Severity, Trigger
+from .base import NotesTrainSteps
 
 __all__ = ["ConflictingLabels"]
 
@@ -16,7 +17,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-class ConflictingLabels:
+class ConflictingLabels(NotesTrainSteps):
     """Fires when a prompt comes back with a golden answer it has not had before
     (answers compared whitespace- and case-normalised): two labels for one input, which
     no model can learn. Remembers the ``max_prompts`` most recent prompts, so memory is

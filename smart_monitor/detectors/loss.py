@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from ..batch import Floats, TrainBlock, rolling_median
 from ..config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig
 from ..records import Record, TrainRecord
 from ..stats import RollingMedian
 from ..triggers import Severity, Trigger
+from .base import IgnoresTrainBlocks
 
 __all__ = ["Divergence", "LossSpike", "NonFinite"]
 
@@ -73,6 +78,26 @@ class LossSpike:
         return [
             Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", Severity.WARNING, record.step, details)
         ]
+
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        """Candidates: above the median by threshold_pct and by min_rise (the robust-z
+        condition is left to ``update``, which only makes the screen wider)."""
+        if block.loss is None:
+            return stop
+        baseline, config = self.baseline, self.config
+        if len(baseline) < baseline.size or self.scale is None or self.streak:
+            return start
+        values = block.loss[start:stop]
+        median = rolling_median(baseline.values(), values, baseline.size, include=False)
+        rise = values - median
+        hit = (median > 0) & (rise * 100.0 > config.threshold_pct * median) & (
+            rise > config.min_rise * self.scale
+        )
+        return _first(hit, start, stop)
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        if block.loss is not None:
+            self.baseline.extend(block.step_list(start, end), block.loss[start:end].tolist())
 
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
@@ -145,6 +170,36 @@ class Divergence:
         details = {"smoothed": level, "best": best, "ratio": level / best}
         return [Trigger(self.kind, self.kind, Severity.CRITICAL, record.step, details)]
 
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        if block.loss is None:
+            return stop
+        median, config = self.median, self.config
+        if self.seen < config.warmup or self.scale is None or self.above or (
+            len(median) < median.size
+        ):
+            return start
+        levels = self._levels(block, start, stop)
+        best = np.minimum.accumulate(np.concatenate([[self.best], levels[:-1]]))
+        finite = (best > 0) & (best < math.inf)
+        hit = finite & (levels > best * config.factor) & (
+            levels - best > config.min_rise * self.scale
+        )
+        return _first(hit, start, stop)
+
+    def _levels(self, block: TrainBlock, start: int, end: int) -> Floats:
+        assert block.loss is not None
+        values = block.loss[start:end]
+        return rolling_median(self.median.values(), values, self.median.size, include=True)
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        if block.loss is None or start >= end:
+            return
+        self.best = min(self.best, float(self._levels(block, start, end).min()))
+        self.median.extend(block.step_list(start, end), block.loss[start:end].tolist())
+        self.seen += end - start
+        self.above = 0
+        self.fired = False
+
     def rewind(self, step: int) -> None:
         self.median.rewind(step)
         self.above = 0
@@ -170,7 +225,7 @@ class Divergence:
         self.fired = bool(state.get("fired", False))
 
 
-class NonFinite:
+class NonFinite(IgnoresTrainBlocks):
     """NaN or infinite loss (critical); NaN or infinite gradient norm, which is where HF
     shows a NaN when it filters the logged loss: a warning for an isolated step (fp16
     loss scaling skips it and carries on), critical when it repeats within
@@ -225,3 +280,9 @@ class NonFinite:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_bad_grad = state.get("last_bad_grad")
+
+
+def _first(hit: npt.NDArray[np.bool_], start: int, stop: int) -> int:
+    """The block index of the first True in ``hit`` (which starts at ``start``)."""
+    found = np.flatnonzero(hit)
+    return start + int(found[0]) if len(found) else stop

@@ -10,12 +10,12 @@ from typing import Any
 from ..config import PredictionsConfig
 from ..records import ExampleRecord, Record
 from ..triggers import Severity, Trigger
-from .base import isfinite
+from .base import NotesTrainSteps, isfinite
 
 __all__ = ["InvertedLossPattern", "PredictionOutliers", "mann_whitney_p"]
 
 
-class PredictionOutliers:
+class PredictionOutliers(NotesTrainSteps):
     """A right answer with a high loss, or a wrong answer with a low loss.
 
     >>> d = PredictionOutliers(PredictionsConfig())
@@ -62,7 +62,7 @@ class PredictionOutliers:
         self.last_step = int(state.get("last_step", 0))
 
 
-class InvertedLossPattern:
+class InvertedLossPattern(NotesTrainSteps):
     """Over the last ``inverted_window`` examples, right answers cost significantly more
     than wrong ones (one-sided Mann-Whitney U, p < ``inverted_alpha``, at least
     ``inverted_min_each`` of each): the model is confidently wrong. Fires when the

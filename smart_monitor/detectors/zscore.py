@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
+from ..batch import Floats, TrainBlock, rolling_mean, rolling_mean_std
 from ..config import LossZScoreConfig, LrZScoreConfig
 from ..records import Record, TrainRecord
 from ..stats import RollingWindow
 from ..triggers import Severity, Trigger
+from .loss import _first
 
 __all__ = ["LossZScore", "LrZScore"]
 
@@ -97,6 +101,29 @@ class LossZScore:
         severity = Severity.CRITICAL if abs(z) > config.critical else Severity.WARNING
         details = {"z": z, "value": loss, "mean": mean, "std": std}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
+
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        """Candidates: a move past ``min_rise`` of the starting loss and past
+        ``threshold`` standard deviations (``update``'s two quiet paths), with slack
+        for the rounding of the cumulative sums against the rolling Welford sums."""
+        if block.loss is None:
+            return stop
+        config = self.config
+        if len(self.window) < config.warmup or self.scale is None or self.streak:
+            return start
+        if self._min_move == math.inf:
+            return stop
+        values = block.loss[start:stop]
+        means, stds = rolling_mean_std(self.window.values(), values, config.window)
+        move = values - means if config.direction == "up" else np.abs(values - means)
+        slack = 1e-9 * (np.abs(means) + self._min_move)
+        floor = np.maximum(config.min_rel_std * np.abs(means), 1e-12)
+        limit = config.threshold * np.maximum(stds, floor) * (1 - 1e-6)
+        return _first((move > self._min_move - slack) & (move > limit - slack), start, stop)
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        if block.loss is not None:
+            self.window.extend(block.step_list(start, end), block.loss[start:end].tolist())
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
@@ -211,6 +238,40 @@ class LrZScore:
         assert self.last is not None
         self.window.add(step, (lr - self.last[1]) / (step - self.last[0]))
         self.last = (step, lr)
+
+    def _rates(self, block: TrainBlock, start: int, end: int) -> tuple[Floats, ...]:
+        """The LR, the previous accepted LR, the step gap and the per-step change of
+        each record, as ``_accept`` would compute them if all were quiet."""
+        assert block.learning_rate is not None and self.last is not None
+        values = block.learning_rate[start:end]
+        steps = block.steps[start:end]
+        prev_lr = np.concatenate([[self.last[1]], values[:-1]])
+        gap = steps - np.concatenate([[self.last[0]], steps[:-1]])
+        return values, prev_lr, gap, (values - prev_lr) / gap
+
+    def screen(self, block: TrainBlock, start: int, stop: int) -> int:
+        """Candidates: off the recent per-step change by more than the fast path of
+        ``update`` allows (``threshold`` times the std floor)."""
+        if block.learning_rate is None:
+            return stop
+        config, last = self.config, self.last
+        if last is None or self.held is not None or len(self.window) < config.warmup:
+            return start
+        if block.rows[start][0] <= last[0]:
+            return start
+        values, prev_lr, gap, rates = self._rates(block, start, stop)
+        means = rolling_mean(self.window.values(), rates, config.window)
+        off = np.abs(values - prev_lr - means * gap)
+        limit = config.threshold * config.min_rel_std * np.abs(prev_lr)
+        return _first(off > limit * (1 - 1e-9) - 1e-300, start, stop)
+
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        if block.learning_rate is None or start >= end:
+            return
+        *_, rates = self._rates(block, start, end)
+        self.window.extend(block.step_list(start, end), rates.tolist())
+        self.last = (block.rows[end - 1][0], float(block.learning_rate[end - 1]))
+        self.held = None
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)

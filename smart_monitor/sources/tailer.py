@@ -97,8 +97,8 @@ class Tailer:
 
     @property
     def waiting(self) -> bool:
-        """True while the file does not exist (the daemon reports STATUS=waiting)."""
-        return self.fd is None
+        """True while no file is at the path (the daemon reports STATUS=waiting)."""
+        return self.fd is None or self._gone
 
     def close(self) -> None:
         if self.fd is not None:
@@ -136,8 +136,8 @@ class Tailer:
                 yield from self._read()
 
     def _changed_in_place(self, size: int) -> bool:
-        """Truncated below what was read, or truncated and regrown (the head or the bytes
-        before the offset differ)."""
+        """Truncated below what was read, or truncated and regrown past it (the first
+        line differs: a copytruncate's NUL hole, or a new run's first step)."""
         if size < self._read_pos():
             return True
         ident = self.identity

@@ -1,16 +1,22 @@
 """Wake the worker when the metrics file or the checkpoint folder changes.
 
-The observer's handler only posts a wake-up (FAULTS.md #29: an exception in an observer
-thread kills it silently); the worker does all the reading. ``inotify`` delivers an
-event in about half a millisecond; ``polling`` (watchdog's ``PollingObserver``) is what
-NFS, Lustre and CIFS need, since a write from another node raises no inotify event
-(#30), and it is what ``auto`` falls back to when inotify is unavailable or its watch
-or instance limits are exhausted (#19). Events are hints, never the record of truth:
-the worker reconciles by a full read and scan every ``reconcile_seconds`` (#20).
+``inotify``: a watchdog observer whose handler only posts a wake-up (FAULTS.md #29: an
+exception in an observer thread kills it silently); the worker does all the reading.
+The kernel delivers an event in about half a millisecond.
 
-``check()`` is the supervisor the worker calls on every turn: it re-schedules the
-observer when a watched folder appeared, was deleted or was recreated (#1, #28: the
-emitter stops after its root is deleted), and restarts an observer whose thread died.
+``polling``: no thread at all. The worker itself wakes every ``poll_interval``, stats
+the metrics file and lists the checkpoint folder, as Fluent Bit's stat backend does.
+That is what NFS, Lustre and CIFS need, since a write from another node raises no
+inotify event (#30), and what ``auto`` falls back to when inotify is unavailable or its
+watch or instance limits are exhausted (#19). (watchdog's ``PollingObserver`` rebuilds
+a Python snapshot of the whole tree every interval, several times the idle CPU of a
+stat and a ``scandir``, and its emitter stops for good when its root is deleted.)
+
+Events are hints, never the record of truth: the worker reconciles by a full read and
+scan every ``reconcile_seconds`` (#20). ``check()`` is the supervisor the worker calls
+on every turn: it re-schedules the observer when a watched folder appeared, was
+deleted or was recreated (#1, #28: the emitter stops after its root is deleted), and
+restarts an observer whose thread died.
 """
 
 from __future__ import annotations
@@ -25,12 +31,11 @@ from typing import Any, Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
 __all__ = ["Wakeups", "Watcher"]
 
 Backend = Literal["auto", "inotify", "polling"]
-ObserverFactory = Callable[[str, float], BaseObserver]
+ObserverFactory = Callable[[], BaseObserver]
 _LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
 SYSCTL_HINT = "raise fs.inotify.max_user_watches / max_user_instances (sysctl), or use polling"
 
@@ -57,12 +62,10 @@ class Wakeups:
         return kinds
 
 
-def make_observer(kind: str, poll_interval: float) -> BaseObserver:
-    if kind == "inotify":
-        from watchdog.observers.inotify import InotifyObserver
+def make_observer() -> BaseObserver:
+    from watchdog.observers.inotify import InotifyObserver  # ImportError off Linux
 
-        return InotifyObserver()
-    return PollingObserver(timeout=poll_interval)
+    return InotifyObserver()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,6 @@ class Watcher:
         metrics_file: Path | None,
         checkpoint_dir: Path | None,
         backend: Backend,
-        poll_interval: float,
         wakeups: Wakeups,
         log: Any,
         factory: ObserverFactory = make_observer,
@@ -106,7 +108,6 @@ class Watcher:
         self.metrics_file = metrics_file.absolute() if metrics_file else None
         self.checkpoint_dir = checkpoint_dir.absolute() if checkpoint_dir else None
         self.backend = backend
-        self.poll_interval = poll_interval
         self.wakeups = wakeups
         self.log = log
         self.factory = factory
@@ -148,11 +149,14 @@ class Watcher:
 
     # -- life cycle -----------------------------------------------------------------
     def start(self) -> None:
+        """Start the inotify observer, or fall back to polling (the worker's own)."""
         self._targets = self._wanted()
+        if self.kind == "polling":
+            return
         try:
-            self._observer = self._start(self.kind, self._targets)
+            self._observer = self._start(self._targets)
         except OSError as exc:
-            if self.kind != "inotify" or exc.errno not in _LIMIT_ERRNOS | {errno.ENOSYS}:
+            if exc.errno not in _LIMIT_ERRNOS | {errno.ENOSYS}:
                 raise
             self.log.warning(
                 "Inotify unavailable, polling instead", error=str(exc), hint=SYSCTL_HINT,
@@ -160,13 +164,11 @@ class Watcher:
             )
             self.kind = "polling"
             self.degraded = self.backend == "inotify" or exc.errno != errno.ENOSYS
-            self._observer = self._start(self.kind, self._targets)
         except ImportError:  # no inotify on this platform
             self.kind = "polling"
-            self._observer = self._start(self.kind, self._targets)
 
-    def _start(self, kind: str, targets: Iterable[_Target]) -> BaseObserver:
-        observer = self.factory(kind, self.poll_interval)
+    def _start(self, targets: Iterable[_Target]) -> BaseObserver:
+        observer = self.factory()
         handler = _Handler(self._route, self.wakeups)
         try:
             for t in targets:
@@ -184,12 +186,16 @@ class Watcher:
 
     @property
     def healthy(self) -> bool:
+        if self.kind == "polling":
+            return True  # the worker polls: nothing else can die
         obs = self._observer
         return obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
 
     def check(self) -> bool:
         """Re-schedule when a watched folder appeared or was recreated, restart a dead
         observer; True when it did (the worker then rescans everything)."""
+        if self.kind == "polling":
+            return False
         wanted = self._wanted()
         if wanted == self._targets and self.healthy:
             return False

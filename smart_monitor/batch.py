@@ -1,0 +1,162 @@
+"""Runs of plain train records as columns, so a long replay pays numpy, not Python, for
+the records that cannot fire.
+
+The pipeline stays the judge: a detector's ``screen`` only says, conservatively, which
+record of a block is the first one that *might* fire; every record before it is known
+to be quiet and is absorbed in bulk, and that record itself goes through the ordinary
+``update``. A false candidate costs one scalar update; a missed one would be a bug,
+which ``tests/test_batch.py`` looks for by comparing against record-by-record runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .records import TrainRecord
+
+__all__ = [
+    "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",
+    "rolling_median", "train_row",
+]  # fmt: skip
+
+# step, loss, learning_rate, grad_norm, the record, and which of the three are absent
+Row = tuple[int, float | None, float | None, float | None, Mapping[str, Any], int]
+Floats = npt.NDArray[np.float64]
+
+_OTHER_KINDS = (
+    "prompt", "golden_answer", "model_answer", "train_runtime", "train_samples_per_second",
+    "total_flos", "eval_loss", "eval_accuracy", "accuracy",
+)  # fmt: skip
+
+
+def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
+    """Keys that take a line off the bulk path: another record kind, or an alias."""
+    return frozenset(_OTHER_KINDS) | frozenset(aliases)
+
+
+def train_row(data: Mapping[str, Any], blocking: frozenset[str]) -> Row | None:
+    """The row of a plain train record: a non-negative int step and finite numbers.
+    None for anything else (another kind, an alias to apply, a bad or non-finite
+    value): the record-by-record path handles those, with its logging. Written for
+    speed: it runs once per line of a replay.
+
+    >>> train_row({"step": 3, "loss": 0.5, "grad_norm": 1}, frozenset())[:4]
+    (3, 0.5, None, 1.0)
+    >>> train_row({"step": 3, "loss": float("nan")}, frozenset()) is None
+    True
+    """
+    step = data.get("step")
+    if type(step) is not int or step < 0 or not blocking.isdisjoint(data):
+        return None
+    loss = data.get("loss")
+    if loss is not None and (type(loss) is not float or loss - loss != 0.0):
+        if type(loss) is not int:
+            return None  # a string, a bool, NaN or infinity
+        loss = float(loss)
+    lr = data.get("learning_rate")
+    if lr is not None and (type(lr) is not float or lr - lr != 0.0):
+        if type(lr) is not int:
+            return None
+        lr = float(lr)
+    grad = data.get("grad_norm")
+    if grad is not None and (type(grad) is not float or grad - grad != 0.0):
+        if type(grad) is not int:
+            return None
+        grad = float(grad)
+    if loss is None:
+        if lr is None and grad is None:
+            return None
+        shape = (lr is None) << 1 | (grad is None) << 2 | 1
+    else:
+        shape = (lr is None) << 1 | (grad is None) << 2
+    return (step, loss, lr, grad, data, shape)
+
+
+@dataclass(slots=True)
+class TrainBlock:
+    """Train records with increasing steps; each of loss, learning_rate and grad_norm is
+    in every record (a column) or in none (None)."""
+
+    rows: list[Row]
+    steps: npt.NDArray[np.int64] = field(init=False)
+    loss: Floats | None = field(init=False)
+    learning_rate: Floats | None = field(init=False)
+    grad_norm: Floats | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        first = self.rows[0]
+        self.steps = np.fromiter((r[0] for r in self.rows), np.int64, len(self.rows))
+        self.loss, self.learning_rate, self.grad_norm = (
+            None if first[i] is None else np.array([r[i] for r in self.rows], np.float64)
+            for i in (1, 2, 3)
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def record(self, i: int) -> TrainRecord:
+        step, loss, lr, grad, raw, _ = self.rows[i]
+        return TrainRecord(step, loss, lr, grad, raw)
+
+    def step_list(self, start: int, end: int) -> list[int]:
+        return [r[0] for r in self.rows[start:end]]
+
+
+def blocks(rows: list[Row]) -> list[TrainBlock]:
+    """Split rows where steps stop increasing or the set of fields present changes."""
+    out: list[TrainBlock] = []
+    start = 0
+    prev_step, prev_shape = -1, -1
+    for i, row in enumerate(rows):
+        if row[0] <= prev_step or row[5] != prev_shape:
+            if i > start:
+                out.append(TrainBlock(rows[start:i]))
+            start = i
+        prev_step, prev_shape = row[0], row[5]
+    if rows:
+        out.append(TrainBlock(rows[start:]))
+    return out
+
+
+def rolling_mean(history: list[float], values: Floats, size: int) -> Floats:
+    """For each ``values[j]``, the mean of the ``size`` values before it, ``history``
+    (the window as it stands) continuing into ``values``."""
+    return rolling_mean_std(history, values, size)[0]
+
+
+def rolling_mean_std(history: list[float], values: Floats, size: int) -> tuple[Floats, Floats]:
+    """Mean and population std of the window before each value, from cumulative sums
+    of the values less a reference (which keeps the variance's cancellation small).
+    Accurate to far better than the slack the screens leave; not bit-identical to the
+    rolling Welford sums, which is why ``update`` makes every decision."""
+    joined = np.concatenate([np.asarray(history, np.float64), values])
+    ref = joined[0] if len(joined) else 0.0
+    centred = joined - ref
+    sums = np.concatenate([[0.0], np.cumsum(centred)])
+    squares = np.concatenate([[0.0], np.cumsum(centred * centred)])
+    end = np.arange(len(history), len(joined))  # values[j] sits at joined[end[j]]
+    begin = np.maximum(end - size, 0)
+    count = np.maximum(end - begin, 1)
+    mean = (sums[end] - sums[begin]) / count
+    var = (squares[end] - squares[begin]) / count - mean * mean
+    return mean + ref, np.sqrt(np.maximum(var, 0.0))
+
+
+def rolling_median(history: list[float], values: Floats, size: int, include: bool) -> Floats:
+    """For each ``values[j]``, the median of the window before it (``include``: the
+    window after adding it). The window is full: ``len(history) == size``."""
+    joined = np.concatenate([np.asarray(history, np.float64), values])
+    windows = np.lib.stride_tricks.sliding_window_view(joined, size)
+    first = 1 if include else 0
+    # sorting small rows beats np.median's partition here, and takes the middle the
+    # same way as RollingMedian.median, to the bit
+    ordered = np.sort(windows[first : first + len(values)], axis=1)
+    mid = size // 2
+    if size % 2:
+        return ordered[:, mid]
+    return (ordered[:, mid - 1] + ordered[:, mid]) / 2  # type: ignore[no-any-return]
