@@ -32,7 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 SM = Path(sys.executable).with_name("smart-monitor")
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def line(step: int, loss: float) -> str:
@@ -90,8 +89,15 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """On-CPU time of every thread, from the scheduler's own account (nanoseconds; the
+    utime/stime ticks of /proc/<pid>/stat are sampled, too coarse for an idle process)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            continue
+    return total / 1e9
 
 
 def latency(backend: str, samples: int) -> tuple[list[float], float, float]:

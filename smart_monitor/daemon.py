@@ -166,6 +166,8 @@ class Daemon:
                     "Worker error", error=repr(exc), where=f"{frame.filename}:{frame.lineno}",
                     errors=self.errors,
                 )
+            if self.errors_in_row < _UNHEALTHY_AFTER:
+                self.wakeups.post("rescan")  # retry the rest now; then events and reconcile
         self._report()
 
     def _read(self) -> None:
@@ -211,6 +213,7 @@ class Daemon:
         wait: the saved offset stays before it), unless ``final``: on stop, after
         finish(), and when the metrics file was replaced."""
         if self.engine.pending and not final:
+            self._next_save = self.clock() + self.config.state.save_interval_seconds
             return
         data = {
             "engine": self.engine.state_dict(),

@@ -10,7 +10,9 @@ what it started, draining queued work first.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Mapping
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,48 +26,58 @@ if TYPE_CHECKING:
 __all__ = ["attach_hooks", "attach_plots"]
 
 _PLOT_QUEUE = 64
-_PLOT_STOP_SECONDS = 60.0  # a replay waits this long, at most, for its last plots
+_PLOT_STOP_SECONDS = 60.0  # a stop waits this long, at most, for the plots queued
+_PLOT_CHILD_SECONDS = 600.0
 
 
 def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], None]:
-    """Draw ``loss_history.png`` into every new snapshot, on a worker thread so that
-    drawing never delays the next record. Off, with one warning, without matplotlib.
+    """Draw ``loss_history.png`` into every new snapshot, in a child process started
+    from a worker thread: the next record never waits for a drawing, and matplotlib
+    (about 45 MB) never enters the daemon's memory. Off, with one warning, without
+    matplotlib.
 
-    ``defer`` (replay): draw them all when stopped instead. A replay runs flat out, and
-    a drawing thread beside it would take the GIL from it at every numpy call (it made
-    a replay 40 % slower)."""
+    ``defer`` (replay): draw them all, in one child, when stopped. A replay runs flat
+    out, and work beside it would take CPU and the GIL from it."""
     if importlib.util.find_spec("matplotlib") is None:
         log.warning("Plots off", reason="matplotlib missing: pip install 'smart-monitor[report]'")
         return lambda: None
-    from .report import write_loss_history_png
 
     def failed(label: str, exc: BaseException) -> None:
-        log.error("Plot failed", path=label, error=repr(exc))
+        log.error("Plot failed", path=label, error=str(exc))
 
     worker = Worker("smart-monitor-plots", _PLOT_QUEUE, failed)
-
     deferred: list[Path] = []
 
-    def submit(path: Path) -> None:
-        if not worker.submit(str(path), partial(write_loss_history_png, path)):
-            log.warning("Plot skipped", path=str(path), reason="queue_full")
-
     def on_event(event: str, data: Mapping[str, Any]) -> None:
-        if event == "snapshot":
-            (deferred.append if defer else submit)(Path(data["path"]))
+        if event != "snapshot":
+            return
+        path = Path(data["path"])
+        if defer:
+            deferred.append(path)
+        elif not worker.submit(str(path), partial(draw_in_child, [path])):
+            log.warning("Plot skipped", path=str(path), reason="queue_full")
 
     engine.listeners.append(on_event)
 
     def stop() -> None:
         engine.listeners.remove(on_event)
         worker.stop(_PLOT_STOP_SECONDS)
-        for path in deferred:
+        if deferred:
             try:
-                write_loss_history_png(path)
-            except Exception as exc:  # one bad plot must not lose the others
-                failed(str(path), exc)
+                draw_in_child(deferred)
+            except Exception as exc:  # the snapshots stand without their pictures
+                failed(str(deferred[0].parent), exc)
 
     return stop
+
+
+def draw_in_child(snapshots: Sequence[Path]) -> None:
+    """``python -m smart_monitor.report SNAPSHOT...``; raises with its last error line."""
+    cmd = [sys.executable, "-m", "smart_monitor.report", *map(str, snapshots)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PLOT_CHILD_SECONDS)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raise RuntimeError(lines[-1])
 
 
 def attach_hooks(engine: Engine, config: Config, log: Any) -> Callable[[], None]:

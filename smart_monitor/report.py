@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -257,3 +258,20 @@ def write_report(
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     return _publish(target, page.encode())
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m smart_monitor.report SNAPSHOT...``: draw each ``loss_history.png``
+    (the daemon runs this in a child process, see ``hooks.attach_plots``)."""
+    failed = 0
+    for arg in argv:
+        try:
+            write_loss_history_png(Path(arg))
+        except Exception as exc:  # one bad snapshot must not cost the others their plot
+            print(f"{arg}: {exc!r}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

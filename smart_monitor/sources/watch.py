@@ -29,7 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver
 
 __all__ = ["Wakeups", "Watcher"]
@@ -37,6 +48,12 @@ __all__ = ["Wakeups", "Watcher"]
 Backend = Literal["auto", "inotify", "polling"]
 ObserverFactory = Callable[[], BaseObserver]
 _LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
+# Changes only: a reader opening a file (our own snapshot copy, the trainer's resume)
+# is no reason to wake the worker.
+_CHANGES = [
+    FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent,
+    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+]
 SYSCTL_HINT = "raise fs.inotify.max_user_watches / max_user_instances (sysctl), or use polling"
 
 
@@ -172,7 +189,9 @@ class Watcher:
         handler = _Handler(self._route, self.wakeups)
         try:
             for t in targets:
-                observer.schedule(handler, str(t.path), recursive=t.recursive)
+                observer.schedule(
+                    handler, str(t.path), recursive=t.recursive, event_filter=_CHANGES
+                )
             observer.start()
         except BaseException:
             _stop(observer)
