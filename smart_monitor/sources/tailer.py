@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ __all__ = ["OVERSIZED", "Identity", "Tailer"]
 _CHUNK = 1 << 20
 _MARK = 64  # bytes before the offset whose hash must still match (offset marker)
 _HEAD_MAX = 4096  # the first line's hash covers at most this many bytes
+# A file whose mtime is this recent may have changed again within the clock's
+# granularity (git's "racy" index entries): then size and mtime prove nothing.
+_RACY_NS = 100_000_000
 
 
 def _hash(data: bytes) -> str:
@@ -69,6 +73,7 @@ class Tailer:
         self.switched = False  # the file was replaced or deleted; the reader resets it
         self._gone = False
         self._refused = False
+        self._seen: tuple[int, int] | None = None  # (size, mtime) last read to the end
         self._buf = b""  # bytes read but not yet handed out start at ``_buf[_start]``
         self._start = 0
         self._restored: dict[str, Any] | None = None
@@ -117,10 +122,15 @@ class Tailer:
         if self.fd is not None:
             assert self.identity is not None
             if st is not None and (st.st_dev, st.st_ino) == (self.identity.dev, self.identity.ino):
+                seen = (st.st_size, st.st_mtime_ns)
+                settled = time.time_ns() - st.st_mtime_ns > _RACY_NS
+                if seen == self._seen and settled and self._start == len(self._buf):
+                    return  # nothing new: one stat is all a poll costs
                 if self._changed_in_place(st.st_size):
                     self._reopen("truncated")
                     return
                 yield from self._read()
+                self._seen = seen  # read to the end (a reader that stops early skips this)
                 return
             # deleted, or replaced by rename: what the old file still holds comes first
             yield from self._read()
@@ -161,6 +171,7 @@ class Tailer:
         st = os.fstat(fd)
         self.fd = fd
         self._gone = self._refused = False
+        self._seen = None
         self.identity = Identity(st.st_dev, st.st_ino, self._head_hash())
         self.offset, self.skipping, self._buf, self._start = 0, False, b"", 0
         restored, self._restored = self._restored, None
