@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_daemon import live_daemon, log_text, stop, wait_for
+from live_daemon import live_daemon
+from live_harness import log_text, terminate, wait_until
 
 from smart_monitor.actions import Actions
 from smart_monitor.config import ConfigError, load_config
@@ -305,8 +306,8 @@ def test_live_daemon_signals_the_trainer_and_posts_on_nan(
         finally:
             trainer.kill()
             trainer.wait()
-        wait_for(lambda: len(receiver.bodies) >= 1, 30, "the webhook")
-        assert stop(daemon) == 0
+        wait_until(lambda: len(receiver.bodies) >= 1, "the webhook", 30)
+        assert terminate(daemon) == 0
     [body] = [b for b in receiver.bodies if b["triggers"] == ["loss_nonfinite"]]
     assert body["step"] == 300 and "anomaly_" in body["snapshot"]
     assert json.loads(stop_file.read_text())["triggers"] == ["loss_nonfinite"]
