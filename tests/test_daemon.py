@@ -182,7 +182,7 @@ def test_sigkill_loop_one_snapshot_per_anomaly(tmp_path: Path) -> None:
         want = sorted(writer.anomalies)
 
         def made() -> set[int]:
-            return {s["step"] for s in snapshots(out)}
+            return {s["step"] for s in snapshots(out, running=True)}
 
         wait_until(lambda: set(want) <= made(), "a snapshot for every anomaly", 60)
         assert terminate(proc) == 0
