@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/replay.py [--lines 1000000]
 
-Writes a metrics file of HF-shaped train records (about 136 bytes a line, an eval
-round and prediction examples every 500 steps, a few anomalies), then times:
+Writes a metrics file of train records shaped like the real HF runs in
+../shared/real-runs (loss to 4 places, grad_norm, learning_rate and epoch at full
+precision: about 136 bytes a line), an eval record every 500 steps and a loss spike
+every 100,000, then times:
   1. bare parsing: orjson.loads on every line (the fastest JSON parser here);
   2. replay: the full pipeline through the Engine, exactly as `smart-monitor replay
      --no-plots`, with logging to a file and the snapshots the anomalies cause; then
@@ -44,7 +46,7 @@ def write_run(path: Path, lines: int) -> int:
                 "loss": round(loss, 4),
                 "grad_norm": abs(rng.gauss(1, 0.1)),
                 "learning_rate": 3e-4 * min(1.0, step / 2000) * (1 - step / 4e6),
-                "epoch": step / 1e5,
+                "epoch": step / 3713.0,
                 "step": step,
             }
             fh.write(json.dumps(rec) + "\n")

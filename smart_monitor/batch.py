@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
     return frozenset(_OTHER_KINDS) | frozenset(aliases)
 
 
-def train_row(data: Mapping[str, Any], blocking: frozenset[str]) -> Row | None:
+def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     """The row of a plain train record: a non-negative int step and finite numbers.
     None for anything else (another kind, an alias to apply, a bad or non-finite
     value): the record-by-record path handles those, with its logging. Written for
@@ -50,6 +51,8 @@ def train_row(data: Mapping[str, Any], blocking: frozenset[str]) -> Row | None:
     >>> train_row({"step": 3, "loss": float("nan")}, frozenset()) is None
     True
     """
+    if type(data) is not dict:
+        return None
     step = data.get("step")
     if type(step) is not int or step < 0 or not blocking.isdisjoint(data):
         return None
@@ -83,14 +86,15 @@ class TrainBlock:
     in every record (a column) or in none (None)."""
 
     rows: list[Row]
-    steps: npt.NDArray[np.int64] = field(init=False)
+    steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
     loss: Floats | None = field(init=False)
     learning_rate: Floats | None = field(init=False)
     grad_norm: Floats | None = field(init=False)
 
     def __post_init__(self) -> None:
         first = self.rows[0]
-        self.steps = np.fromiter((r[0] for r in self.rows), np.int64, len(self.rows))
+        if len(self.steps) != len(self.rows):
+            self.steps = np.array([r[0] for r in self.rows], np.int64)
         self.loss, self.learning_rate, self.grad_norm = (
             None if first[i] is None else np.array([r[i] for r in self.rows], np.float64)
             for i in (1, 2, 3)
@@ -107,20 +111,16 @@ class TrainBlock:
         return [r[0] for r in self.rows[start:end]]
 
 
-def blocks(rows: list[Row]) -> list[TrainBlock]:
-    """Split rows where steps stop increasing or the set of fields present changes."""
-    out: list[TrainBlock] = []
-    start = 0
-    prev_step, prev_shape = -1, -1
-    for i, row in enumerate(rows):
-        if row[0] <= prev_step or row[5] != prev_shape:
-            if i > start:
-                out.append(TrainBlock(rows[start:i]))
-            start = i
-        prev_step, prev_shape = row[0], row[5]
-    if rows:
-        out.append(TrainBlock(rows[start:]))
-    return out
+def blocks(rows: list[Row]) -> list[tuple[int, TrainBlock]]:
+    """Split rows where steps stop increasing or the set of fields present changes;
+    each block with the index of its first row."""
+    if not rows:
+        return []
+    steps = np.array([r[0] for r in rows], np.int64)
+    shapes = np.array([r[5] for r in rows], np.int8)
+    cuts = np.flatnonzero((steps[1:] <= steps[:-1]) | (shapes[1:] != shapes[:-1])) + 1
+    edges = [0, *cuts.tolist(), len(rows)]
+    return [(a, TrainBlock(rows[a:b], steps[a:b])) for a, b in pairwise(edges)]
 
 
 def rolling_mean(history: list[float], values: Floats, size: int) -> Floats:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -130,57 +131,60 @@ class Engine:
     def handle_lines(self, lines: list[bytes | None], offset: int) -> None:
         """``handle_line`` for consecutive lines from byte ``offset`` on, as
         ``iter_line_chunks`` yields them (``None``: a line over ``max_line_bytes``), with
-        the same outcome, faster: runs of plain train records take the pipeline's bulk
-        path, every other line goes through ``handle_line`` in its turn."""
-        rows: list[Row] = []
-        blocking, loads = self.blocking, orjson.loads
-        for line in lines:
-            row = None
-            if line is not None and line[:1] == b"{":
-                try:
-                    data = loads(line)
-                except orjson.JSONDecodeError:
-                    data = None
-                if type(data) is dict:
-                    row = train_row(data, blocking)
-            if row is not None:
-                rows.append(row)
-            else:
-                if rows:
-                    self._handle_rows(rows)
-                    rows = []
-                if line is None:
-                    limit = self.config.records.max_line_bytes
-                    self.malformed("oversized", f"line over {limit} bytes", offset)
-                    break  # always the last of its list
-                if line:
-                    self.handle_line(line, offset)
-            if line is not None:
-                offset += len(line) + 1
-        if rows:
-            self._handle_rows(rows)
+        the same outcome, faster: the plain train records take the pipeline's bulk path,
+        every other line goes through ``handle_line`` in its turn among them. The loop
+        is the replay's hot path: it does no more per line than it must."""
+        try:  # one C-level loop while every line parses, which is nearly always
+            parsed: list[Any] = list(map(orjson.loads, lines))  # type: ignore[arg-type]  # None
+        except (orjson.JSONDecodeError, TypeError):  # a blank, bad, NaN or oversized line
+            parsed = [_loads_or_none(line) for line in lines]
+        blocking = self.blocking
+        found = [train_row(d, blocking) for d in parsed]
+        others = [i for i, row in enumerate(found) if row is None]
+        rows = [row for row in found if row is not None] if others else cast(list[Row], found)
+        between: list[tuple[int, Callable[[], None]]] = []
+        done = 0  # lines whose length is in ``offset``
+        for before, i in enumerate(others):
+            line = lines[i]
+            offset += sum(map(len, lines[done:i])) + i - done  # type: ignore[arg-type]
+            done = i
+            k = i - before  # the train rows ahead of it
+            if line is None:
+                limit = self.config.records.max_line_bytes
+                report = partial(self.malformed, "oversized", f"line over {limit} bytes", offset)
+                between.append((k, report))
+            elif line:
+                between.append((k, partial(self.handle_line, line, offset)))
+        self._handle_rows(rows, between)
 
     def handle_entries(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """``handle_entry`` for many decoded entries, like ``handle_lines``."""
         rows: list[Row] = []
+        between: list[tuple[int, Callable[[], None]]] = []
         for entry in entries:
             row = train_row(entry, self.blocking)
             if row is not None:
                 rows.append(row)
-                continue
-            if rows:
-                self._handle_rows(rows)
-                rows = []
-            self.handle_entry(entry)
-        if rows:
-            self._handle_rows(rows)
+            else:
+                between.append((len(rows), partial(self.handle_entry, entry)))
+        self._handle_rows(rows, between)
 
-    def _handle_rows(self, rows: list[Row]) -> None:
+    def _handle_rows(self, rows: list[Row], between: list[tuple[int, Callable[[], None]]]) -> None:
+        """``rows`` block by block, each with the other records (``between``: before
+        row k) that fall among its rows; those after the last row at the end."""
         self.counts["records"] += len(rows)
-        self.last_record_at = self.clock()
-        for block in blocks(rows):
-            for outcome in self.pipeline.process_block(block):
-                self._act(outcome)
+        if rows:
+            self.last_record_at = self.clock()
+        pending = deque(between)
+        for start, block in blocks(rows):
+            end = start + len(block)
+            mine = []
+            while pending and pending[0][0] < end:
+                k, handle = pending.popleft()
+                mine.append((k - start, handle))
+            self.pipeline.process_block(block, self._act, mine)
+        for _, handle in pending:
+            handle()
 
     def handle_entry(self, entry: Mapping[str, Any]) -> None:
         """One already-decoded entry (a ``trainer_state.json`` log_history item)."""
@@ -383,3 +387,9 @@ class Engine:
         if self.scanner is not None:
             self.scanner.detector.load_state_dict(state.get("checkpoint_scan", {}))
 
+
+def _loads_or_none(line: bytes | None) -> Any:
+    try:
+        return orjson.loads(line)  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, TypeError):
+        return None

@@ -4,7 +4,7 @@ object, so what ``replay`` shows on an old run is what ``run`` would have done l
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,34 +99,62 @@ class Pipeline:
             step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra
         )
 
-    def process_block(self, block: TrainBlock) -> list[Outcome]:
-        """The same as ``process`` on each record of ``block``, in order, in bulk: the
-        detectors screen a stretch of it, the records before the first candidate are
-        absorbed, the last of those and the candidate itself go through ``process``
-        (so every state ends exactly where ``process`` would leave it)."""
-        outcomes: list[Outcome] = []
-        i, n = 0, len(block)
+    def process_block(
+        self,
+        block: TrainBlock,
+        act: Callable[[Outcome], None],
+        between: Sequence[tuple[int, Callable[[], None]]] = (),
+    ) -> None:
+        """The same as ``process`` on each record of ``block``, in order, with ``act``
+        called on each outcome; ``between``: ``(k, handle)`` pairs, sorted, to run just
+        before record ``k`` (the other records of the stream: evals, examples, bad lines).
+
+        In bulk: the detectors screen a stretch of the block, the records before the
+        first candidate are absorbed, the last of those and the candidate itself go
+        through ``process`` (so every state ends exactly where ``process`` leaves it).
+        A screen stays valid across ``between``: the screening detectors learn from train
+        records only; what another record can change (an incident's due step, the latest
+        step) is checked after each."""
+        n = len(block)
+        pending = deque(between)
         if n < _MIN_BLOCK:  # numpy's fixed costs outweigh the gain on a few records
             for j in range(n):
-                out = self.process(block.record(j))
-                if out is not None:
-                    outcomes.append(out)
-            return outcomes
+                while pending and pending[0][0] <= j:
+                    pending.popleft()[1]()
+                self._process_into(block, j, act)
+            for _, handle in pending:
+                handle()
+            return
+        i = quiet_to = screened_to = 0  # records [i, quiet_to) are known to be quiet
         horizon = self._horizon
-        while i < n:
-            stop = min(n, i + horizon)
-            end = self._screen(block, i, stop)  # [i, end) are quiet; end < stop: a candidate
-            if end - i >= 2:
-                self._absorb(block, i, end - 1)
-            last = end + 1 if end < stop else end
-            for j in range(max(i, end - 1), last):
-                out = self.process(block.record(j))
-                if out is not None:
-                    outcomes.append(out)
-            horizon = max(16, 2 * (end - i)) if end < stop else min(4 * horizon, 1 << 16)
-            i = last
+        while i < n or pending:
+            if pending and pending[0][0] <= i:
+                due, last = self.policy.due, self.last_step
+                pending.popleft()[1]()
+                if self.policy.due != due or self.last_step != last:
+                    quiet_to = i  # screen again
+                continue
+            if i >= quiet_to:
+                stop = min(n, i + horizon)
+                quiet_to, screened_to = self._screen(block, i, stop), stop
+                grew = quiet_to == stop
+                horizon = min(4 * horizon, 1 << 16) if grew else max(16, 2 * (quiet_to - i))
+            k = min(quiet_to, pending[0][0] if pending else n)
+            if k > i:
+                if k - i >= 2:
+                    self._absorb(block, i, k - 1)
+                self._process_into(block, k - 1, act)
+                i = k
+            if i == quiet_to < screened_to and not (pending and pending[0][0] <= i):
+                self._process_into(block, i, act)  # the candidate
+                i += 1
+                quiet_to = i
         self._horizon = horizon
-        return outcomes
+
+    def _process_into(self, block: TrainBlock, j: int, act: Callable[[Outcome], None]) -> None:
+        out = self.process(block.record(j))
+        if out is not None:
+            act(out)
 
     def _screen(self, block: TrainBlock, start: int, stop: int) -> int:
         if self.last_step is not None and block.rows[start][0] < self.last_step:

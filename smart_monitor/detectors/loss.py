@@ -138,6 +138,7 @@ class Divergence:
         self.seen = 0
         self.above = 0
         self.fired = False
+        self._screened: tuple[TrainBlock, int, int, Floats] | None = None  # see _levels
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord):
@@ -187,9 +188,19 @@ class Divergence:
         return _first(hit, start, stop)
 
     def _levels(self, block: TrainBlock, start: int, end: int) -> Floats:
+        """The median after each record of ``[start, end)``. The median takes in every
+        loss, fired or not, so the levels a screen computed serve the absorbs that
+        follow it, as long as exactly the records between were consumed."""
         assert block.loss is not None
+        cached = self._screened
+        if cached is not None and cached[0] is block:
+            _, first, seen, levels = cached
+            if self.seen - seen == start - first and end - first <= len(levels):
+                return levels[start - first : end - first]
         values = block.loss[start:end]
-        return rolling_median(self.median.values(), values, self.median.size, include=True)
+        levels = rolling_median(self.median.values(), values, self.median.size, include=True)
+        self._screened = (block, start, self.seen, levels)
+        return levels
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is None or start >= end:
