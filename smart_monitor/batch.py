@@ -83,21 +83,22 @@ def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
 @dataclass(slots=True)
 class TrainBlock:
     """Train records with increasing steps; each of loss, learning_rate and grad_norm is
-    in every record (a column) or in none (None)."""
+    in every record or in none. The loss and the learning rate are also columns (None
+    when absent), for the screens; no screen needs the grad norm, which only fires when
+    it is not finite, and such a record is never in a block."""
 
     rows: list[Row]
     steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
     loss: Floats | None = field(init=False)
     learning_rate: Floats | None = field(init=False)
-    grad_norm: Floats | None = field(init=False)
 
     def __post_init__(self) -> None:
         first = self.rows[0]
         if len(self.steps) != len(self.rows):
             self.steps = np.array([r[0] for r in self.rows], np.int64)
-        self.loss, self.learning_rate, self.grad_norm = (
+        self.loss, self.learning_rate = (
             None if first[i] is None else np.array([r[i] for r in self.rows], np.float64)
-            for i in (1, 2, 3)
+            for i in (1, 2)
         )
 
     def __len__(self) -> int:
@@ -107,8 +108,13 @@ class TrainBlock:
         step, loss, lr, grad, raw, _ = self.rows[i]
         return TrainRecord(step, loss, lr, grad, raw)
 
-    def step_list(self, start: int, end: int) -> list[int]:
-        return [r[0] for r in self.rows[start:end]]
+    def tail(
+        self, column: Floats, start: int, end: int, size: int
+    ) -> tuple[list[int], list[float]]:
+        """Steps and values of the last ``size`` records of ``[start, end)``: all that a
+        window of ``size`` keeps of them."""
+        first = max(start, end - size)
+        return [r[0] for r in self.rows[first:end]], column[first:end].tolist()
 
 
 def blocks(rows: list[Row]) -> list[tuple[int, TrainBlock]]:

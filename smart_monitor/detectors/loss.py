@@ -97,7 +97,7 @@ class LossSpike:
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is not None:
-            self.baseline.extend(block.step_list(start, end), block.loss[start:end].tolist())
+            self.baseline.extend(*block.tail(block.loss, start, end, self.baseline.size))
 
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
@@ -206,7 +206,7 @@ class Divergence:
         if block.loss is None or start >= end:
             return
         self.best = min(self.best, float(self._levels(block, start, end).min()))
-        self.median.extend(block.step_list(start, end), block.loss[start:end].tolist())
+        self.median.extend(*block.tail(block.loss, start, end, self.median.size))
         self.seen += end - start
         self.above = 0
         self.fired = False

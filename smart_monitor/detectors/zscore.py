@@ -123,7 +123,7 @@ class LossZScore:
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is not None:
-            self.window.extend(block.step_list(start, end), block.loss[start:end].tolist())
+            self.window.extend(*block.tail(block.loss, start, end, self.window.size))
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
@@ -268,8 +268,11 @@ class LrZScore:
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.learning_rate is None or start >= end:
             return
-        *_, rates = self._rates(block, start, end)
-        self.window.extend(block.step_list(start, end), rates.tolist())
+        first = max(start, end - self.window.size)  # all the window keeps of the rates
+        if first > start:
+            self.last = (block.rows[first - 1][0], float(block.learning_rate[first - 1]))
+        *_, rates = self._rates(block, first, end)
+        self.window.extend([r[0] for r in block.rows[first:end]], rates.tolist())
         self.last = (block.rows[end - 1][0], float(block.learning_rate[end - 1]))
         self.held = None
 
