@@ -7,7 +7,7 @@ import math
 from typing import Any, Protocol
 
 from ..batch import TrainBlock
-from ..records import Record
+from ..records import ExampleRecord, Record
 from ..triggers import Trigger
 
 __all__ = ["Detector", "IgnoresTrainBlocks", "NotesTrainSteps", "isfinite"]
@@ -47,10 +47,18 @@ class IgnoresTrainBlocks:
 
 
 class NotesTrainSteps(IgnoresTrainBlocks):
-    """For a detector that keeps only the step of train records (examples without a
-    step take the latest one)."""
+    """For a detector of prediction examples, which keeps only the step of the other
+    records: an example without a step takes the latest one."""
 
     last_step: int
+
+    def example(self, record: Record) -> tuple[ExampleRecord, int] | None:
+        """The example and its step; None for another record, whose step is noted."""
+        if isinstance(record, ExampleRecord):
+            return record, record.step if record.step is not None else self.last_step
+        if record.step is not None:
+            self.last_step = record.step
+        return None
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         self.last_step = block.rows[end - 1][0]

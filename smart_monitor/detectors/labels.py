@@ -6,7 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..config import ConflictingLabelsConfig
-from ..records import ExampleRecord, Record
+from ..records import Record
 from ..triggers import Severity, Trigger
 from .base import NotesTrainSteps
 
@@ -40,11 +40,10 @@ class ConflictingLabels(NotesTrainSteps):
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, ExampleRecord):
-            if record.step is not None:
-                self.last_step = record.step
+        found = self.example(record)
+        if found is None:
             return []
-        step = record.step if record.step is not None else self.last_step
+        record, step = found
         seen = self.prompts.get(record.prompt)
         if seen is None:
             self.prompts[record.prompt] = (step, [record.golden_answer])

@@ -8,7 +8,7 @@ from collections import deque
 from typing import Any
 
 from ..config import PredictionsConfig
-from ..records import ExampleRecord, Record
+from ..records import Record
 from ..triggers import Severity, Trigger
 from .base import NotesTrainSteps, isfinite
 
@@ -30,13 +30,10 @@ class PredictionOutliers(NotesTrainSteps):
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, ExampleRecord):
-            if record.step is not None:
-                self.last_step = record.step
+        found = self.example(record)
+        if found is None or not isfinite(found[0].loss):
             return []
-        step = record.step if record.step is not None else self.last_step
-        if not isfinite(record.loss):
-            return []
+        record, step = found
         loss = float(record.loss)  # type: ignore[arg-type]
         details = {
             "loss": loss,
@@ -77,13 +74,10 @@ class InvertedLossPattern(NotesTrainSteps):
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
-        if not isinstance(record, ExampleRecord):
-            if record.step is not None:
-                self.last_step = record.step
+        found = self.example(record)
+        if found is None or not isfinite(found[0].loss):
             return []
-        if not isfinite(record.loss):
-            return []
-        step = record.step if record.step is not None else self.last_step
+        record, step = found
         self.examples.append((step, record.matches, float(record.loss)))  # type: ignore[arg-type]
         right = [loss for _, ok, loss in self.examples if ok]
         wrong = [loss for _, ok, loss in self.examples if not ok]
