@@ -23,6 +23,7 @@ class ConflictingLabels(NotesTrainSteps):
     no model can learn. Remembers the ``max_prompts`` most recent prompts, so memory is
     bounded on a long run; both answers go into the trigger (and so the metadata).
 
+    >>> from smart_monitor.records import ExampleRecord
     >>> d = ConflictingLabels(ConflictingLabelsConfig())
     >>> d.update(ExampleRecord(10, "2+2?", "4", "4", True, 0.1, {}))
     []

@@ -18,6 +18,7 @@ __all__ = ["InvertedLossPattern", "PredictionOutliers", "mann_whitney_p"]
 class PredictionOutliers(NotesTrainSteps):
     """A right answer with a high loss, or a wrong answer with a low loss.
 
+    >>> from smart_monitor.records import ExampleRecord
     >>> d = PredictionOutliers(PredictionsConfig())
     >>> d.update(ExampleRecord(7, "q", "a", "a", True, 2.34, {}))[0].name
     'perfect_answer_high_loss_2.34'
