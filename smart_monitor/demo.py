@@ -8,7 +8,6 @@ would, and the snapshots and the ``stats`` table are printed.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -63,11 +62,7 @@ def main(out: Path = Path("demo-output")) -> int:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(30)
     print(f"demo: daemon stopped by SIGTERM, exit code {code}\n")
-    print(f"{'snapshot':<58} {'step':>6}  checkpoint")
-    for snap in sorted((monitor / "snapshots").glob("anomaly_*")):
-        meta = json.loads((snap / "metadata.json").read_text())
-        ck = meta["checkpoint"]["name"] if meta.get("checkpoint") else "none"
-        print(f"{snap.name:<58} {meta['step']:>6}  {ck}")
+    subprocess.run(_monitor("list", "--output", str(monitor)), check=False)
     print()
     subprocess.run(_monitor("stats", "--log-dir", str(monitor / "logs")), check=False)
     return code

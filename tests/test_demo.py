@@ -16,7 +16,9 @@ def test_demo_snapshots_every_injected_anomaly(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "exit code 0" in r.stdout
-    rows = re.findall(r"^(anomaly_\S+)\s+(\d+)\s+(\S+)$", r.stdout, re.M)
+    # `smart-monitor list`: time, step, severity, size, checkpoint, triggers, snapshot
+    table = r"^\S+ \S+\s+(\d+)\s+\w+\s+[\d.]+ \w+\s+(\S+)\s+\S+\s+(anomaly_\S+)$"
+    rows = [(name, step, ck) for step, ck, name in re.findall(table, r.stdout, re.M)]
     steps = {int(step) for _, step, _ in rows}
     assert {900, 1700, 2300} <= steps, r.stdout
     assert re.search(r"^\s+\d+ snapshots in all$", r.stdout, re.M)
