@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .records import TrainRecord
+from .records import NON_TRAIN_KEYS, TrainRecord
 
 __all__ = [
     "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",
@@ -29,15 +29,11 @@ __all__ = [
 Row = tuple[int, float | None, float | None, float | None, Mapping[str, Any], int]
 Floats = npt.NDArray[np.float64]
 
-_OTHER_KINDS = (
-    "prompt", "golden_answer", "model_answer", "train_runtime", "train_samples_per_second",
-    "total_flos", "eval_loss", "eval_accuracy", "accuracy",
-)  # fmt: skip
 
 
 def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
     """Keys that take a line off the bulk path: another record kind, or an alias."""
-    return frozenset(_OTHER_KINDS) | frozenset(aliases)
+    return NON_TRAIN_KEYS | frozenset(aliases)
 
 
 def train_row(data: Any, blocking: frozenset[str]) -> Row | None:

@@ -40,6 +40,16 @@ def _load(
         _config_error(str(exc))
 
 
+def _existing_metrics_file(config: Config) -> Path:
+    """The metrics file a command reads: a config error when unset, exit 1 when absent."""
+    if config.metrics_file is None:
+        _config_error("metrics_file: required (--metrics FILE)")
+    if not config.metrics_file.is_file():
+        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
+        sys.exit(1)
+    return config.metrics_file
+
+
 _path = click.Path(path_type=Path)
 _config_opt = click.option("--config", "config_file", type=_path, help="TOML config file.")
 _metrics_opt = click.option("--metrics", type=_path, help="The trainer's JSONL metrics file.")
@@ -81,14 +91,10 @@ def replay(
     from .replay import replay as run_replay
 
     config = _load(config_file, metrics, checkpoints, output)
-    if config.metrics_file is None:
-        _config_error("metrics_file: required (--metrics FILE)")
-    if not config.metrics_file.is_file():
-        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
-        sys.exit(1)
+    metrics_file = _existing_metrics_file(config)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     detections = DetectionReport()
-    engine = run_replay(config, config.metrics_file, log, progress, [detections], plots)
+    engine = run_replay(config, metrics_file, log, progress, [detections], plots)
     if daily is not None:
         daily.close()
     c = engine.counts
@@ -192,14 +198,10 @@ def report(
     from .report import write_report
 
     config = _load(config_file, metrics, None, output)
-    if config.metrics_file is None:
-        _config_error("metrics_file: required (--metrics FILE)")
-    if not config.metrics_file.is_file():
-        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
-        sys.exit(1)
+    metrics_file = _existing_metrics_file(config)
     target = html_file or (output or config.snapshot_dir.parent) / "report.html"
     path = write_report(
-        config.metrics_file, config.snapshot_dir, target, config.records.aliases,
+        metrics_file, config.snapshot_dir, target, config.records.aliases,
         config.records.max_line_bytes,
     )
     click.echo(f"wrote {path}")

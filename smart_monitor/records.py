@@ -17,6 +17,7 @@ import orjson
 
 __all__ = [
     "DEFAULT_ALIASES",
+    "NON_TRAIN_KEYS",
     "EvalRecord",
     "ExampleRecord",
     "MalformedLine",
@@ -30,6 +31,12 @@ __all__ = [
 DEFAULT_ALIASES: Mapping[str, str] = {"lr": "learning_rate", "global_step": "step"}
 
 _EXAMPLE_KEYS = ("prompt", "golden_answer", "model_answer")
+_EXAMPLE = frozenset(_EXAMPLE_KEYS)
+_SUMMARY = frozenset({"train_runtime", "train_samples_per_second", "total_flos"})
+_EVAL = frozenset({"eval_loss", "eval_accuracy", "accuracy"})
+# Any of these makes a record something other than train metrics (batch.py's bulk path
+# leaves such lines to to_record).
+NON_TRAIN_KEYS = _EXAMPLE | _SUMMARY | _EVAL
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -115,14 +122,13 @@ def to_record(
     data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES
 ) -> Record | None:
     """Tell the record kind from its fields. None: a record with nothing to monitor."""
-    # Explicit `in` chains, not any(...): this runs for every line of a replay.
     if aliases:
         data = _apply_aliases(data, aliases)
-    if "prompt" in data or "golden_answer" in data or "model_answer" in data:
+    if not _EXAMPLE.isdisjoint(data):
         return _example(data)
-    if "train_runtime" in data or "train_samples_per_second" in data or "total_flos" in data:
+    if not _SUMMARY.isdisjoint(data):
         return SummaryRecord(_optional_step(data), data)
-    if "eval_loss" in data or "eval_accuracy" in data or "accuracy" in data:
+    if not _EVAL.isdisjoint(data):
         acc = data.get("eval_accuracy", data.get("accuracy"))
         return EvalRecord(_step(data), _number(data, "eval_loss"), _as_float("accuracy", acc), data)
     if "loss" in data or "learning_rate" in data or "grad_norm" in data:

@@ -7,12 +7,14 @@ import math
 import pytest
 
 from smart_monitor.records import (
+    NON_TRAIN_KEYS,
     EvalRecord,
     ExampleRecord,
     MalformedLine,
     SummaryRecord,
     TrainRecord,
     parse_line,
+    to_record,
 )
 
 
@@ -113,3 +115,13 @@ def test_invalid_utf8_inside_a_string_is_replaced_not_fatal() -> None:
         b'{"step": 1, "prompt": "caf\xe9", "golden_answer": "a", "model_answer": "a", "loss": NaN}'
     )
     assert isinstance(r, ExampleRecord) and "\ufffd" in r.prompt
+
+
+@pytest.mark.parametrize("key", sorted(NON_TRAIN_KEYS))
+def test_each_non_train_key_makes_another_kind(key: str) -> None:
+    """batch.py leaves lines with these keys to to_record: each must really be one."""
+    example = {"prompt": "p", "golden_answer": "a", "model_answer": "a"}
+    data = {"step": 1, "loss": 1.0, key: 1.0}
+    if key in example:
+        data |= example
+    assert not isinstance(to_record(data), TrainRecord)
