@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m smart_monitor.demo
+	$(BIN)/python examples/demo.py
 
 # The report test renders the page in headless Chromium: Debian's package, installed
 # when missing (CI starts from a bare machine; the test fails, never skips, without it).
@@ -27,12 +27,12 @@ $(CHROMIUM):
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/ruff check smart_monitor tests benchmarks
+	$(BIN)/ruff check smart_monitor tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
-	$(BIN)/ruff check smart_monitor tests benchmarks
+	$(BIN)/ruff check smart_monitor tests benchmarks examples
 	$(BIN)/mypy
 
 clean:

@@ -4,7 +4,7 @@ alarms per 10,000 clean steps, and the alarms on the real runs in ../shared/real
     .venv/bin/python benchmarks/detection.py            # the full grid (about 2 min)
     .venv/bin/python benchmarks/detection.py --quick    # a smoke run (seconds)
 
-Every simulated run (smart_monitor.synthetic) goes through the very pipeline that
+Every simulated run (examples/synthetic.py) goes through the very pipeline that
 ``run`` and ``replay`` use, over a grid of per-step noise (2 % to 15 %), logging_steps
 (1, 5, 10: HF averages the loss over them) and LR schedules. A labelled anomaly is
 detected when a trigger of its kind comes within its horizon; every other warning or
@@ -26,10 +26,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the simulator
+
+from synthetic import Anomaly, RunSpec, Schedule, lr_at, simulate
+
 from smart_monitor.config import Config
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.records import MalformedLine, to_record
-from smart_monitor.synthetic import Anomaly, RunSpec, Schedule, lr_at, simulate
 
 NOISES = (0.02, 0.05, 0.10, 0.15)
 LOGGING = (1, 5, 10)

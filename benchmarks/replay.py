@@ -28,8 +28,8 @@ from pathlib import Path
 import orjson
 
 from smart_monitor.config import load_config
-from smart_monitor.log import make_logger
-from smart_monitor.replay import replay
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.replay import replay
 
 
 def write_run(path: Path, lines: int) -> int:

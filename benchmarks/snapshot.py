@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smart_monitor.snapshot import SnapshotWriter
+from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.sources.checkpoints import Checkpoint
 
 

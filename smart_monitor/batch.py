@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .records import NON_TRAIN_KEYS, TrainRecord
+from smart_monitor.records import NON_TRAIN_KEYS, TrainRecord
 
 __all__ = [
     "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",

@@ -9,10 +9,10 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
-from .config import Config, ConfigError, load_config
-from .log import make_logger
-from .summary import count_snapshots, format_table, read_logs
+from smart_monitor import __version__
+from smart_monitor.config import Config, ConfigError, load_config
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.tools.summary import count_snapshots, format_table, read_logs
 
 __all__ = ["main"]
 
@@ -87,8 +87,8 @@ def replay(
     plots: bool,
 ) -> None:
     """Run the pipeline over a finished run (JSONL metrics or HF trainer_state.json)."""
-    from .replay import DetectionReport
-    from .replay import replay as run_replay
+    from smart_monitor.runtime.replay import DetectionReport
+    from smart_monitor.runtime.replay import replay as run_replay
 
     config = _load(config_file, metrics, checkpoints, output)
     metrics_file = _existing_metrics_file(config)
@@ -118,8 +118,8 @@ def run(
     the log file."""
     import signal
 
-    from .daemon import Daemon
-    from .notify import Notifier
+    from smart_monitor.runtime.daemon import Daemon
+    from smart_monitor.runtime.notify import Notifier
 
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
@@ -154,8 +154,8 @@ def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -
 @_config_opt
 def list_snapshots(output: Path | None, config_file: Path | None) -> None:
     """A table of snapshots: time, step, severity, size, checkpoint, triggers."""
-    from .listing import format_table as snapshot_table
-    from .listing import read_snapshots
+    from smart_monitor.tools.listing import format_table as snapshot_table
+    from smart_monitor.tools.listing import read_snapshots
 
     snapshot_dir = _load(config_file, None, None, output).snapshot_dir
     if not snapshot_dir.is_dir():
@@ -174,7 +174,7 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
     snapshot folder of --output/--config."""
     import json
 
-    from .listing import format_metadata, resolve
+    from smart_monitor.tools.listing import format_metadata, resolve
 
     path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
     try:
@@ -195,7 +195,7 @@ def report(
 ) -> None:
     """An HTML page: loss, learning rate and accuracy against step with every snapshot
     marked, and the snapshot tables (needs smart-monitor[report])."""
-    from .report import write_report
+    from smart_monitor.tools.report import write_report
 
     config = _load(config_file, metrics, None, output)
     metrics_file = _existing_metrics_file(config)
@@ -234,7 +234,12 @@ def inspect(path: Path, against: Path | None, as_json: bool, top: int) -> None:
     """
     import json
 
-    from .forensics import CheckpointError, compare_checkpoints, format_text, inspect_checkpoint
+    from smart_monitor.forensics import (
+        CheckpointError,
+        compare_checkpoints,
+        format_text,
+        inspect_checkpoint,
+    )
 
     try:
         ins = inspect_checkpoint(path)

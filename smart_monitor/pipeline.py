@@ -8,13 +8,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .batch import TrainBlock
-from .config import Config
-from .detectors import build_detectors
-from .policy import Decision, Policy
-from .records import ExampleRecord, Record, SummaryRecord, TrainRecord
-from .triggers import Severity, Trigger
+from smart_monitor import __version__
+from smart_monitor.batch import TrainBlock
+from smart_monitor.config import Config
+from smart_monitor.detectors import build_detectors
+from smart_monitor.policy import Decision, Policy
+from smart_monitor.records import ExampleRecord, Record, SummaryRecord, TrainRecord
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
 

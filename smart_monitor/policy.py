@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import PolicyConfig
-from .triggers import Severity, Trigger, problem_of
+from smart_monitor.config import PolicyConfig
+from smart_monitor.triggers import Severity, Trigger, problem_of
 
 __all__ = ["MULTIPLE", "Decision", "Incident", "Policy", "severity_of"]
 

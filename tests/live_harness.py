@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from smart_monitor.config import Config, load_config
-from smart_monitor.daemon import Daemon
-from smart_monitor.log import make_logger
-from smart_monitor.notify import Notifier
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.daemon import Daemon
+from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.watch import ObserverFactory, make_observer
 
 SMART_MONITOR = Path(sys.executable).with_name("smart-monitor")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the simulators and the demo
 BACKENDS = ["inotify", "polling"]
 
 

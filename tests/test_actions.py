@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from live_daemon import live_daemon
-from live_harness import log_text, terminate, wait_until
+from live_harness import EXAMPLES, log_text, terminate, wait_until
 
-from smart_monitor.actions import Actions
 from smart_monitor.config import ConfigError, load_config
-from smart_monitor.log import make_logger
+from smart_monitor.hooks.actions import Actions
+from smart_monitor.outputs.log import make_logger
 from smart_monitor.pipeline import SnapshotRequest
 from smart_monitor.triggers import Severity, Trigger
 
@@ -293,7 +293,7 @@ def test_live_daemon_signals_the_trainer_and_posts_on_nan(
     )
     trainer_code = (
         "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
-        "from smart_monitor.trainer_sim import main; main(sys.argv[2:])"
+        f"sys.path.insert(0, {str(EXAMPLES)!r}); from trainer_sim import main; main(sys.argv[2:])"
     )
     with live_daemon(run, out, "--config", str(config)) as daemon:
         trainer = subprocess.Popen(

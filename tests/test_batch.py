@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic import Anomaly, RunSpec, simulate
 
 from smart_monitor.batch import TrainBlock, rolling_mean_std, rolling_median, train_row
 from smart_monitor.config import Config
-from smart_monitor.engine import Engine
-from smart_monitor.log import make_logger
-from smart_monitor.snapshot import SnapshotWriter
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.runtime.engine import Engine
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.stats import RollingMedian, RollingWindow
-from smart_monitor.synthetic import Anomaly, RunSpec, simulate
 
 KINDS = ("loss_spike", "lr_zscore", "loss_nonfinite", "grad_norm_nonfinite", "accuracy_drop",
          "perfect_answer_high_loss", "wrong_answer_low_loss", "divergence_detected")  # fmt: skip

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 
 from smart_monitor.config import CheckpointScanConfig, load_config
 from smart_monitor.forensics.scan import WeightScan
-from smart_monitor.log import make_logger
-from smart_monitor.replay import replay
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.replay import replay
 from smart_monitor.triggers import Severity
 
 SCAN_ON = "[checkpoint_scan]\nenabled = true\n"
@@ -177,7 +177,7 @@ def test_live_daemon_scans_off_its_loop_and_snapshots_nan_weights(tmp_path: Path
 _NO_TORCH = """
 import sys
 from pathlib import Path
-import smart_monitor.cli, smart_monitor.daemon, smart_monitor.engine
+import smart_monitor.cli, smart_monitor.runtime.daemon, smart_monitor.runtime.engine
 from smart_monitor.forensics.scan import CheckpointScanner
 from smart_monitor.config import CheckpointScanConfig
 from smart_monitor.sources.checkpoints import Checkpoint

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from live_harness import (
+    EXAMPLES,
     SMART_MONITOR,
     Live,
     append,
@@ -31,8 +32,7 @@ from live_harness import (
     write_checkpoint,
     write_config_file,
 )
-
-from smart_monitor.trainer_sim import model_bytes
+from trainer_sim import model_bytes
 
 
 def test_trainer_sim_followed_live_then_sigterm(tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_trainer_sim_followed_live_then_sigterm(tmp_path: Path) -> None:
     try:
         wait_until(lambda: " Started " in log_text(out), "Started")
         subprocess.run(
-            [sys.executable, "-m", "smart_monitor.trainer_sim", "--out", str(run),
+            [sys.executable, str(EXAMPLES / "trainer_sim.py"), "--out", str(run),
              "--steps", "1200", "--rate", "600", "--save-every", "50",
              "--anomaly", "loss_nonfinite:700"],
             check=True, capture_output=True, timeout=60,

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from live_harness import EXAMPLES
+
 
 def test_demo_snapshots_every_injected_anomaly(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "smart_monitor.demo"], cwd=tmp_path, capture_output=True,
+        [sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, capture_output=True,
         text=True, timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr

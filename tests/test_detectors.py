@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 import pytest
+from synthetic import Anomaly, RunSpec, simulate
 
 from smart_monitor.config import (
     AccuracyDropConfig,
@@ -30,7 +31,6 @@ from smart_monitor.detectors.loss import Divergence, LossSpike, NonFinite
 from smart_monitor.detectors.predictions import InvertedLossPattern, PredictionOutliers
 from smart_monitor.detectors.zscore import LossZScore, LrZScore
 from smart_monitor.records import EvalRecord, ExampleRecord, Record, TrainRecord, to_record
-from smart_monitor.synthetic import Anomaly, RunSpec, simulate
 from smart_monitor.triggers import Severity, Trigger
 
 # Small windows and thresholds so that every detector fires and holds state often.

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from conftest import make_checkpoint
+from synthetic import Anomaly, RunSpec, simulate
 
 from smart_monitor.config import load_config
-from smart_monitor.log import make_logger
-from smart_monitor.replay import replay
-from smart_monitor.synthetic import Anomaly, RunSpec, simulate
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.replay import replay
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -137,6 +137,6 @@ def test_replay_draws_loss_history_png_into_every_snapshot(run: tuple[Path, Path
 def test_docstring_examples() -> None:
     import doctest
 
-    from smart_monitor import listing
+    from smart_monitor.tools import listing
 
     assert doctest.testmod(listing).failed == 0

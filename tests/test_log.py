@@ -8,7 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from smart_monitor.log import make_logger
+from smart_monitor.outputs.log import make_logger
 
 
 class Clock:

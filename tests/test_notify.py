@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_monitor.notify import Notifier
+from smart_monitor.runtime.notify import Notifier
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import make_checkpoint
-
-from smart_monitor.synthetic import Anomaly, RunSpec, simulate
+from synthetic import Anomaly, RunSpec, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {

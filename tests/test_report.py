@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_listing import replayed_run
 
-from smart_monitor.report import _reduce, load_series
+from smart_monitor.tools.report import _reduce, load_series
 from smart_monitor.triggers import kind_of, stats_label
 
 PLOTS = ("plot-loss", "plot-lr", "plot-accuracy")

@@ -10,9 +10,9 @@ from typing import Any
 
 from live_harness import Live, append, config, line, lines, snapshots
 
-from smart_monitor.log import make_logger
-from smart_monitor.retention import added_bytes, enforce_retention
-from smart_monitor.snapshot import SnapshotWriter
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.outputs.retention import added_bytes, enforce_retention
+from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.sources.checkpoints import Checkpoint
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_checkpoint
 
-from smart_monitor.snapshot import TMP_PREFIX, SnapshotError, SnapshotWriter, json_safe
+from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotError, SnapshotWriter, json_safe
 from smart_monitor.sources.checkpoints import Checkpoint
 
 NOW = datetime(2026, 11, 29, 17, 0, 0, tzinfo=UTC)

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from smart_monitor.state import StateStore
+from smart_monitor.outputs.state import StateStore
 
 
 def test_round_trip_keeps_non_finite_numbers(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from synthetic import Anomaly, RunSpec, lr_at, simulate
 
 from smart_monitor.records import EvalRecord, ExampleRecord, TrainRecord, to_record
-from smart_monitor.synthetic import Anomaly, RunSpec, lr_at, simulate
 
 
 def train(spec: RunSpec) -> list[dict[str, float]]:

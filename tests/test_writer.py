@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from smart_monitor.integrations.writer import MetricsWriter, global_rank
 from smart_monitor.records import ExampleRecord, TrainRecord, parse_line
-from smart_monitor.writer import MetricsWriter, global_rank
 
 
 def lines(path: Path) -> list[bytes]:
@@ -104,7 +104,7 @@ def test_global_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 _WRITER = """
 import sys
-from smart_monitor.writer import MetricsWriter
+from smart_monitor.integrations.writer import MetricsWriter
 w = MetricsWriter(sys.argv[1], rank=0)
 pad = "x" * int(sys.argv[3])
 for i in range(int(sys.argv[2])):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..config import DetectorsConfig
-from .base import Detector
-from .evaluation import AccuracyDrop, BestModel
-from .labels import ConflictingLabels
-from .loss import Divergence, LossSpike, NonFinite
-from .predictions import InvertedLossPattern, PredictionOutliers
-from .zscore import LossZScore, LrZScore
+from smart_monitor.config import DetectorsConfig
+from smart_monitor.detectors.base import Detector
+from smart_monitor.detectors.evaluation import AccuracyDrop, BestModel
+from smart_monitor.detectors.labels import ConflictingLabels
+from smart_monitor.detectors.loss import Divergence, LossSpike, NonFinite
+from smart_monitor.detectors.predictions import InvertedLossPattern, PredictionOutliers
+from smart_monitor.detectors.zscore import LossZScore, LrZScore
 
 __all__ = ["REGISTRY", "Detector", "build_detectors"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from ..batch import TrainBlock
-from ..records import ExampleRecord, Record
-from ..triggers import Trigger
+from smart_monitor.batch import TrainBlock
+from smart_monitor.records import ExampleRecord, Record
+from smart_monitor.triggers import Trigger
 
 __all__ = ["Detector", "IgnoresTrainBlocks", "NotesTrainSteps", "isfinite"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..batch import TrainBlock
-from ..config import AccuracyDropConfig, BestModelConfig
-from ..records import EvalRecord, Record, TrainRecord
-from ..triggers import Severity, Trigger
-from .base import IgnoresTrainBlocks, isfinite
+from smart_monitor.batch import TrainBlock
+from smart_monitor.config import AccuracyDropConfig, BestModelConfig
+from smart_monitor.detectors.base import IgnoresTrainBlocks, isfinite
+from smart_monitor.records import EvalRecord, Record, TrainRecord
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["AccuracyDrop", "BestModel"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from ..config import ConflictingLabelsConfig
-from ..records import Record
-from ..triggers import Severity, Trigger
-from .base import NotesTrainSteps
+from smart_monitor.config import ConflictingLabelsConfig
+from smart_monitor.detectors.base import NotesTrainSteps
+from smart_monitor.records import Record
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["ConflictingLabels"]
 

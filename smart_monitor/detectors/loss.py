@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..batch import Floats, TrainBlock, rolling_median
-from ..config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig
-from ..records import Record, TrainRecord
-from ..stats import RollingMedian
-from ..triggers import Severity, Trigger
-from .base import IgnoresTrainBlocks
+from smart_monitor.batch import Floats, TrainBlock, rolling_median
+from smart_monitor.config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig
+from smart_monitor.detectors.base import IgnoresTrainBlocks
+from smart_monitor.records import Record, TrainRecord
+from smart_monitor.stats import RollingMedian
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Divergence", "LossSpike", "NonFinite"]
 

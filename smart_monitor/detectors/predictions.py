@@ -7,10 +7,10 @@ import math
 from collections import deque
 from typing import Any
 
-from ..config import PredictionsConfig
-from ..records import Record
-from ..triggers import Severity, Trigger
-from .base import NotesTrainSteps, isfinite
+from smart_monitor.config import PredictionsConfig
+from smart_monitor.detectors.base import NotesTrainSteps, isfinite
+from smart_monitor.records import Record
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["InvertedLossPattern", "PredictionOutliers", "mann_whitney_p"]
 

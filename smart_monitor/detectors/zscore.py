@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import Floats, TrainBlock, rolling_mean, rolling_mean_std
-from ..config import LossZScoreConfig, LrZScoreConfig
-from ..records import Record, TrainRecord
-from ..stats import RollingWindow
-from ..triggers import Severity, Trigger
-from .loss import _first
+from smart_monitor.batch import Floats, TrainBlock, rolling_mean, rolling_mean_std
+from smart_monitor.config import LossZScoreConfig, LrZScoreConfig
+from smart_monitor.detectors.loss import _first
+from smart_monitor.records import Record, TrainRecord
+from smart_monitor.stats import RollingWindow
+from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["LossZScore", "LrZScore"]
 

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .tensors import CheckpointError, TensorFile, checkpoint_files, float_chunks, iter_tensors
+from smart_monitor.forensics.tensors import (
+    CheckpointError,
+    TensorFile,
+    checkpoint_files,
+    float_chunks,
+    iter_tensors,
+)
 
 __all__ = [
     "Comparison",

@@ -21,11 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import CheckpointScanConfig
-from ..sources.checkpoints import Checkpoint
-from ..stats import RollingWindow
-from ..triggers import WEIGHT_NORM_ZSCORE, WEIGHTS_NONFINITE, Severity, Trigger
-from .inspection import Inspection, inspect_checkpoint
+from smart_monitor.config import CheckpointScanConfig
+from smart_monitor.forensics.inspection import Inspection, inspect_checkpoint
+from smart_monitor.sources.checkpoints import Checkpoint
+from smart_monitor.stats import RollingWindow
+from smart_monitor.triggers import WEIGHT_NORM_ZSCORE, WEIGHTS_NONFINITE, Severity, Trigger
 
 __all__ = ["CheckpointScanner", "ScanResult", "WeightScan"]
 

@@ -5,5 +5,5 @@ Each framework has its own module, imported only by the user who runs that frame
 
 - ``smart_monitor.integrations.transformers.MetricsCallback`` (HF ``Trainer``)
 - ``smart_monitor.integrations.lightning.MetricsCallback`` (Lightning ``Trainer``)
-- ``smart_monitor.writer.MetricsWriter`` for a hand-written loop
+- ``smart_monitor.integrations.writer.MetricsWriter`` for a hand-written loop
 """

@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..writer import MetricsWriter
+from smart_monitor.integrations.writer import MetricsWriter
 
 __all__ = ["MetricsCallback"]
 

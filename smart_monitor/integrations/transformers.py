@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..writer import MetricsWriter
+from smart_monitor.integrations.writer import MetricsWriter
 
 __all__ = ["MetricsCallback"]
 

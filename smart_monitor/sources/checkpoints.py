@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import CheckpointsConfig
+from smart_monitor.config import CheckpointsConfig
 
 __all__ = ["Checkpoint", "CheckpointIndex", "pattern_regex"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import OVERSIZED
+from smart_monitor.sources.files import OVERSIZED
 
 __all__ = ["OVERSIZED", "Identity", "Tailer"]
 

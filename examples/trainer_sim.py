@@ -6,7 +6,7 @@ It writes what HF Trainer writes, in HF's order: the metrics of step S (appended
 ``save_total_limit`` rotation that ``rmtree``s the oldest checkpoints. The records come
 from ``synthetic.simulate``, so injected anomalies are labelled.
 
-    python -m smart_monitor.trainer_sim --out RUN --steps 3000 --rate 300 \\
+    python examples/trainer_sim.py --out RUN --steps 3000 --rate 300 \\
         --anomaly loss_spike:1200 --anomaly lr_zscore:2200
 """
 
@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .synthetic import Anomaly, RunSpec, simulate
+from synthetic import Anomaly, RunSpec, simulate
 
 __all__ = ["model_bytes", "save_checkpoint", "train"]
 
@@ -89,7 +89,7 @@ def _anomaly(text: str) -> Anomaly:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m smart_monitor.trainer_sim", description=__doc__)
+    p = argparse.ArgumentParser(prog="python examples/trainer_sim.py", description=__doc__)
     p.add_argument("--out", type=Path, required=True, help="run folder (metrics + checkpoints)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--rate", type=float, default=300.0, help="steps per second (0: no pause)")

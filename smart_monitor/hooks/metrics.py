@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .config import MetricsConfig
+from smart_monitor.config import MetricsConfig
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from smart_monitor.runtime.engine import Engine
 
 __all__ = ["MetricsServer"]
 

@@ -22,17 +22,17 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import Config
-from .engine import Engine
-from .hooks import attach_hooks
-from .log import DailyFile
-from .notify import Notifier
-from .retention import enforce_retention
-from .snapshot import SnapshotWriter
-from .sources.checkpoints import CheckpointIndex
-from .sources.tailer import OVERSIZED, Tailer
-from .sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
-from .state import StateStore
+from smart_monitor.config import Config
+from smart_monitor.hooks.attach import attach_hooks
+from smart_monitor.outputs.log import DailyFile
+from smart_monitor.outputs.retention import enforce_retention
+from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.outputs.state import StateStore
+from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.notify import Notifier
+from smart_monitor.sources.checkpoints import CheckpointIndex
+from smart_monitor.sources.tailer import OVERSIZED, Tailer
+from smart_monitor.sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
 
 __all__ = ["Daemon"]
 

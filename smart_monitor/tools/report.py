@@ -23,10 +23,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .listing import SnapshotInfo, human_bytes, read_snapshots
-from .records import EvalRecord, MalformedLine, Record, TrainRecord, parse_line, to_record
-from .sources.files import OVERSIZED, iter_lines, trainer_state_history
-from .triggers import kind_of, stats_label
+from smart_monitor.records import (
+    EvalRecord,
+    MalformedLine,
+    Record,
+    TrainRecord,
+    parse_line,
+    to_record,
+)
+from smart_monitor.sources.files import OVERSIZED, iter_lines, trainer_state_history
+from smart_monitor.tools.listing import SnapshotInfo, human_bytes, read_snapshots
+from smart_monitor.triggers import kind_of, stats_label
 
 __all__ = ["Series", "load_series", "write_loss_history_png", "write_report"]
 
@@ -261,7 +268,7 @@ def write_report(
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m smart_monitor.report SNAPSHOT...``: draw each ``loss_history.png``
+    """``python -m smart_monitor.tools.report SNAPSHOT...``: draw each ``loss_history.png``
     (the daemon runs this in a child process, see ``hooks.attach_plots``)."""
     failed = 0
     for arg in argv:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .sources.checkpoints import Checkpoint
+from smart_monitor.sources.checkpoints import Checkpoint
 
 __all__ = ["SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe"]
 

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from .triggers import CRITICAL_KINDS, kind_of, stats_label
+from smart_monitor.triggers import CRITICAL_KINDS, kind_of, stats_label
 
 __all__ = ["count_snapshots", "format_table", "read_logs"]
 

@@ -26,14 +26,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from smart_monitor.config import (
     ActionConfig,
     ActionsConfig,
     CommandActionConfig,
     SignalActionConfig,
     WebhookActionConfig,
 )
-from .triggers import Severity
+from smart_monitor.triggers import Severity
 
 __all__ = ["ActionError", "Actions", "Incident", "Worker"]
 

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from .batch import Row, blocking_keys, blocks, train_row
-from .config import Config
-from .pipeline import Outcome, Pipeline, SnapshotRequest
-from .policy import Incident
-from .records import MalformedLine, Record, parse_line, to_record
-from .snapshot import SnapshotError, SnapshotWriter, json_safe
-from .sources.checkpoints import Checkpoint, CheckpointIndex
-from .triggers import Trigger
+from smart_monitor.batch import Row, blocking_keys, blocks, train_row
+from smart_monitor.config import Config
+from smart_monitor.outputs.snapshot import SnapshotError, SnapshotWriter, json_safe
+from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
+from smart_monitor.policy import Incident
+from smart_monitor.records import MalformedLine, Record, parse_line, to_record
+from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
+from smart_monitor.triggers import Trigger
 
 if TYPE_CHECKING:
-    from .forensics.scan import CheckpointScanner
+    from smart_monitor.forensics.scan import CheckpointScanner
 
 __all__ = ["Engine"]
 
@@ -66,7 +66,7 @@ class Engine:
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
         self.scanner: CheckpointScanner | None = None
         if config.checkpoint_scan.enabled:  # imported only when on
-            from .forensics.scan import CheckpointScanner
+            from smart_monitor.forensics.scan import CheckpointScanner
 
             self.scanner = CheckpointScanner(config.checkpoint_scan)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .snapshot import SnapshotWriter
+from smart_monitor.outputs.snapshot import SnapshotWriter
 
 __all__ = ["SnapshotInfo", "format_metadata", "format_table", "read_snapshots", "resolve"]
 

@@ -11,13 +11,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .config import Config
-from .engine import Engine
-from .hooks import attach_plots
-from .snapshot import SnapshotWriter
-from .sources.checkpoints import CheckpointIndex
-from .sources.files import iter_line_chunks, trainer_state_history
-from .triggers import stats_label
+from smart_monitor.config import Config
+from smart_monitor.hooks.attach import attach_plots
+from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.runtime.engine import Engine
+from smart_monitor.sources.checkpoints import CheckpointIndex
+from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
+from smart_monitor.triggers import stats_label
 
 __all__ = ["DetectionReport", "replay"]
 

@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .actions import Actions, Worker
-from .config import Config
+from smart_monitor.config import Config
+from smart_monitor.hooks.actions import Actions, Worker
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from smart_monitor.runtime.engine import Engine
 
 __all__ = ["attach_hooks", "attach_plots"]
 
@@ -72,8 +72,8 @@ def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], 
 
 
 def draw_in_child(snapshots: Sequence[Path]) -> None:
-    """``python -m smart_monitor.report SNAPSHOT...``; raises with its last error line."""
-    cmd = [sys.executable, "-m", "smart_monitor.report", *map(str, snapshots)]
+    """``python -m smart_monitor.tools.report SNAPSHOT...``; raises with its last error line."""
+    cmd = [sys.executable, "-m", "smart_monitor.tools.report", *map(str, snapshots)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PLOT_CHILD_SECONDS)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
@@ -107,7 +107,7 @@ def _start_metrics(engine: Engine, config: Config, log: Any) -> Callable[[], Non
         log.error("Metrics off", reason="prometheus_client missing: pip install "
                   "'smart-monitor[metrics]'")
         return lambda: None
-    from .metrics import MetricsServer
+    from smart_monitor.hooks.metrics import MetricsServer
 
     server = MetricsServer(engine, config.metrics)
     try:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .snapshot import TMP_PREFIX, SnapshotWriter
+from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
 
 __all__ = ["added_bytes", "enforce_retention"]
 

@@ -50,8 +50,8 @@ def main(out: Path = Path("demo-output")) -> int:
         if not _wait_for(monitor / "logs", " Started ", 15):
             print("demo: the daemon did not start; see demo-output/daemon.err", file=sys.stderr)
             return 1
-        trainer = [sys.executable, "-m", "smart_monitor.trainer_sim", "--out", str(run),
-                   "--steps", str(STEPS), "--rate", str(RATE)]
+        trainer = [sys.executable, str(Path(__file__).with_name("trainer_sim.py")),
+                   "--out", str(run), "--steps", str(STEPS), "--rate", str(RATE)]
         for a in ANOMALIES:
             trainer += ["--anomaly", a]
         print(f"demo: simulated trainer, {STEPS} steps at {RATE}/s, "

@@ -1,0 +1,1 @@
+"""What reacts to snapshots beside the log: actions, Prometheus metrics, plots."""

@@ -1,0 +1,1 @@
+"""What the monitor writes: snapshots and their retention, the saved state, the log."""

@@ -1,0 +1,1 @@
+"""Read-back commands over a monitor's output: ``stats``, ``list``/``show``, ``report``."""
