@@ -189,6 +189,17 @@ class Worker:
             return False
         return True
 
+    def drop_queued(self) -> list[str]:
+        """Take back the jobs not started yet; their labels, oldest first."""
+        dropped: list[str] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return dropped
+            if item is not None:
+                dropped.append(item[0])
+
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             label, job = item

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["attach_hooks", "attach_plots"]
 
 _PLOT_QUEUE = 64
-_PLOT_STOP_SECONDS = 60.0  # a stop waits this long, at most, for the plots queued
+_PLOT_STOP_SECONDS = 2.0  # a stop waits this long, at most, for the plot being drawn
 _PLOT_CHILD_SECONDS = 600.0
 
 
@@ -61,6 +61,10 @@ def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], 
 
     def stop() -> None:
         engine.listeners.remove(on_event)
+        # a stop never waits for pictures: the ones not drawn yet are left to `report`
+        dropped = worker.drop_queued()
+        if dropped:
+            log.warning("Plots not drawn", count=len(dropped), hint="smart-monitor report")
         worker.stop(_PLOT_STOP_SECONDS)
         if deferred:
             try:

@@ -112,7 +112,7 @@ class SnapshotWriter:
                 }
             )
             if checkpoint is None:
-                meta["note"] = "no complete checkpoint existed at or before this step"
+                meta.setdefault("note", "no complete checkpoint existed at or before this step")
             _write_synced(tmp / "metadata.json", json.dumps(json_safe(meta), indent=2) + "\n")
             _fsync_dir(tmp)
             final = self._final_path(now, name)

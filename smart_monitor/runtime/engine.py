@@ -297,8 +297,15 @@ class Engine:
         metadata = dict(request.metadata)
         metadata["key"] = request.key
         triggers = [t.name for t in request.triggers]
-        for _ in range(_VANISHED_RETRIES):
-            ck = self._checkpoint_for(request)
+        vanished: list[str] = []
+        while True:
+            # the trainer may rotate away every candidate while we read a backlog: after
+            # a few, the snapshot keeps its metadata alone rather than nothing at all
+            ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
+            if ck is None and vanished:
+                metadata["note"] = "every candidate checkpoint vanished before it was pinned: " + (
+                    ", ".join(vanished)
+                )
             try:
                 result = self.writer.write(request.name, metadata, ck)
             except SnapshotError as exc:
@@ -308,6 +315,7 @@ class Engine:
                         step=request.step, checkpoint=ck.name, detail=exc.detail,
                     )
                     self.index.forget(ck.step)
+                    vanished.append(ck.name)
                     continue
                 self._failed(request, exc.reason, exc.detail)
                 return
@@ -328,7 +336,6 @@ class Engine:
             )
             self._emit("snapshot", {"request": request, "path": result.path, "bytes": result.bytes})
             return
-        self._failed(request, "source_vanished", "every candidate checkpoint vanished")
 
     def _record_recovery(self, incident: Incident, step: int) -> None:
         """Complete the snapshot's ``incident`` block (peak, end) once it recovered:

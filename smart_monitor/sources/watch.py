@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
+import queue
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,24 +59,25 @@ SYSCTL_HINT = "raise fs.inotify.max_user_watches / max_user_instances (sysctl), 
 
 class Wakeups:
     """What changed since the worker last looked, as a set of kinds: a burst of events
-    for one file is one wake-up, so the queue never grows with the event rate."""
+    for one file is one wake-up. ``post`` is safe from a signal handler: a
+    ``SimpleQueue.put`` takes no lock that the waiting worker could hold."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._kinds: set[str] = set()
-        self._event = threading.Event()
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     def post(self, kind: str) -> None:
-        with self._lock:
-            self._kinds.add(kind)
-        self._event.set()
+        self._queue.put(kind)
 
     def take(self, timeout: float) -> set[str]:
-        self._event.wait(max(0.0, timeout))
-        with self._lock:
-            kinds, self._kinds = self._kinds, set()
-            self._event.clear()
-        return kinds
+        try:
+            kinds = {self._queue.get(timeout=max(0.0, timeout))}
+        except queue.Empty:
+            return set()
+        while True:
+            try:
+                kinds.add(self._queue.get_nowait())
+            except queue.Empty:
+                return kinds
 
 
 def make_observer() -> BaseObserver:

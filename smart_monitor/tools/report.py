@@ -237,6 +237,9 @@ def write_report(
     """Write the page to ``target`` (tmp name, then rename) and return it."""
     series = load_series(metrics, aliases, max_line_bytes)
     infos = read_snapshots(snapshot_dir)
+    for info in infos:  # a daemon stops without waiting for pictures: drawn here instead
+        if not (info.path / "loss_history.png").exists():
+            write_loss_history_png(info.path)
     marks = [(i.step, i.severity) for i in infos if isinstance(i.step, int)]
     steps = [s for s, _ in marks]
     plots = [
