@@ -201,7 +201,7 @@ def test_bad_input_is_counted_and_logged_never_fatal(tmp_path: Path) -> None:
     log = next((tmp_path / "out" / "logs").glob("*.log")).read_text()
     reasons = re.findall(r"Skipped malformed line reason=(\w+)", log)
     assert sorted(reasons) == ["bad_type", "invalid_json", "missing_field", "oversized"]
-    assert "Skipped NUL run bytes=100" in log
+    assert "Skipped NUL bytes count=100" in log
     assert log.count("loss_nonfinite") >= 1
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.sources.tailer import OVERSIZED, Tailer
+from smart_monitor.sources.tailer import Tailer
 
 
 class Events:
@@ -18,8 +18,19 @@ class Events:
         self.names.append(name)
 
 
-def read(t: Tailer) -> list[bytes]:
-    return [line for _, line in t.lines()]
+def lines(t: Tailer) -> list[tuple[int, bytes | None]]:
+    """The non-empty lines of ``t.blocks()`` with their offsets (None: oversized)."""
+    out: list[tuple[int, bytes | None]] = []
+    for offset, block in t.blocks():
+        for line in block:
+            if line != b"":
+                out.append((offset, line))
+            offset += len(line or b"") + 1
+    return out
+
+
+def read(t: Tailer) -> list[bytes | None]:
+    return [line for _, line in lines(t)]
 
 
 def append(path: Path, data: bytes) -> None:
@@ -49,21 +60,25 @@ def test_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
 def test_offsets_name_each_line_start(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     append(path, b"a\nbb\n\nccc\n")
-    assert list(Tailer(path, 1024).lines()) == [(0, b"a"), (2, b"bb"), (6, b"ccc")]
+    assert list(Tailer(path, 1024).blocks()) == [(0, [b"a", b"bb", b"", b"ccc"])]
+    assert lines(Tailer(path, 1024)) == [(0, b"a"), (2, b"bb"), (6, b"ccc")]
 
 
 def test_state_round_trip_resumes_after_the_last_line_handed_out(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
-    append(path, b"".join(b'{"i":%d}\n' % i for i in range(10)))
+    # an oversized line splits one read into two blocks
+    rest = b"".join(b'{"i":%d}\n' % i for i in range(1, 10))
+    append(path, b'{"i":0}\n' + b"x" * 2000 + b"\n" + rest)
     t = Tailer(path, 1024)
-    it = t.lines()
-    got = [next(it)[1] for _ in range(4)]  # a reader that stops mid-chunk
+    it = t.blocks()
+    got = next(it)[1]  # a reader that stops between the two blocks of one read
+    assert got == [b'{"i":0}', None]
     state = json.loads(json.dumps(t.state_dict()))
     t.close()
     t2 = Tailer(path, 1024)
     t2.load_state_dict(state)
     got += read(t2)
-    assert got == [b'{"i":%d}' % i for i in range(10)]
+    assert got == [b'{"i":0}', None] + [b'{"i":%d}' % i for i in range(1, 10)]
 
 
 def test_restore_onto_a_different_file_reads_it_from_start(tmp_path: Path) -> None:
@@ -102,7 +117,7 @@ def test_oversized_line_is_reported_once_and_skipped_streaming(tmp_path: Path) -
     path = tmp_path / "m.jsonl"
     t = Tailer(path, 1024)
     append(path, b"x" * 3000)
-    assert list(t.lines()) == [(0, OVERSIZED)]
+    assert list(t.blocks()) == [(0, [None])]
     append(path, b"x" * 3000 + b'\n{"ok":1}\n')
     assert read(t) == [b'{"ok":1}']
     assert t.offset == path.stat().st_size
@@ -111,10 +126,11 @@ def test_oversized_line_is_reported_once_and_skipped_streaming(tmp_path: Path) -
 def test_oversized_complete_line_in_one_chunk(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     append(path, b"y" * 2000 + b'\n{"ok":1}\n')
-    assert read(Tailer(path, 1024)) == [OVERSIZED, b'{"ok":1}']
+    assert read(Tailer(path, 1024)) == [None, b'{"ok":1}']
 
 
-def test_crlf_and_blank_lines(tmp_path: Path) -> None:
+def test_crlf_and_blank_lines_are_handed_out_as_read(tmp_path: Path) -> None:
+    """Blank lines count for the offsets; the engine skips them, as in a replay."""
     path = tmp_path / "m.jsonl"
     append(path, b'{"a":1}\r\n\r\n  \n{"b":2}\n')
-    assert read(Tailer(path, 1024)) == [b'{"a":1}\r', b'{"b":2}']
+    assert read(Tailer(path, 1024)) == [b'{"a":1}\r', b"\r", b"  ", b'{"b":2}']

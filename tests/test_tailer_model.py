@@ -36,8 +36,8 @@ class Reader:
         self.saved: tuple[dict[str, Any] | None, int] = (None, 0)
 
     def read(self, limit: int | None = None) -> None:
-        for n, (_, line) in enumerate(self.tailer.lines(), 1):
-            self.out.append(line)
+        for n, (_, block) in enumerate(self.tailer.blocks(), 1):
+            self.out.extend(line for line in block if line is not None)  # none is oversized
             if limit is not None and n >= limit:
                 return
         if self.tailer.switched:

@@ -28,10 +28,10 @@ from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.retention import enforce_retention
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
-from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.engine import Engine, no_cyclic_gc
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
-from smart_monitor.sources.tailer import OVERSIZED, Tailer
+from smart_monitor.sources.tailer import Tailer
 from smart_monitor.sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
 
 __all__ = ["Daemon"]
@@ -173,20 +173,16 @@ class Daemon:
     def _read(self) -> None:
         if self.tailer is None:
             return
-        handle, malformed = self.engine.handle_line, self.engine.malformed
-        limit = self.config.records.max_line_bytes
         deadline = self.clock() + _TURN_SECONDS
-        for n, (offset, line) in enumerate(self.tailer.lines(), 1):
-            if line is OVERSIZED:
-                malformed("oversized", f"line over {limit} bytes", offset)
-            else:
-                handle(line, offset)
-            self._dirty = True
-            if self.stopping.is_set():
-                return
-            if n % 256 == 0 and self.clock() >= deadline:
-                self.wakeups.post("metrics")  # a backlog: come back after the other duties
-                return
+        with no_cyclic_gc():
+            for offset, lines in self.tailer.blocks():  # what one read returned
+                self.engine.handle_lines(lines, offset)  # the path replay takes
+                self._dirty = True
+                if self.stopping.is_set():
+                    return
+                if self.clock() >= deadline:
+                    self.wakeups.post("metrics")  # a backlog: come back after other duties
+                    return
         if self.tailer.switched:  # the old file is drained: save at the boundary, go on
             self.tailer.switched = False
             self._save(final=True)

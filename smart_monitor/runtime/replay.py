@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from tqdm import tqdm
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.snapshot import SnapshotWriter
-from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.engine import Engine, no_cyclic_gc
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
 from smart_monitor.triggers import stats_label
@@ -85,7 +83,7 @@ def replay(
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
     history = trainer_state_history(metrics)
-    with _no_cyclic_gc():
+    with no_cyclic_gc():
         if history is not None:
             engine.handle_entries(history)
         else:
@@ -106,22 +104,8 @@ def _replay_jsonl(
         total=size, unit="B", unit_scale=True, disable=not progress, desc="replay"
     ) as bar:
         done = 0
-        for offset, lines in iter_line_chunks(fh, max_line_bytes):
+        for offset, lines in iter_line_chunks(fh, max_line_bytes, engine.skipped_nuls):
             engine.handle_lines(lines, offset)
             bar.update(offset - done)
             done = offset
         bar.update(size - done)
-
-
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while records stream through. Each line
-    makes a dict and a tuple, none in a reference cycle (reference counting frees them
-    all); the collector would only scan them over and over: 20 % of a replay here."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

@@ -1,61 +1,125 @@
-"""Finished files for ``replay``: a JSONL metrics file, or an HF ``trainer_state.json``."""
+"""The one JSONL line reader, for a finished file (``replay``, ``report``) and for the
+live tailer alike; and HF ``trainer_state.json`` histories."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-__all__ = ["OVERSIZED", "iter_line_chunks", "iter_lines", "trainer_state_history"]
+__all__ = [
+    "OVERSIZED", "Block", "LineSplitter", "iter_line_chunks", "iter_lines",
+    "trainer_state_history",
+]  # fmt: skip
 
 OVERSIZED = b""  # yielded in place of a line longer than max_line_bytes
 _CHUNK = 1 << 20
 
+# consecutive lines from a byte offset: each takes ``len(line) + 1`` bytes; ``None``
+# (a line over max_line_bytes) always ends its list
+Block = tuple[int, list[bytes | None]]
 
-def iter_line_chunks(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, list[bytes | None]]]:
-    """The file's newline-terminated lines (without the newline), a list per read, with
-    the byte offset of its first line; each line takes ``len(line) + 1`` bytes, so the
-    consumer can tell every line's offset. ``None`` stands for a line longer than
-    ``max_line_bytes`` and always ends its list (its bytes are discarded as they stream
-    past: memory stays bounded). A last line without a newline is not yielded (it may
-    still be being written). Empty lines are kept: they count for the offsets."""
-    offset = 0  # of the start of ``buf``
-    buf = b""
-    skipping = False
-    while chunk := fh.read(_CHUNK):
-        if skipping:
+
+class LineSplitter:
+    """Bytes in, blocks of complete lines out, with the offset of each block's first
+    line, so a consumer can tell every line's offset. A last line without its newline
+    waits in ``buf`` (it may still be being written). Empty lines are kept: they count
+    for the offsets. A line over ``max_line_bytes`` becomes ``None`` and its bytes are
+    dropped as they stream past (memory stays bounded). A run of NUL bytes where a line
+    starts (``copytruncate`` beside a writer without O_APPEND, FAULTS.md #7) is skipped,
+    counted in ``nul_bytes`` and reported to ``on_nul(count, offset)``: the one place
+    NUL bytes are stripped, for ``run`` and ``replay`` alike.
+
+    >>> s = LineSplitter(8)
+    >>> s.feed(b'{"a":1}\\n\\x00\\x00{"b":2}\\n{"c"')
+    [(0, [b'{"a":1}']), (10, [b'{"b":2}'])]
+    >>> s.offset, s.buf, s.nul_bytes
+    (18, b'{"c"', 2)
+    """
+
+    def __init__(
+        self, max_line_bytes: int, on_nul: Callable[[int, int], None] = lambda n, offset: None
+    ) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.on_nul = on_nul
+        self.offset = 0  # of the start of ``buf``: the first byte not yet handed out
+        self.buf = b""
+        self.skipping = False  # discarding the rest of an oversized line
+        self.nul_bytes = 0
+
+    def reset(self, offset: int = 0, skipping: bool = False) -> None:
+        self.offset, self.skipping, self.buf = offset, skipping, b""
+
+    def feed(self, chunk: bytes) -> list[Block]:
+        """The blocks that ``chunk`` completes; ``offset`` is past all of them."""
+        if self.skipping:
             nl = chunk.find(b"\n")
             if nl < 0:
-                offset += len(chunk)
-                continue
-            offset += nl + 1
+                self.offset += len(chunk)
+                return []
+            self.offset += nl + 1
             chunk = chunk[nl + 1 :]
-            skipping = False
-        buf += chunk
-        lines: list[bytes] = buf.split(b"\n")
-        buf = lines.pop()
-        if lines and max(map(len, lines)) > max_line_bytes:  # rare: split around them
-            part: list[bytes | None] = []
-            start = offset
-            for line in lines:
-                offset += len(line) + 1
-                if len(line) > max_line_bytes:
-                    part.append(None)
-                    yield start, part
-                    start, part = offset, []
-                else:
-                    part.append(line)
-            if part:
-                yield start, part
-        elif lines:
-            yield offset, cast("list[bytes | None]", lines)
-            offset += sum(map(len, lines)) + len(lines)
-        if len(buf) > max_line_bytes:
-            yield offset, [None]
-            offset += len(buf)
+            self.skipping = False
+        data = self.buf + chunk if self.buf else chunk
+        out: list[Block] = []
+        if b"\x00" in data:
+            buf = self._split_slowly(data, out)
+        else:
+            lines: list[bytes] = data.split(b"\n")
+            buf = lines.pop()
+            if lines and max(map(len, lines)) > self.max_line_bytes:  # rare
+                buf = self._split_slowly(data, out)
+            elif lines:
+                out.append((self.offset, cast("list[bytes | None]", lines)))
+                self.offset += sum(map(len, lines)) + len(lines)
+        if len(buf) > self.max_line_bytes:
+            out.append((self.offset, [None]))
+            self.offset += len(buf)
             buf = b""
-            skipping = True
+            self.skipping = True
+        self.buf = buf
+        return out
+
+    def _split_slowly(self, buf: bytes, out: list[Block]) -> bytes:
+        """Line by line, around NUL runs and oversized lines; returns the partial tail."""
+        part: list[bytes | None] = []
+        start = self.offset
+        pos = 0
+        while True:
+            if buf.startswith(b"\x00", pos):
+                end = len(buf) - len(buf[pos:].lstrip(b"\x00"))
+                if part:
+                    out.append((start, part))
+                    part = []
+                self.nul_bytes += end - pos
+                self.offset += end - pos
+                self.on_nul(end - pos, self.offset)
+                pos, start = end, self.offset
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = buf[pos:nl]
+            self.offset += nl + 1 - pos
+            pos = nl + 1
+            if len(line) > self.max_line_bytes:
+                part.append(None)
+                out.append((start, part))
+                part, start = [], self.offset
+            else:
+                part.append(line)
+        if part:
+            out.append((start, part))
+        return buf[pos:]
+
+
+def iter_line_chunks(
+    fh: BinaryIO, max_line_bytes: int, on_nul: Callable[[int, int], None] | None = None
+) -> Iterator[Block]:
+    """Every block of complete lines of ``fh``, read to its end (see ``LineSplitter``)."""
+    splitter = LineSplitter(max_line_bytes, *(() if on_nul is None else (on_nul,)))
+    while chunk := fh.read(_CHUNK):
+        yield from splitter.feed(chunk)
 
 
 def iter_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:

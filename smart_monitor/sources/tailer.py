@@ -17,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.sources.files import OVERSIZED
+from smart_monitor.sources.files import Block, LineSplitter
 
-__all__ = ["OVERSIZED", "Identity", "Tailer"]
+__all__ = ["Identity", "Tailer"]
 
 _CHUNK = 1 << 20
 _MARK = 64  # bytes before the offset whose hash must still match (offset marker)
@@ -48,9 +49,9 @@ class Identity:
 
 
 class Tailer:
-    """``lines()`` yields ``(offset, line)`` for each new complete line (without its
-    newline; ``OVERSIZED`` for one over ``max_line_bytes``), and ``offset`` moves past
-    a line as it is yielded: state saved between two lines resumes at the next one.
+    """``blocks()`` yields the new complete lines as ``LineSplitter`` blocks (what one
+    read returned, often one line), and ``offset`` moves past a block as it is yielded:
+    state saved between two blocks resumes at the next one.
 
     ``event(name, fields)`` reports what a reader of the log wants to know: truncation,
     replacement, skipped NUL bytes, a line dropped unterminated.
@@ -67,16 +68,18 @@ class Tailer:
         self.event = event
         self.fd: int | None = None
         self.identity: Identity | None = None
-        self.offset = 0  # start of the first line not yet handed out
-        self.skipping = False  # discarding the rest of an oversized line
-        self.nul_bytes = 0
+        self.splitter = LineSplitter(max_line_bytes, self._skipped_nuls)
+        self._pending: deque[Block] = deque()  # read, not yet handed out
         self.switched = False  # the file was replaced or deleted; the reader resets it
         self._gone = False
         self._refused = False
         self._seen: tuple[int, int] | None = None  # (size, mtime) last read to the end
-        self._buf = b""  # bytes read but not yet handed out start at ``_buf[_start]``
-        self._start = 0
         self._restored: dict[str, Any] | None = None
+
+    @property
+    def offset(self) -> int:
+        """The start of the first line not yet handed out."""
+        return self._pending[0][0] if self._pending else self.splitter.offset
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -90,15 +93,15 @@ class Tailer:
             "head": ident.head if ident else None,
             "offset": self.offset,
             "mark": self._mark_hash(self.offset) if self.fd is not None else None,
-            "skipping": self.skipping,
-            "nul_bytes": self.nul_bytes,
+            "skipping": self.splitter.skipping and not self._pending,
+            "nul_bytes": self.splitter.nul_bytes,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Takes effect at the next ``lines()``, once the file at the path is checked
+        """Takes effect at the next ``blocks()``, once the file at the path is checked
         to be the one the state describes; otherwise that file is read from 0."""
         self._restored = dict(state)
-        self.nul_bytes = int(state.get("nul_bytes", 0))
+        self.splitter.nul_bytes = int(state.get("nul_bytes", 0))
 
     @property
     def waiting(self) -> bool:
@@ -111,7 +114,7 @@ class Tailer:
             self.fd = None
 
     # -- reading --------------------------------------------------------------------
-    def lines(self) -> Iterator[tuple[int, bytes]]:
+    def blocks(self) -> Iterator[Block]:
         try:
             st = os.stat(self.path)
         except (FileNotFoundError, NotADirectoryError):
@@ -124,7 +127,7 @@ class Tailer:
             if st is not None and (st.st_dev, st.st_ino) == (self.identity.dev, self.identity.ino):
                 seen = (st.st_size, st.st_mtime_ns)
                 settled = time.time_ns() - st.st_mtime_ns > _RACY_NS
-                if seen == self._seen and settled and self._start == len(self._buf):
+                if seen == self._seen and settled and not self._pending:
                     return  # nothing new: one stat is all a poll costs
                 if self._changed_in_place(st.st_size):
                     self._reopen("truncated")
@@ -156,7 +159,7 @@ class Tailer:
 
     def _reopen(self, why: str | None) -> None:
         """Open the file now at the path. After a truncation or a replacement the reader
-        gets no line of the new file in this ``lines()`` and ``switched`` is set: the
+        gets no line of the new file in this ``blocks()`` and ``switched`` is set: the
         daemon saves its state at that boundary (the old file drained, the new one at
         0), so a kill after it neither resumes into the old identity nor loses lines."""
         self._drop_partial()
@@ -173,11 +176,10 @@ class Tailer:
         self._gone = self._refused = False
         self._seen = None
         self.identity = Identity(st.st_dev, st.st_ino, self._head_hash())
-        self.offset, self.skipping, self._buf, self._start = 0, False, b"", 0
+        self.splitter.reset()
         restored, self._restored = self._restored, None
         if restored is not None and self._matches(restored, st.st_size):
-            self.offset = int(restored["offset"])
-            self.skipping = bool(restored.get("skipping", False))
+            self.splitter.reset(int(restored["offset"]), bool(restored.get("skipping", False)))
             self.event("Resumed metrics file", {"path": str(self.path), "offset": self.offset})
         elif restored is not None and restored.get("head") is not None:
             self.event("Metrics file changed while stopped", {"path": str(self.path)})
@@ -213,75 +215,36 @@ class Tailer:
         start = max(0, offset - _MARK)
         return _hash(os.pread(self.fd, offset - start, start))
 
-    def _read(self) -> Iterator[tuple[int, bytes]]:
-        """Every complete line from ``offset + len(buf)`` to the end of the file."""
+    def _read(self) -> Iterator[Block]:
+        """Every block of complete lines from the read position to the end of the file;
+        the blocks of one read are queued first, so a reader that stops between two
+        of them loses nothing."""
         assert self.fd is not None and self.identity is not None
         if not self.identity.head:
             head = self._head_hash()
             if head:
                 self.identity = Identity(self.identity.dev, self.identity.ino, head)
-        if self._start < len(self._buf):  # a reader stopped between buffered lines
-            yield from self._split(b"")
         while True:
-            pos = self._read_pos()
-            chunk = os.pread(self.fd, _CHUNK, pos)
+            while self._pending:
+                yield self._pending.popleft()
+            chunk = os.pread(self.fd, _CHUNK, self._read_pos())
             if not chunk:
                 return
-            yield from self._split(chunk)
+            self._pending.extend(self.splitter.feed(chunk))
 
-    def _split(self, chunk: bytes) -> Iterator[tuple[int, bytes]]:
-        """``offset`` always names ``_buf[_start]``, also while suspended at a yield, so a
-        reader that stops between two lines loses nothing."""
-        if self.skipping:
-            nl = chunk.find(b"\n")
-            if nl < 0:
-                self.offset += len(chunk)
-                return
-            self.offset += nl + 1
-            chunk = chunk[nl + 1 :]
-            self.skipping = False
-        buf = self._buf = self._buf[self._start :] + chunk
-        self._start = 0
-        while True:
-            start = self._start
-            if buf.startswith(b"\x00", start):
-                start = self._start = self._skip_nuls(buf, start)
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            line = buf[start:nl]
-            line_offset = self.offset
-            self.offset += nl + 1 - start
-            self._start = nl + 1
-            if len(line) > self.max_line_bytes:
-                yield line_offset, OVERSIZED
-            elif line.strip(b"\r \t"):
-                yield line_offset, line
-        self._buf, self._start = buf[self._start :], 0
-        if len(self._buf) > self.max_line_bytes:
-            self.event("Skipped oversized line", {"offset": self.offset})
-            yield self.offset, OVERSIZED
-            self.offset += len(self._buf)
-            self._buf = b""
-            self.skipping = True
-
-    def _skip_nuls(self, buf: bytes, start: int) -> int:
-        """A ``copytruncate`` beside a writer without O_APPEND leaves a hole of NUL bytes
-        where the old content was (FAULTS.md #7): skip it and count it."""
-        end = len(buf) - len(buf[start:].lstrip(b"\x00"))
-        n = end - start
-        self.nul_bytes += n
-        self.offset += n
-        self.event("Skipped NUL bytes", {"count": n, "offset": self.offset})
-        return end
+    def _skipped_nuls(self, count: int, offset: int) -> None:
+        self.event("Skipped NUL bytes", {"count": count, "offset": offset})
 
     def _drop_partial(self) -> None:
         """An unterminated last line of a file that is gone or truncated can never be
         completed (FAULTS.md #4): say so instead of guessing."""
-        left = len(self._buf) - self._start
+        left = len(self.splitter.buf)
         if left and self.fd is not None:
-            self.event("Dropped unterminated line", {"bytes": left, "offset": self.offset})
-        self._buf, self._start = b"", 0
+            self.event(
+                "Dropped unterminated line", {"bytes": left, "offset": self.splitter.offset}
+            )
+        self._pending.clear()
+        self.splitter.reset()
 
     def _denied(self, exc: OSError) -> None:
         if not self._refused:  # once, not at every retry
@@ -289,4 +252,4 @@ class Tailer:
             self.event("Metrics file unreadable", {"path": str(self.path), "error": str(exc)})
 
     def _read_pos(self) -> int:
-        return self.offset + len(self._buf) - self._start
+        return self.splitter.offset + len(self.splitter.buf)
