@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/backlog.py [--lines 1000000]
 
-Both read the file through the same ingestion path (``Engine.handle_lines``, one block
+Both read the file through the same ingestion path (``Ingest.handle_lines``, one block
 of lines per read); this measures what the daemon's loop costs on top of it. The file
 is benchmarks/replay.py's (train records shaped like the real HF runs, an eval every
 500 steps, a loss spike every 100,000) ending in one NaN loss, whose ``Detected

@@ -21,19 +21,20 @@ from smart_monitor.config import ConfigError, load_config
 from smart_monitor.hooks.actions import Actions
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.pipeline import SnapshotRequest
+from smart_monitor.runtime.events import Detected, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity, Trigger
 
 
 def snapshot_event(
     kind: str = "loss_nonfinite", name: str | None = None, severity: str = "critical",
     step: int = 120, path: str = "/snaps/anomaly_x",
-) -> dict[str, Any]:
+) -> SnapshotMade:
     trigger = Trigger(kind, name or kind, Severity(severity), step)
     request = SnapshotRequest(
         key=f"0:{step}:{trigger.name}", name=trigger.name, step=step,
         severity=Severity(severity), triggers=(trigger,), exact_checkpoint=False, metadata={},
     )
-    return {"request": request, "path": Path(path), "bytes": 10}
+    return SnapshotMade(request, Path(path), 10)
 
 
 class Logged:
@@ -105,7 +106,7 @@ def test_webhook_posts_slack_compatible_json(
     tmp_path: Path, logged: Logged, receiver: Receiver
 ) -> None:
     actions = make_actions(tmp_path, logged, webhook={"url": receiver.url})
-    actions("snapshot", snapshot_event(step=340))
+    actions(snapshot_event(step=340))
     actions.stop()
     [body] = receiver.bodies
     assert body["text"].startswith("smart_monitor critical: loss_nonfinite at step 340")
@@ -120,7 +121,7 @@ def test_webhook_error_status_is_logged_not_raised(
 ) -> None:
     receiver.status = 500
     actions = make_actions(tmp_path, logged, webhook={"url": receiver.url})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     [failed] = logged.lines("Action failed")
     assert "action=webhook" in failed and "500" in failed and "triggers=loss_nonfinite" in failed
@@ -133,10 +134,10 @@ def test_slow_webhook_never_blocks_the_caller_and_times_out(
     actions = make_actions(
         tmp_path, logged, timeout_seconds=0.3, queue_size=1, webhook={"url": receiver.url}
     )
-    actions("snapshot", snapshot_event(step=1))
+    actions(snapshot_event(step=1))
     assert receiver.received.wait(10)  # the call above returned while the POST hangs
-    actions("snapshot", snapshot_event(step=2))  # queued behind it
-    actions("snapshot", snapshot_event(step=3))  # queue full: dropped, said so
+    actions(snapshot_event(step=2))  # queued behind it
+    actions(snapshot_event(step=3))  # queue full: dropped, said so
     [dropped] = logged.lines("Action dropped")
     assert "step=3" in dropped and "reason=queue_full" in dropped
     actions.stop()
@@ -150,7 +151,7 @@ def test_signal_stops_a_real_child_process(tmp_path: Path, logged: Logged) -> No
     pidfile.write_text(f"{child.pid}\n")
     actions = make_actions(tmp_path, logged, signal={"pidfile": str(pidfile)})
     try:
-        actions("snapshot", snapshot_event())
+        actions(snapshot_event())
         actions.stop()
         assert child.wait(10) == -signal.SIGTERM
     finally:
@@ -168,7 +169,7 @@ def test_bad_pidfile_is_logged_and_signals_nothing(
     if content is not None:
         pidfile.write_text(content)
     actions = make_actions(tmp_path, logged, signal={"pidfile": str(pidfile)})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     [failed] = logged.lines("Action failed")
     assert "action=signal" in failed
@@ -180,7 +181,7 @@ def test_signal_to_a_process_that_ended_is_logged(tmp_path: Path, logged: Logged
     pidfile = tmp_path / "trainer.pid"
     pidfile.write_text(str(child.pid))
     actions = make_actions(tmp_path, logged, signal={"pidfile": str(pidfile)})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     [failed] = logged.lines("Action failed")
     assert "No such process" in failed
@@ -195,7 +196,7 @@ def test_command_gets_trigger_data_in_its_environment(tmp_path: Path, logged: Lo
     actions = make_actions(
         tmp_path, logged, command={"argv": [sys.executable, "-c", script, str(out)]}
     )
-    actions("snapshot", snapshot_event(kind="loss_zscore", name="loss_zscore_12.50", step=77))
+    actions(snapshot_event(kind="loss_zscore", name="loss_zscore_12.50", step=77))
     actions.stop()
     env = json.loads(out.read_text())
     assert env == {
@@ -208,14 +209,14 @@ def test_command_gets_trigger_data_in_its_environment(tmp_path: Path, logged: Lo
 def test_command_failure_and_timeout_are_logged(tmp_path: Path, logged: Logged) -> None:
     fail = [sys.executable, "-c", "import sys; sys.exit('disk on fire')"]
     actions = make_actions(tmp_path, logged, command={"argv": fail})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     hang = [sys.executable, "-c", "import time; time.sleep(60)"]
     actions = make_actions(tmp_path, logged, timeout_seconds=0.3, command={"argv": hang})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     missing = make_actions(tmp_path, logged, command={"argv": [str(tmp_path / "nope")]})
-    missing("snapshot", snapshot_event())
+    missing(snapshot_event())
     missing.stop()
     first, second, third = logged.lines("Action failed")
     assert "exit status 1: disk on fire" in first
@@ -228,9 +229,8 @@ def test_stop_file_only_for_matching_incidents(tmp_path: Path, logged: Logged) -
     actions = make_actions(
         tmp_path, logged, stop_file={"path": str(stop), "on_triggers": ["divergence_detected"]}
     )
-    actions("snapshot", snapshot_event(kind="loss_spike", name="loss_spike_80.0pct",
-                                       severity="warning"))
-    actions("detected", {"trigger": "divergence_detected", "severity": "critical", "step": 5})
+    actions(snapshot_event(kind="loss_spike", name="loss_spike_80.0pct", severity="warning"))
+    actions(Detected("divergence_detected", "critical", 5))
     actions.stop()
     assert not stop.exists()  # a warning, and a detection without a snapshot decision
 
@@ -238,8 +238,8 @@ def test_stop_file_only_for_matching_incidents(tmp_path: Path, logged: Logged) -
         tmp_path, logged, stop_file={"path": str(stop), "on_triggers": ["divergence_detected"],
                                      "on_severity": "never"}
     )
-    actions("snapshot_failed", {**snapshot_event(kind="divergence_detected", severity="warning"),
-                                "path": None, "reason": "no_space"})
+    failed = snapshot_event(kind="divergence_detected", severity="warning").request
+    actions(SnapshotFailed(failed, "no_space"))
     actions.stop()
     data = json.loads(stop.read_text())
     assert data["event"] == "snapshot_failed" and data["reason"] == "no_space"
@@ -249,7 +249,7 @@ def test_stop_file_only_for_matching_incidents(tmp_path: Path, logged: Logged) -
 
 def test_stop_file_in_a_missing_folder_is_logged(tmp_path: Path, logged: Logged) -> None:
     actions = make_actions(tmp_path, logged, stop_file={"path": str(tmp_path / "no" / "STOP")})
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     [failed] = logged.lines("Action failed")
     assert "action=stop_file" in failed
@@ -258,7 +258,7 @@ def test_stop_file_in_a_missing_folder_is_logged(tmp_path: Path, logged: Logged)
 def test_nothing_configured_means_no_actions_and_no_thread(tmp_path: Path, logged: Logged) -> None:
     actions = make_actions(tmp_path, logged)
     assert actions.actions == [] and actions.worker is None
-    actions("snapshot", snapshot_event())
+    actions(snapshot_event())
     actions.stop()
     assert logged.lines() == []
 

@@ -1,6 +1,8 @@
-"""The bulk path (Engine.handle_lines, Pipeline.process_block) against the plain one
+"""The bulk path (Ingest.handle_lines, Pipeline.process_block) against the plain one
 (handle_line on every line): the same log events, in the same order, and the same
-state, on runs that exercise every detector, restarts and bad lines."""
+state, on runs that exercise every detector, restarts and bad lines. (``run`` and
+``replay`` both take the bulk path, in the same blocks: tests/test_one_path.py holds
+them to exact equality.)"""
 
 from __future__ import annotations
 
@@ -96,14 +98,14 @@ def test_bulk_path_equals_line_by_line(tmp_path: Path, seed: int) -> None:
     offset = 0
     for line in lines:
         if line:
-            plain.handle_line(line, offset)
+            plain.ingest.handle_line(line, offset)
         offset += len(line) + 1
     bulk, bulk_out = engine(tmp_path / "bulk")
     chunk = random.Random(seed).choice([7, 500, 100_000])  # where the chunks end matters
     offset = 0
     for i in range(0, len(lines), chunk):
         part: list[bytes | None] = list(lines[i : i + chunk])
-        bulk.handle_lines(part, offset)
+        bulk.ingest.handle_lines(part, offset)
         offset += sum(len(x) + 1 for x in lines[i : i + chunk])
     assert events(bulk_out) == events(plain_out)
     assert any(e["event"] == "Detected anomaly" for e in events(plain_out))
@@ -115,7 +117,7 @@ def test_bulk_path_equals_line_by_line(tmp_path: Path, seed: int) -> None:
 def test_oversized_line_in_a_chunk_is_counted_once(tmp_path: Path) -> None:
     bulk, out = engine(tmp_path)
     lines: list[bytes | None] = [b'{"step": 1, "loss": 1.0}', None]
-    bulk.handle_lines(lines, 0)
+    bulk.ingest.handle_lines(lines, 0)
     assert bulk.counts["records"] == 1 and bulk.counts["malformed"] == 1
     assert [e["reason"] for e in events(out) if e["event"] == "Skipped malformed line"] == [
         "oversized"

@@ -230,7 +230,7 @@ def test_best_model_waiting_for_its_checkpoint_is_finished_on_stop(tmp_path: Pat
     live = Live(cfg)
     _best_model_at_50(cfg.metrics_file)
     live.wait_records(52)
-    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    wait_until(lambda: bool(live.daemon.engine.dispatch.waiting), "the wait for checkpoint-50")
     assert snapshots(live.out) == []
     live.stop()  # SIGTERM: made at once with what exists
     [snap] = snapshots(live.out)
@@ -242,7 +242,7 @@ def test_best_model_gets_its_own_checkpoint_when_it_comes(tmp_path: Path) -> Non
     write_checkpoint(tmp_path / "run", 40)
     live = Live(cfg)
     _best_model_at_50(cfg.metrics_file)
-    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    wait_until(lambda: bool(live.daemon.engine.dispatch.waiting), "the wait for checkpoint-50")
     write_checkpoint(tmp_path / "run", 50)  # HF saves checkpoint-S after logging step S
     live.wait_log("Created snapshot")
     live.stop()
@@ -259,7 +259,7 @@ def test_best_model_falls_back_once_a_later_checkpoint_shows_its_own_never_comes
     write_checkpoint(tmp_path / "run", 40)
     live = Live(cfg)
     _best_model_at_50(cfg.metrics_file)
-    wait_until(lambda: bool(live.daemon.engine.pending), "the wait for checkpoint-50")
+    wait_until(lambda: bool(live.daemon.engine.dispatch.waiting), "the wait for checkpoint-50")
     write_checkpoint(tmp_path / "run", 60)
     live.wait_log("Created snapshot")
     live.stop()

@@ -45,9 +45,10 @@ def make_engine(tmp_path: Path, clock: Clock, **overrides: object) -> tuple[Engi
 
 def feed(engine: Engine) -> None:
     for step in range(1, 13):
-        engine.handle_line(json.dumps({"step": step, "loss": 2.0, "learning_rate": 1e-4}).encode())
-    engine.handle_line(b'{"step": 13, "loss": NaN}')
-    engine.handle_line(b"{not json")
+        line = json.dumps({"step": step, "loss": 2.0, "learning_rate": 1e-4}).encode()
+        engine.ingest.handle_line(line)
+    engine.ingest.handle_line(b'{"step": 13, "loss": NaN}')
+    engine.ingest.handle_line(b"{not json")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -110,4 +110,4 @@ def test_live_daemon_applies_limits_and_remembers_what_it_removed(tmp_path: Path
     assert len(retired) == 2
     live = Live(cfg)
     live.stop()
-    assert set(retired) <= live.daemon.engine.done_keys  # a re-read will not remake them
+    assert set(retired) <= live.daemon.engine.dispatch.done_keys  # a re-read will not remake them

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,7 @@ from smart_monitor.config import (
     SignalActionConfig,
     WebhookActionConfig,
 )
+from smart_monitor.runtime.events import Event, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity
 
 __all__ = ["ActionError", "Actions", "Incident", "Worker"]
@@ -58,19 +59,19 @@ class Incident:
     reason: str | None
 
     @classmethod
-    def from_event(cls, event: str, data: Mapping[str, Any]) -> Incident | None:
-        if event not in ("snapshot", "snapshot_failed"):
+    def from_event(cls, event: Event) -> Incident | None:
+        if not isinstance(event, SnapshotMade | SnapshotFailed):
             return None
-        request = data["request"]
-        path = data.get("path")
+        request = event.request
+        path = event.path if isinstance(event, SnapshotMade) else None
         return cls(
-            event=event,
+            event=event.name,
             step=int(request.step),
             severity=Severity(request.severity).value,
             triggers=tuple(t.name for t in request.triggers),
             kinds=tuple(t.kind for t in request.triggers),
             snapshot=None if path is None else str(path),
-            reason=data.get("reason"),
+            reason=event.reason if isinstance(event, SnapshotFailed) else None,
         )
 
     def payload(self) -> dict[str, Any]:
@@ -244,8 +245,8 @@ class Actions:
             if self.actions else None
         )
 
-    def __call__(self, event: str, data: Mapping[str, Any]) -> None:
-        incident = Incident.from_event(event, data)
+    def __call__(self, event: Event) -> None:
+        incident = Incident.from_event(event)
         if incident is None or self.worker is None:
             return
         for name, cfg, run in self.actions:

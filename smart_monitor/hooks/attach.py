@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import Config
 from smart_monitor.hooks.actions import Actions, Worker
+from smart_monitor.runtime.events import Event, SnapshotMade
 
 if TYPE_CHECKING:
     from smart_monitor.runtime.engine import Engine
@@ -48,10 +49,10 @@ def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], 
     worker = Worker("smart-monitor-plots", _PLOT_QUEUE, failed)
     deferred: list[Path] = []
 
-    def on_event(event: str, data: Mapping[str, Any]) -> None:
-        if event != "snapshot":
+    def on_event(event: Event) -> None:
+        if not isinstance(event, SnapshotMade):
             return
-        path = Path(data["path"])
+        path = event.path
         if defer:
             deferred.append(path)
         elif not worker.submit(str(path), partial(draw_in_child, [path])):

@@ -9,9 +9,9 @@ of locks; events the engine emits (detections, snapshots) feed labelled counters
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from threading import Thread
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from smart_monitor.config import MetricsConfig
+from smart_monitor.runtime.events import Detected, Event, Restarted, SnapshotFailed, SnapshotMade
 
 if TYPE_CHECKING:
     from smart_monitor.runtime.engine import Engine
@@ -49,7 +50,7 @@ class _EngineCollector(Collector):
             "Step of the newest record (NaN before the first).",
             value=math.nan if last_step is None else last_step,
         )
-        last = self.engine.last_record_at
+        last = self.engine.ingest.last_record_at
         since = self.engine.clock() - (self.started_at if last is None else last)
         yield GaugeMetricFamily(
             "smart_monitor_seconds_since_last_record",
@@ -90,17 +91,17 @@ class MetricsServer:
         self._server: WSGIServer | None = None
         self._thread: Thread | None = None
 
-    def __call__(self, event: str, data: Mapping[str, Any]) -> None:
-        if event == "detected":
-            self.detections.labels(data["trigger"], data["severity"]).inc()
-        elif event == "snapshot":
-            request = data["request"]
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Detected):
+            self.detections.labels(event.kind, event.severity).inc()
+        elif isinstance(event, SnapshotMade):
+            request = event.request
             for t in request.triggers:
                 self.snapshots.labels(t.kind, request.severity.value).inc()
-            self.snapshot_bytes.inc(data.get("bytes", 0))
-        elif event == "snapshot_failed":
-            self.failures.labels(data["reason"]).inc()
-        elif event == "restarted":
+            self.snapshot_bytes.inc(event.bytes)
+        elif isinstance(event, SnapshotFailed):
+            self.failures.labels(event.reason).inc()
+        elif isinstance(event, Restarted):
             self.restarts.inc()
 
     def start(self) -> int:

@@ -28,7 +28,9 @@ from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.retention import enforce_retention
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
-from smart_monitor.runtime.engine import Engine, no_cyclic_gc
+from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.events import Event, SnapshotMade
+from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.tailer import Tailer
@@ -110,7 +112,7 @@ class Daemon:
             if self.tailer is not None:
                 self.tailer.load_state_dict(data.get("tailer", {}))
             self.retired = [str(k) for k in data.get("retired_keys", [])][-_RETIRED_KEYS:]
-            self.engine.done_keys.update(self.retired)
+            self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
         close_hooks = attach_hooks(self.engine, cfg, self.log)
         self.watcher.start()
@@ -129,8 +131,9 @@ class Daemon:
             deadlines.append(self._next_poll)
         if self._dirty:
             deadlines.append(self._next_save)
-        if self.engine.pending:
-            deadlines.append(min(p.deadline for p in self.engine.pending))
+        waited = self.engine.dispatch.next_deadline()
+        if waited is not None:
+            deadlines.append(waited)
         return min(deadlines) - self.clock()
 
     def _turn(self, kinds: set[str]) -> None:
@@ -146,7 +149,7 @@ class Daemon:
                 self.daily.reopen()
             if self.watcher.check():
                 full = True
-            if full or kinds & {"checkpoints", "rescan"} or self.engine.pending:
+            if full or kinds & {"checkpoints", "rescan"} or self.engine.dispatch.waiting:
                 self.engine.scan_checkpoints()
             if full or kinds & {"metrics", "rescan"}:
                 self._read()
@@ -176,7 +179,7 @@ class Daemon:
         deadline = self.clock() + _TURN_SECONDS
         with no_cyclic_gc():
             for offset, lines in self.tailer.blocks():  # what one read returned
-                self.engine.handle_lines(lines, offset)  # the path replay takes
+                self.engine.ingest.handle_lines(lines, offset)  # the path replay takes
                 self._dirty = True
                 if self.stopping.is_set():
                     return
@@ -188,8 +191,8 @@ class Daemon:
             self._save(final=True)
             self.wakeups.post("metrics")
 
-    def _on_event(self, event: str, data: Mapping[str, Any]) -> None:
-        if event == "snapshot":
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, SnapshotMade):
             self._new_snapshots = True
 
     def _tail_event(self, name: str, fields: Mapping[str, Any]) -> None:
@@ -208,7 +211,7 @@ class Daemon:
         """Skipped while a best model waits for its checkpoint (a kill would lose the
         wait: the saved offset stays before it), unless ``final``: on stop, after
         finish(), and when the metrics file was replaced."""
-        if self.engine.pending and not final:
+        if self.engine.dispatch.waiting and not final:
             self._next_save = self.clock() + self.config.state.save_interval_seconds
             return
         data = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,9 @@ from tqdm import tqdm
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.snapshot import SnapshotWriter
-from smart_monitor.runtime.engine import Engine, no_cyclic_gc
+from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.events import Detected, Event, Listener
+from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
 from smart_monitor.triggers import stats_label
@@ -28,7 +30,7 @@ class DetectionReport:
 
     >>> r = DetectionReport()
     >>> for step in (1500, 4300):
-    ...     r("detected", {"trigger": "loss_zscore", "step": step})
+    ...     r(Detected("loss_zscore", "critical", step))
     >>> print(r.format())
     trigger                         count  steps
     loss_zscore_*                       2  1500, 4300
@@ -37,9 +39,9 @@ class DetectionReport:
     def __init__(self) -> None:
         self.steps: dict[str, list[int]] = {}
 
-    def __call__(self, event: str, data: Mapping[str, Any]) -> None:
-        if event == "detected":
-            self.steps.setdefault(str(data["trigger"]), []).append(int(data["step"]))
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Detected):
+            self.steps.setdefault(event.kind, []).append(event.step)
 
     def format(self, max_steps: int = 30) -> str:
         lines = [f"{'trigger':30} {'count':>6}  steps"]
@@ -57,7 +59,7 @@ def replay(
     metrics: Path,
     log: Any,
     progress: bool | None = None,
-    listeners: Sequence[Callable[[str, Mapping[str, Any]], None]] = (),
+    listeners: Sequence[Listener] = (),
     plots: bool = True,
 ) -> Engine:
     """Feed every record of ``metrics`` through one Engine and return it (its counts);
@@ -85,7 +87,7 @@ def replay(
     history = trainer_state_history(metrics)
     with no_cyclic_gc():
         if history is not None:
-            engine.handle_entries(history)
+            engine.ingest.handle_entries(history)
         else:
             _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
     engine.finish()
@@ -104,8 +106,8 @@ def _replay_jsonl(
         total=size, unit="B", unit_scale=True, disable=not progress, desc="replay"
     ) as bar:
         done = 0
-        for offset, lines in iter_line_chunks(fh, max_line_bytes, engine.skipped_nuls):
-            engine.handle_lines(lines, offset)
+        for offset, lines in iter_line_chunks(fh, max_line_bytes, engine.ingest.skipped_nuls):
+            engine.ingest.handle_lines(lines, offset)
             bar.update(offset - done)
             done = offset
         bar.update(size - done)
