@@ -272,7 +272,10 @@ def write_report(
 
 def main(argv: Sequence[str]) -> int:
     """``python -m smart_monitor.tools.report SNAPSHOT...``: draw each ``loss_history.png``
-    (the daemon runs this in a child process, see ``hooks.attach_plots``)."""
+    (the daemon runs this in a child process, see ``hooks.attach_plots``). A picture is
+    background work: the child yields the CPU to the daemon reading a backlog, and to
+    the trainer."""
+    os.nice(10)
     failed = 0
     for arg in argv:
         try:
