@@ -1,7 +1,7 @@
 """The registry: every detector the config enables, in a fixed order.
 
 A new detector is registered here once and gets the shared checks in
-``tests/test_detectors_common.py`` (resume, rewind, JSON state) for free.
+``tests/test_detectors.py`` (resume, rewind, JSON state) for free.
 """
 
 from __future__ import annotations

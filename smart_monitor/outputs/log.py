@@ -20,9 +20,7 @@ from typing import Any, Literal, TextIO
 import orjson
 import structlog
 
-__all__ = ["DailyFile", "Logger", "make_logger", "render_text"]
-
-Logger = structlog.stdlib.BoundLogger | Any
+__all__ = ["DailyFile", "make_logger", "render_text"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 

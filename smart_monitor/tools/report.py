@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.outputs.atomic import write_atomic
 from smart_monitor.records import (
     EvalRecord,
     MalformedLine,
@@ -166,19 +167,7 @@ def write_loss_history_png(snapshot: Path) -> Path:
     if isinstance(step, int):
         _mark(ax, [(step, str(meta.get("severity")))])
     ax.legend(fontsize=8, loc="best")
-    return _publish(snapshot / "loss_history.png", _png(fig))
-
-
-def _publish(target: Path, data: bytes) -> Path:
-    """Write to a temporary name beside ``target``, then rename: a reader (a browser, a
-    user opening the snapshot) never sees half a file."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return write_atomic(snapshot / "loss_history.png", _png(fig))
 
 
 # -- the page -------------------------------------------------------------------------
@@ -267,7 +256,7 @@ def write_report(
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    return _publish(target, page.encode())
+    return write_atomic(target, page.encode())
 
 
 def main(argv: Sequence[str]) -> int:
