@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import make_checkpoint
@@ -77,8 +79,8 @@ def test_newest_at_or_before_orders_by_step_and_forgets_rotated(run_dir: Path) -
     for step in (900, 1000, 100):  # creation order is not step order
         make_checkpoint(run_dir, step)
     idx.scan()
-    assert idx.newest_at_or_before(950).step == 900  # type: ignore[union-attr]
-    assert idx.newest_at_or_before(5000).step == 1000  # type: ignore[union-attr]
+    assert idx.newest_at_or_before(950).step == 900  # type: ignore[union-attr]  # one exists
+    assert idx.newest_at_or_before(5000).step == 1000  # type: ignore[union-attr]  # one exists
     assert idx.newest_at_or_before(99) is None
     shutil.rmtree(run_dir / "checkpoint-900")  # save_total_limit rotation
     idx.scan()
@@ -90,3 +92,21 @@ def test_missing_root_is_not_an_error(tmp_path: Path) -> None:
     assert idx.scan() == []
     make_checkpoint(tmp_path / "not-yet", 10)
     assert [c.step for c in idx.scan()] == [10]
+
+
+def test_an_unreadable_folder_forgets_what_it_knew(tmp_path: Path) -> None:
+    """Running as root, a test cannot be refused a listing: the scandir is injected."""
+    make_checkpoint(tmp_path, 100)
+    refuse = False
+
+    def scandir(p: Path) -> Iterator[os.DirEntry[str]]:
+        if refuse:
+            raise PermissionError(13, "Permission denied", str(p))
+        return os.scandir(p)
+
+    index = CheckpointIndex(tmp_path, CheckpointsConfig(), scandir=scandir)
+    assert [c.step for c in index.scan()] == [100]
+    refuse = True
+    assert index.scan() == [] and index.newest_at_or_before(100) is None
+    refuse = False
+    assert [c.step for c in index.scan()] == [100]  # complete again, reported again

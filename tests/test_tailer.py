@@ -134,3 +134,22 @@ def test_crlf_and_blank_lines_are_handed_out_as_read(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     append(path, b'{"a":1}\r\n\r\n  \n{"b":2}\n')
     assert read(Tailer(path, 1024)) == [b'{"a":1}\r', b"\r", b"  ", b'{"b":2}']
+
+
+def test_a_refused_stat_waits_and_says_so_once(tmp_path: Path) -> None:
+    """Running as root, a test cannot be refused by the file system: the stat is injected."""
+    path = tmp_path / "m.jsonl"
+    append(path, b'{"a":1}\n')
+    refuse = True
+
+    def stat(p: Path) -> os.stat_result:
+        if refuse:
+            raise PermissionError(13, "Permission denied", str(p))
+        return os.stat(p)
+
+    ev = Events()
+    t = Tailer(path, 1024, ev, stat=stat)
+    assert read(t) == [] and read(t) == [] and t.waiting
+    assert ev.names.count("Metrics file unreadable") == 1
+    refuse = False
+    assert read(t) == [b'{"a":1}']

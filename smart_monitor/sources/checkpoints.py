@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +55,12 @@ class CheckpointIndex:
         root: Path | None,
         config: CheckpointsConfig,
         clock: Callable[[], float] = time.monotonic,
+        scandir: Callable[[Path], Iterable[os.DirEntry[str]]] = os.scandir,
     ) -> None:
         self.root = root
         self.config = config
         self.clock = clock
+        self.scandir = scandir  # injectable, like the clock (watchdog's polling emitter)
         self.regex = pattern_regex(config.pattern)
         self.complete: dict[int, Checkpoint] = {}
         self._pending: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
@@ -67,7 +69,7 @@ class CheckpointIndex:
         if self.root is None:
             return []
         try:
-            entries = list(os.scandir(self.root))
+            entries = list(self.scandir(self.root))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             self.complete.clear()
             return []

@@ -62,8 +62,11 @@ class Tailer:
         path: Path,
         max_line_bytes: int,
         event: Callable[[str, Mapping[str, Any]], None] = lambda name, fields: None,
+        stat: Callable[[Path], os.stat_result] = os.stat,
     ) -> None:
         self.path = path
+        self.stat = stat  # injectable, as watchdog's polling emitter does: a test can
+        # refuse access, which a test running as root cannot get from the file system
         self.max_line_bytes = max_line_bytes
         self.event = event
         self.fd: int | None = None
@@ -116,7 +119,7 @@ class Tailer:
     # -- reading --------------------------------------------------------------------
     def blocks(self) -> Iterator[Block]:
         try:
-            st = os.stat(self.path)
+            st = self.stat(self.path)
         except (FileNotFoundError, NotADirectoryError):
             st = None
         except PermissionError as exc:
