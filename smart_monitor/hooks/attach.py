@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,16 +30,21 @@ __all__ = ["attach_hooks", "attach_plots"]
 _PLOT_QUEUE = 64
 _PLOT_STOP_SECONDS = 2.0  # a stop waits this long, at most, for the plot being drawn
 _PLOT_CHILD_SECONDS = 600.0
+_HOLD_POLL_SECONDS = 0.25  # how often a held plot asks whether it may start
 
 
-def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], None]:
+def attach_plots(
+    engine: Engine, log: Any, defer: bool = False, hold: Callable[[], bool] = lambda: False
+) -> Callable[[], None]:
     """Draw ``loss_history.png`` into every new snapshot, in a child process started
     from a worker thread: the next record never waits for a drawing, and matplotlib
     (about 45 MB) never enters the daemon's memory. Off, with one warning, without
     matplotlib.
 
     ``defer`` (replay): draw them all, in one child, when stopped. A replay runs flat
-    out, and work beside it would take CPU and the GIL from it."""
+    out, and work beside it would take CPU and the GIL from it. ``hold`` (run): while
+    it says so (the daemon is reading a backlog) the next drawing waits, for the same
+    reason; the snapshot itself is already made."""
     if importlib.util.find_spec("matplotlib") is None:
         log.warning("Plots off", reason="matplotlib missing: pip install 'smart-monitor[report]'")
         return lambda: None
@@ -55,7 +61,7 @@ def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], 
         path = event.path
         if defer:
             deferred.append(path)
-        elif not worker.submit(str(path), partial(draw_in_child, [path])):
+        elif not worker.submit(str(path), partial(_draw_when_free, path, hold)):
             log.warning("Plot skipped", path=str(path), reason="queue_full")
 
     engine.listeners.append(on_event)
@@ -76,6 +82,12 @@ def attach_plots(engine: Engine, log: Any, defer: bool = False) -> Callable[[], 
     return stop
 
 
+def _draw_when_free(snapshot: Path, hold: Callable[[], bool]) -> None:
+    while hold():
+        time.sleep(_HOLD_POLL_SECONDS)
+    draw_in_child([snapshot])
+
+
 def draw_in_child(snapshots: Sequence[Path]) -> None:
     """``python -m smart_monitor.tools.report SNAPSHOT...``; raises with its last error line."""
     cmd = [sys.executable, "-m", "smart_monitor.tools.report", *map(str, snapshots)]
@@ -85,11 +97,13 @@ def draw_in_child(snapshots: Sequence[Path]) -> None:
         raise RuntimeError(lines[-1])
 
 
-def attach_hooks(engine: Engine, config: Config, log: Any) -> Callable[[], None]:
+def attach_hooks(
+    engine: Engine, config: Config, log: Any, hold_plots: Callable[[], bool] = lambda: False
+) -> Callable[[], None]:
     """Actions, the metrics server and the plots for a live engine. A metrics port that
     cannot be bound is logged and skipped: watching the run matters more than serving
     numbers about it."""
-    stops: list[Callable[[], None]] = [attach_plots(engine, log)]
+    stops: list[Callable[[], None]] = [attach_plots(engine, log, hold=hold_plots)]
     actions = Actions(config.actions, log)
     if actions.actions:
         engine.listeners.append(actions)

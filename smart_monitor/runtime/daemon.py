@@ -75,6 +75,7 @@ class Daemon:
         )
         self.errors = 0
         self.errors_in_row = 0
+        self.behind = False  # the last read stopped at its turn's end: a backlog
         self.retired: list[str] = []
         self._dirty = False
         self._new_snapshots = False
@@ -114,7 +115,9 @@ class Daemon:
             self.retired = [str(k) for k in data.get("retired_keys", [])][-_RETIRED_KEYS:]
             self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
-        close_hooks = attach_hooks(self.engine, cfg, self.log)
+        close_hooks = attach_hooks(
+            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set()
+        )
         self.watcher.start()
         self.log.info(
             "Started", mode="run", metrics=str(cfg.metrics_file),
@@ -185,7 +188,9 @@ class Daemon:
                     return
                 if self.clock() >= deadline:
                     self.wakeups.post("metrics")  # a backlog: come back after other duties
+                    self.behind = True
                     return
+        self.behind = False
         if self.tailer.switched:  # the old file is drained: save at the boundary, go on
             self.tailer.switched = False
             self._save(final=True)
