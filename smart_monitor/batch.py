@@ -161,4 +161,4 @@ def rolling_median(history: list[float], values: Floats, size: int, include: boo
     mid = size // 2
     if size % 2:
         return ordered[:, mid]
-    return (ordered[:, mid - 1] + ordered[:, mid]) / 2  # type: ignore[no-any-return]
+    return (ordered[:, mid - 1] + ordered[:, mid]) / 2  # type: ignore[no-any-return]  # numpy: Any

@@ -68,8 +68,8 @@ class Ingest:
         done = 0  # lines whose length is in ``offset``
         for before, i in enumerate(others):
             line = lines[i]
-            # a None only ends a block, so every line before it has a length
-            offset += sum(map(len, lines[done:i])) + i - done  # type: ignore[arg-type]
+            offset += sum(map(len, lines[done:i])) + i - done  # type: ignore[arg-type]  # see:
+            # a None only ends a block, so every line before this one has a length
             done = i
             k = i - before  # the train rows ahead of it
             if line is None:
