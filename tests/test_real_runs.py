@@ -1,5 +1,5 @@
 """Every real run in ../shared/real-runs through the pipeline with the default config:
-the alarms are exactly the ones the README's detection section explains."""
+the alarms are exactly the ones docs/detection.md explains."""
 
 from __future__ import annotations
 
