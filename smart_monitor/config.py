@@ -108,6 +108,10 @@ class DetectorsConfig(_Section):
 class PolicyConfig(_Section):
     cooldown_steps: int = Field(200, ge=0)
     recovery_steps: int = Field(100, ge=0)
+    recovery_records: int = Field(10, ge=1)
+    recurring_after: int = Field(3, ge=1)
+    recurring_steps: int = Field(10000, ge=1)
+    recurring_snapshots: int = Field(3, ge=0)
     history: int = Field(100, ge=1)
     recent_examples: int = Field(20, ge=0)
 

@@ -221,8 +221,10 @@ class Engine:
                 segment=self.pipeline.segment,
             )
             self._emit("restarted", {"step": outcome.step})
-        for t in outcome.triggers:
-            self._detected(t)
+        for note in outcome.notes:
+            getattr(self.log, note.level)(note.event, **note.fields)
+        for t in outcome.triggers:  # the quiet ones: counted, summed up by the notes
+            self._detected(t, logged=not any(t is q for q in outcome.quiet))
         if outcome.suppressed:
             self.log.info(
                 "Suppressed snapshot",
@@ -243,13 +245,14 @@ class Engine:
             )
             self._record_recovery(incident, outcome.step)
 
-    def _detected(self, t: Trigger) -> None:
+    def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
         value = t.details.get("z", t.details.get("value"))
-        getattr(self.log, t.severity.value)(
-            "Detected anomaly",
-            step=t.step, trigger=t.name, severity=t.severity.value, value=value,
-        )
+        if logged:
+            getattr(self.log, t.severity.value)(
+                "Detected anomaly",
+                step=t.step, trigger=t.name, severity=t.severity.value, value=value,
+            )
         self._emit("detected", {"trigger": t.kind, "severity": t.severity.value, "step": t.step})
 
     # -- snapshots ------------------------------------------------------------------
