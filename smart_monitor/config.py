@@ -22,7 +22,7 @@ class _Section(BaseModel):
 
 class LossZScoreConfig(_Section):
     enabled: bool = True
-    window: int = Field(50, ge=2)
+    window: int = Field(20, ge=2)
     warmup: int = Field(20, ge=2)
     threshold: float = Field(8.0, gt=0)
     critical: float = Field(10.0, gt=0)
@@ -39,6 +39,8 @@ class LrZScoreConfig(_Section):
     threshold: float = Field(6.0, gt=0)
     critical: float = Field(10.0, gt=0)
     min_rel_std: float = Field(0.05, ge=0)
+    planned_drop: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["decay", "cyclic"] = "decay"
 
 
 class LossSpikeConfig(_Section):

@@ -10,8 +10,8 @@ ongoing`` notes at growing counts (10, 100, 1,000, ...), so a run that stays bro
 ``recovery_records`` records arrive without a detection of its problem: a run logged
 every 200 steps that stays broken stays one incident.
 
-A critical detection in a warning incident (a spike that did not come back) escalates
-it: a snapshot, whatever the cooldown, since that is the moment an action is due.
+A critical detection in a warning loss-spike incident (a spike that did not come back)
+escalates it: a snapshot, whatever the cooldown, since that is when an action is due.
 Transient loss spikes that keep coming back (a spiky pretraining run) form a recurring
 episode: ``recurring_snapshots`` snapshots for all of it, each spike still counted.
 """
@@ -199,7 +199,7 @@ class Policy:
                 escalates = t.severity.rank > Severity(incident.severity).rank
                 logged = escalates or t.kind not in incident.kinds
                 self._extend(incident, step, t)
-                snap = escalates and t.severity is Severity.CRITICAL
+                snap = escalates and t.severity is Severity.CRITICAL and problem in _TRANSIENT
                 if snap:
                     escalated.append(incident)
                 if incident.detections >= incident.next_note:
