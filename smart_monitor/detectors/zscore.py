@@ -214,8 +214,8 @@ class LrZScore:
         last = self.last
         if last is None or step <= last[0]:
             self.last = (step, lr)
+            self.peak = max(self.peak, lr)
             return []
-        self.peak = max(self.peak, lr)
         config = self.config
         if len(self.window) < config.warmup:
             self._accept(step, lr)
@@ -242,6 +242,7 @@ class LrZScore:
         reason = self._planned(lr, last[1])
         if reason:
             self.held, self.last = None, (step, lr)  # the new level; its jump is no rate
+            self.peak = max(self.peak, lr)
             fields = {"step": step, "previous": last[1], "value": lr, "reason": reason}
             self.notes.append(Note("LR changed", "info", fields))
             return []
@@ -254,7 +255,8 @@ class LrZScore:
 
     def _planned(self, lr: float, previous: float) -> str:
         """Why the schedule explains a change from ``previous`` to ``lr`` ("" if not)."""
-        unit = max(_resolution(lr), _resolution(previous))
+        units = [_resolution(v) for v in (lr, previous) if v != 0]  # a 0 says nothing
+        unit = min(units, default=0.0)
         if abs(lr - previous) <= unit and min(abs(lr), abs(previous)) <= 2 * unit:
             return "precision"  # one printed unit, at the edge of the printed digits
         if previous * self.config.planned_drop <= lr < previous:
@@ -273,6 +275,7 @@ class LrZScore:
         assert self.last is not None
         self.window.add(step, (lr - self.last[1]) / (step - self.last[0]))
         self.last = (step, lr)
+        self.peak = max(self.peak, lr)
 
     def _rates(self, block: TrainBlock, start: int, end: int) -> tuple[Floats, ...]:
         """The LR, the previous accepted LR, the step gap and the per-step change of
@@ -309,6 +312,7 @@ class LrZScore:
         *_, rates = self._rates(block, first, end)
         self.window.extend([r[0] for r in block.rows[first:end]], rates.tolist())
         self.last = (block.rows[end - 1][0], float(block.learning_rate[end - 1]))
+        self.peak = max(self.peak, float(block.learning_rate[start:end].max()))
         self.held = None
 
     def rewind(self, step: int) -> None:
