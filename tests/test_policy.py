@@ -28,7 +28,8 @@ def test_consecutive_detections_are_one_incident_escalated_once() -> None:
     first = p.decide(1000, [spike(1000)])
     assert first.snapshot and first.incidents[0].id == "loss_spike@1000"
     escalated = p.decide(1010, [spike(1010, 12.0)])
-    assert escalated.severity is Severity.CRITICAL and escalated.incidents[0].id == "loss_spike@1000"
+    assert escalated.severity is Severity.CRITICAL
+    assert escalated.incidents[0].id == "loss_spike@1000"
     for step, z in ((1050, 30.0), (1120, 9.5)):
         d = p.decide(step, [spike(step, z)])
         assert not d.snapshot and not d.suppressed and len(d.quiet) == 1

@@ -104,7 +104,8 @@ class LossZScore:
             for s, v in self.streak:
                 window.add(s, v)
             self.streak.clear()
-        severity = Severity.CRITICAL if persistent and abs(z) > config.critical else Severity.WARNING
+        critical = persistent and abs(z) > config.critical
+        severity = Severity.CRITICAL if critical else Severity.WARNING
         details = {"z": z, "value": loss, "mean": mean, "std": std}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
 
