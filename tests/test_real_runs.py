@@ -4,6 +4,7 @@ the alarms are exactly the ones the README's detection section explains."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -219,3 +220,23 @@ def test_one_batch_spikes_are_each_seen_and_counted(name: str) -> None:
     missed = [s for s in README_SPIKES[name] if s not in found]
     assert len(missed) <= 1, missed  # 5335 (1.38x) sits in a window with a smaller spike
     assert set(found.values()) == {"warning"}
+
+
+def test_a_16000_record_nan_run_is_one_snapshot_in_a_few_lines(tmp_path: Path) -> None:
+    """The pattern real NaN runs show (loss and grad norm NaN for good): one incident,
+    one snapshot, `Incident ongoing` at 10, 100, 1,000, 10,000 detections, every
+    detection counted."""
+    path = tmp_path / "nan.jsonl"
+    with open(path, "w") as fh:
+        for step in range(1, 16001):
+            bad = step > 200
+            loss = math.nan if bad else 2.0 - step * 1e-3
+            fh.write(json.dumps({"step": step, "loss": loss, "learning_rate": 1e-4,
+                                 "grad_norm": math.nan if bad else 1.0}) + "\n")
+    log = replayed(path, tmp_path / "out")
+    assert len(log) < 50, len(log)
+    assert [f["detections"] for _, e, f in log if e == "Incident ongoing"] == [
+        "10", "100", "1000", "10000"
+    ]
+    assert sum(e == "Created snapshot" for _, e, _ in log) == 1
+    assert log[-1][2]["detections"] == str(2 * 15800)
