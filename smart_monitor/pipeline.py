@@ -11,7 +11,7 @@ from typing import Any
 
 from smart_monitor import __version__
 from smart_monitor.batch import TrainBlock
-from smart_monitor.config import Config
+from smart_monitor.config import Config, PolicyConfig
 from smart_monitor.detectors import build_detectors
 from smart_monitor.notes import Note
 from smart_monitor.policy import Decision, Policy
@@ -293,7 +293,7 @@ class Pipeline:
             "lr_history": [list(p) for p in self.lr_history],
             "metrics": dict(record.raw),
             "details": {t.name: dict(t.details) for t in decision.snapshot},
-            **_incident_blocks(decision, self.config.policy.recovery_steps),
+            **_incident_blocks(decision, self.config.policy),
             "segment": self.segment,
             "monitor": {"version": __version__, "config": self.config.model_dump(mode="json")},
         }
@@ -350,7 +350,7 @@ class Pipeline:
         self.duplicates = int(state.get("duplicates", 0))
 
 
-def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
+def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]:
     """``incident``: the incident this snapshot opens, ``"status": "open"``; the engine
     completes it (peak, last detection, ``recovered_step``) when the incident recovers,
     as the log's ``Incident recovered`` line with the same id says. ``conflicting_labels``:
@@ -363,7 +363,8 @@ def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
             "problem": first.problem,
             "started": first.started,
             "status": "open",
-            "recovers_after_steps": recovery_steps,
+            "recovers_after_steps": policy.recovery_steps,
+            "recovers_after_records": policy.recovery_records,
             "also": [i.id for i in decision.incidents[1:]],
         }
     for t in decision.snapshot:
