@@ -1,5 +1,7 @@
 """Detection quality of the default config: recall and delay per anomaly kind, false
-alarms per 10,000 clean steps, and the alarms on the real runs in ../shared/real-runs.
+alarms per 10,000 clean steps, the alarms on the real runs in ../shared/real-runs, and
+the real-run development set (../shared/real-runs/dev) as ``smart-monitor replay``
+logs it.
 
     .venv/bin/python benchmarks/detection.py            # the full grid (about 2 min)
     .venv/bin/python benchmarks/detection.py --quick    # a smoke run (seconds)
@@ -19,7 +21,9 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -316,6 +320,42 @@ def real_runs(config: Config, folder: Path = REAL_RUNS) -> dict[str, list[tuple[
     return out
 
 
+# dev/README.md, as a careful human reads each log: alarms (warning, critical), snapshots
+DEV_EXPECTED = {
+    "CAMELS-CH": "clean: 0 alarms",
+    "llmc_main": "clean: 0 alarms (LR changed x3)",
+    "ScaleShortcuts": "spikes: warnings, 0 critical, <= 3 snaps",
+    "QuantizedFP4": "spikes: warnings, 0 critical, <= 3 snaps",
+    "GDN_baseline": "Run restarted, 0 alarms",
+    "GRU": "divergence at 10349-10549, critical",
+    "LSTM": "clean: 0 alarms (LR changed)",
+    "RNN_RELU": "1 critical at 200, 1 snap, < 50 lines",
+    "RNN_TANH": "0 alarms (LR changed x3)",
+    "medical-finetune": "clean: 0 alarms",
+}
+
+
+def dev_runs(folder: Path = REAL_RUNS / "dev") -> None:
+    """Each dev log through ``smart-monitor replay`` with the default config: anomaly
+    snapshots, alarms logged at warning and at critical, log lines, against what its
+    README says a person wants."""
+    print(f"\nreal-run development set ({folder}), smart-monitor replay, default config:")
+    print(f"{'log':18} {'snapshots':>9} {'warning':>7} {'critical':>8} {'lines':>5}  expected")
+    for path in sorted(folder.glob("*.jsonl")):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(
+                [sys.executable, "-m", "smart_monitor", "replay", "--no-plots", "--output",
+                 out, "--metrics", str(path)], check=True, capture_output=True,
+            )
+            lines = "".join(p.read_text() for p in Path(out, "logs").glob("*.log")).splitlines()
+        snaps = sum(" Created snapshot " in x and "best_model" not in x for x in lines)
+        warn = sum(" warning Detected anomaly " in x for x in lines)
+        crit = sum(" critical Detected anomaly " in x for x in lines)
+        key = next((k for k in DEV_EXPECTED if k in path.name), path.stem)
+        print(f"{key:18} {snaps:>9} {warn:>7} {crit:>8} {len(lines):>5}  "
+              f"{DEV_EXPECTED.get(key, '?')}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, short runs")
@@ -334,6 +374,7 @@ def main() -> int:
     if REAL_RUNS.is_dir():
         for name, alarms in real_runs(config).items():
             print(f"  {name:62} {len(alarms):>3} alarms  {alarms[:6]}")
+        dev_runs()
     else:
         print("  (not found)")
     print(f"\n{time.perf_counter() - started:.0f} s")

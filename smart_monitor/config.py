@@ -22,7 +22,7 @@ class _Section(BaseModel):
 
 class LossZScoreConfig(_Section):
     enabled: bool = True
-    window: int = Field(50, ge=2)
+    window: int = Field(20, ge=2)
     warmup: int = Field(20, ge=2)
     threshold: float = Field(8.0, gt=0)
     critical: float = Field(10.0, gt=0)
@@ -39,6 +39,8 @@ class LrZScoreConfig(_Section):
     threshold: float = Field(6.0, gt=0)
     critical: float = Field(10.0, gt=0)
     min_rel_std: float = Field(0.05, ge=0)
+    planned_drop: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["decay", "cyclic"] = "decay"
 
 
 class LossSpikeConfig(_Section):
@@ -108,6 +110,10 @@ class DetectorsConfig(_Section):
 class PolicyConfig(_Section):
     cooldown_steps: int = Field(200, ge=0)
     recovery_steps: int = Field(100, ge=0)
+    recovery_records: int = Field(10, ge=1)
+    recurring_after: int = Field(3, ge=1)
+    recurring_steps: int = Field(10000, ge=1)
+    recurring_snapshots: int = Field(3, ge=0)
     history: int = Field(100, ge=1)
     recent_examples: int = Field(20, ge=0)
 

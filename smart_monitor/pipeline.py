@@ -3,6 +3,7 @@ object, so what ``replay`` shows on an old run is what ``run`` would have done l
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,8 +11,9 @@ from typing import Any
 
 from smart_monitor import __version__
 from smart_monitor.batch import TrainBlock
-from smart_monitor.config import Config
+from smart_monitor.config import Config, PolicyConfig
 from smart_monitor.detectors import build_detectors
+from smart_monitor.notes import Note
 from smart_monitor.policy import Decision, Policy
 from smart_monitor.records import ExampleRecord, Record, SummaryRecord, TrainRecord
 from smart_monitor.triggers import Severity, Trigger
@@ -20,6 +22,9 @@ __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
 
 STATE_VERSION = 1
 _MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
+_RECENT_STEPS = 64  # train steps remembered to tell a second writer's records
+_INTERLEAVE_GAPS = 2  # a second writer lags by at most this many logging intervals
+_NEW_RUN_LOSS = 0.1  # a new run's loss is within this share of the first run's first
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,8 @@ class Outcome:
     snapshot: SnapshotRequest | None = None
     restarted_after: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[Note, ...] = ()
+    quiet: tuple[Trigger, ...] = ()  # of ``triggers``: counted, not logged one by one
 
 
 class Pipeline:
@@ -59,19 +66,29 @@ class Pipeline:
         self.examples: deque[Mapping[str, Any]] = deque(maxlen=config.policy.recent_examples)
         self.last_step: int | None = None
         self.segment = 0
+        self.first: tuple[int, float] | None = None  # the run's first train step and loss
+        self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
+        self.gap = 0  # the last advance of the latest step: the logging interval
+        self.duplicates = 0  # records dropped as a second writer's copies
         self._horizon = 256  # records screened at once by process_block (adapts)
 
     def process(self, record: Record) -> Outcome | None:
         if isinstance(record, SummaryRecord):
             return None
         restarted_after = None
+        notes: list[Note] = []
         step = record.step
         if isinstance(record, TrainRecord):
             train_step = record.step
             if self.last_step is not None and train_step < self.last_step:
-                restarted_after = self.last_step
-                self.rewind(train_step - 1)
-            self.last_step = train_step
+                if self._duplicate(train_step):
+                    return self._dropped(record)
+                if self._new_run(record):
+                    notes.append(self._restart(record))
+                else:
+                    restarted_after = self.last_step
+                    self.rewind(train_step - 1)
+            self._advance(record)
             if record.loss is not None:
                 self.loss_history.append((train_step, record.loss))
             if record.learning_rate is not None:
@@ -87,17 +104,72 @@ class Pipeline:
             fired = detector.update(record)
             if fired:
                 triggers.extend(fired)
+            said: list[Note] | None = getattr(detector, "notes", None)  # LR changed
+            if said:
+                notes.extend(said)
+                said.clear()
         recovered = self.policy.observe(step)
         extra = {"recovered": tuple(recovered)} if recovered else {}
         if not triggers:
-            if restarted_after is None and not recovered:
+            if restarted_after is None and not recovered and not notes:
                 return None
-            return Outcome(step, restarted_after=restarted_after, extra=extra)
+            return Outcome(step, restarted_after=restarted_after, extra=extra, notes=tuple(notes))
         decision = self.policy.decide(step, triggers)
         request = self._request(step, decision, record) if decision.snapshot else None
         return Outcome(
-            step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra
+            step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra,
+            notes=(*notes, *decision.notes), quiet=decision.quiet,
         )
+
+    def _advance(self, record: TrainRecord) -> None:
+        step = record.step
+        if self.last_step is not None and step > self.last_step:
+            self.gap = step - self.last_step
+        self.last_step = step
+        self.recent_steps.append(step)
+        if self.first is None and record.loss is not None and math.isfinite(record.loss):
+            self.first = (step, record.loss)
+
+    def _duplicate(self, step: int) -> bool:
+        """A step seen a moment ago, a logging interval or two back: a second process
+        appending the same records (one rank too many), not a resume."""
+        assert self.last_step is not None
+        lag = self.last_step - step
+        return 0 < lag <= _INTERLEAVE_GAPS * self.gap and step in self.recent_steps
+
+    def _dropped(self, record: TrainRecord) -> Outcome | None:
+        self.duplicates += 1
+        if self.duplicates > 1:
+            return None
+        assert self.last_step is not None
+        fields = {"step": record.step, "latest_step": self.last_step, "action": "dedup_by_step"}
+        return Outcome(record.step, notes=(Note("Interleaved writers", "warning", fields),))
+
+    def _new_run(self, record: TrainRecord) -> bool:
+        """Steps back to the run's first logging interval with the loss back at its
+        first value: a new run from scratch into the same file, not a resume."""
+        if self.first is None or record.loss is None or not math.isfinite(record.loss):
+            return False
+        first_step, first_loss = self.first
+        near_start = record.step - first_step <= _INTERLEAVE_GAPS * max(self.gap, 1)
+        return near_start and abs(record.loss - first_loss) <= _NEW_RUN_LOSS * abs(first_loss)
+
+    def _restart(self, record: TrainRecord) -> Note:
+        """A new segment with fresh detectors and policy: nothing of the old run is a
+        baseline for the new one."""
+        previous = self.last_step
+        self.segment += 1
+        self.detectors = build_detectors(self.config.detectors)
+        self.policy = Policy(self.config.policy)
+        for history in (self.loss_history, self.lr_history):
+            history.clear()
+        self.last_step = self.first = None
+        self.recent_steps.clear()
+        self.gap = 0
+        return Note("Run restarted", "warning", {
+            "step": record.step, "previous_step": previous, "loss": record.loss,
+            "segment": self.segment,
+        })
 
     def process_block(
         self,
@@ -159,10 +231,9 @@ class Pipeline:
     def _screen(self, block: TrainBlock, start: int, stop: int) -> int:
         if self.last_step is not None and block.rows[start][0] < self.last_step:
             return start  # steps went backwards: a trainer restart, for process()
-        end = stop
-        due = self.policy.due
-        if due is not None and block.rows[stop - 1][0] >= due:
-            end = start + int(block.steps[start:stop].searchsorted(due))
+        if self.first is None:
+            return start  # the run's first loss, for telling a new run later
+        end = start + self.policy.first_due(block.steps[start:stop])
         for detector in self.detectors.values():
             if end == start:
                 break
@@ -172,7 +243,13 @@ class Pipeline:
     def _absorb(self, block: TrainBlock, start: int, end: int) -> None:
         for detector in self.detectors.values():
             detector.absorb(block, start, end)
-        self.last_step = block.rows[end - 1][0]
+        self.policy.skip(end - start)
+        rows = block.rows
+        before = rows[end - 2][0] if end - start >= 2 else self.last_step
+        if before is not None:
+            self.gap = rows[end - 1][0] - before
+        self.last_step = rows[end - 1][0]
+        self.recent_steps.extend(r[0] for r in rows[max(start, end - _RECENT_STEPS) : end])
         keep = self.config.policy.history
         rows = block.rows[max(start, end - keep) : end]
         if block.loss is not None:
@@ -216,7 +293,7 @@ class Pipeline:
             "lr_history": [list(p) for p in self.lr_history],
             "metrics": dict(record.raw),
             "details": {t.name: dict(t.details) for t in decision.snapshot},
-            **_incident_blocks(decision, self.config.policy.recovery_steps),
+            **_incident_blocks(decision, self.config.policy),
             "segment": self.segment,
             "monitor": {"version": __version__, "config": self.config.model_dump(mode="json")},
         }
@@ -236,6 +313,9 @@ class Pipeline:
             kept = [p for p in history if p[0] <= step]
             history.clear()
             history.extend(kept)
+        steps = [s for s in self.recent_steps if s <= step]
+        self.recent_steps.clear()
+        self.recent_steps.extend(steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +327,10 @@ class Pipeline:
             "examples": list(self.examples),
             "last_step": self.last_step,
             "segment": self.segment,
+            "first": list(self.first) if self.first else None,
+            "recent_steps": list(self.recent_steps),
+            "gap": self.gap,
+            "duplicates": self.duplicates,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -259,9 +343,14 @@ class Pipeline:
         self.examples.extend(state.get("examples", []))
         self.last_step = state.get("last_step")
         self.segment = int(state.get("segment", 0))
+        first = state.get("first")
+        self.first = (int(first[0]), float(first[1])) if first else None
+        self.recent_steps.extend(int(s) for s in state.get("recent_steps", []))
+        self.gap = int(state.get("gap", 0))
+        self.duplicates = int(state.get("duplicates", 0))
 
 
-def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
+def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]:
     """``incident``: the incident this snapshot opens, ``"status": "open"``; the engine
     completes it (peak, last detection, ``recovered_step``) when the incident recovers,
     as the log's ``Incident recovered`` line with the same id says. ``conflicting_labels``:
@@ -274,7 +363,8 @@ def _incident_blocks(decision: Decision, recovery_steps: int) -> dict[str, Any]:
             "problem": first.problem,
             "started": first.started,
             "status": "open",
-            "recovers_after_steps": recovery_steps,
+            "recovers_after_steps": policy.recovery_steps,
+            "recovers_after_records": policy.recovery_records,
             "also": [i.id for i in decision.incidents[1:]],
         }
     for t in decision.snapshot:

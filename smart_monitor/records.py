@@ -204,9 +204,25 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
     return _as_float(key, data.get(key))
 
 
+# Non-finite numbers as some JSON encoders write them (quoted, e.g. ``default=str``):
+# a trainer whose loss went NaN must still get ``loss_nonfinite``, not a skipped line.
+_NONFINITE_STRINGS = {
+    "nan": math.nan, "-nan": math.nan, "+nan": math.nan,
+    "inf": math.inf, "+inf": math.inf, "infinity": math.inf, "+infinity": math.inf,
+    "-inf": -math.inf, "-infinity": -math.inf,
+}
+
+
 def _as_float(key: str, value: Any) -> float | None:
+    """A metric's number; a quoted non-finite token is that number.
+
+    >>> _as_float("loss", "NaN"), _as_float("loss", "-Infinity")
+    (nan, -inf)
+    """
     if value is None or type(value) is float:
         return value
+    if isinstance(value, str) and value.strip().lower() in _NONFINITE_STRINGS:
+        return _NONFINITE_STRINGS[value.strip().lower()]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedLine("bad_type", key)
     return float(value)

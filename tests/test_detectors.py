@@ -143,7 +143,9 @@ def test_seed_example_loss_zscore_above_40() -> None:
     assert not feed(d, [train(i, v) for i, v in enumerate(window)])
     (t,) = d.update(train(8, 1.15))
     assert t.kind == "loss_zscore" and t.details["z"] > 40 and t.name == "loss_zscore_44.67"
-    assert t.severity is Severity.CRITICAL
+    assert t.severity is Severity.WARNING, "one spike, maybe one bad batch"
+    held = [d.update(train(9 + i, 1.15))[0].severity for i in range(4)]
+    assert held == [Severity.WARNING] * 3 + [Severity.CRITICAL], "it did not come back"
 
 
 def test_seed_example_loss_spike_87_3pct() -> None:
@@ -157,9 +159,34 @@ def test_seed_example_loss_spike_87_3pct() -> None:
     [(2e-4 * (1 + 35.7 * 0.05), "lr_zscore_35.70"), (2e-4 * (1 - 3.21 * 0.05), "lr_zscore_-3.21")],
 )
 def test_seed_example_lr_zscore_names(lr: float, name: str) -> None:
-    d = LrZScore(LrZScoreConfig(threshold=3.0))
+    d = LrZScore(LrZScoreConfig(threshold=3.0, planned_drop=1.0))  # no drop is planned
     feed(d, [train(s, lr=2e-4) for s in range(1, 30)])
     assert [t.name for t in d.update(train(30, lr=lr))] == [name]
+
+
+@pytest.mark.parametrize(
+    ("lrs", "reason"),
+    [
+        ([20.0] * 12 + [5.0, 5.0, 1.25], "decay"),  # plateau cuts, x0.25, that hold
+        ([3e-6] * 12 + [2e-6, 1e-6, 0.0], "precision"),  # llm.c's 6 decimals, end of decay
+    ],
+)
+def test_planned_lr_changes_are_notes_not_alarms(lrs: list[float], reason: str) -> None:
+    d = LrZScore(LrZScoreConfig())
+    assert not feed(d, [train(200 * (i + 1), lr=v) for i, v in enumerate(lrs)])
+    assert d.notes and {n.event for n in d.notes} == {"LR changed"}
+    assert d.notes[-1].fields["reason"] == reason and d.notes[-1].fields["value"] == lrs[-1]
+
+
+@pytest.mark.parametrize(("schedule", "fired"), [("decay", ["critical"]), ("cyclic", [])])
+def test_lr_rise_after_the_peak_is_critical_unless_cyclic(schedule: str, fired: list[str]) -> None:
+    """A warm restart (back up to the peak) is a scheduler reset on resume in a decaying
+    schedule, the plan in a cyclic one; a x100 jump is critical in both."""
+    d = LrZScore(LrZScoreConfig(schedule=schedule))  # type: ignore[arg-type]
+    decay = [1e-3 * (1 - i / 100) for i in range(60)]
+    assert not feed(d, [train(i + 1, lr=v) for i, v in enumerate(decay)])
+    assert [t.severity.value for t in d.update(train(61, lr=1e-3))] == fired
+    assert [t.severity.value for t in d.update(train(62, lr=0.1))] == ["critical"]
 
 
 def test_seed_examples_of_evaluation_and_predictions() -> None:

@@ -20,19 +20,69 @@ def spike(step: int, z: float = 9.0, kind: str = "loss_zscore") -> Trigger:
     return Trigger(kind, f"{kind}_{z:.2f}", sev, step, {"z": z})
 
 
-def test_consecutive_detections_are_one_incident_with_one_snapshot() -> None:
-    p = Policy(PolicyConfig(recovery_steps=100, cooldown_steps=0))
+def test_consecutive_detections_are_one_incident_escalated_once() -> None:
+    """A warning spike opens the incident (a snapshot); the first critical detection in
+    it escalates (a second snapshot: the moment an action is due); the rest are counted
+    quietly, the peak kept."""
+    p = Policy(PolicyConfig(recovery_steps=100, recovery_records=1, cooldown_steps=0))
     first = p.decide(1000, [spike(1000)])
     assert first.snapshot and first.incidents[0].id == "loss_spike@1000"
-    for step, z in ((1010, 12.0), (1050, 30.0), (1120, 9.5)):
+    escalated = p.decide(1010, [spike(1010, 12.0)])
+    assert escalated.severity is Severity.CRITICAL
+    assert escalated.incidents[0].id == "loss_spike@1000"
+    for step, z in ((1050, 30.0), (1120, 9.5)):
         d = p.decide(step, [spike(step, z)])
-        assert not d.snapshot and len(d.suppressed) == 1
+        assert not d.snapshot and not d.suppressed and len(d.quiet) == 1
     assert p.observe(1200) == []  # 80 steps after the last detection: still open
     (done,) = p.observe(1221)
     assert (done.started, done.peak_step, done.last, done.detections) == (1000, 1050, 1120, 4)
     assert (done.peak_trigger, done.severity) == ("loss_zscore_30.00", "critical")
+    assert done.block()["transient"] is False
     again = p.decide(1400, [spike(1400)])
     assert again.snapshot, "a new incident after recovery makes its own snapshot"
+
+
+def test_sparse_logging_broken_run_stays_one_incident() -> None:
+    """Logged every 200 steps and NaN throughout: 100 steps without a detection pass
+    between two records, but not 10 records: one incident, one snapshot."""
+    p = Policy(PolicyConfig())
+    nan = [Trigger("loss_nonfinite", "loss_nonfinite", Severity.CRITICAL, s) for s in
+           range(200, 200 * 170, 200)]
+    decisions = []
+    for t in nan:
+        assert p.observe(t.step) == []
+        decisions.append(p.decide(t.step, [t]))
+    assert sum(bool(d.snapshot) for d in decisions) == 1
+    assert sum(len(d.suppressed) for d in decisions) == 0  # quiet: counted, not logged
+    notes = [n for d in decisions for n in d.notes]
+    assert [(n.event, n.fields["detections"]) for n in notes] == [
+        ("Incident ongoing", 10), ("Incident ongoing", 100)
+    ]
+    closed = [i for k in range(1, 11) for i in p.observe(200 * 170 + 200 * k)]
+    assert [(i.detections, i.started) for i in closed] == [(len(nan), 200)]
+
+
+def test_recurring_transients_are_capped_per_episode() -> None:
+    """Forty one-batch spikes over 20,000 steps: each an incident that recovers, all
+    one recurring episode with three snapshots and one note per order of magnitude."""
+    p = Policy(PolicyConfig())
+    snaps, notes = 0, []
+    for k in range(40):
+        step = 500 * k + 100
+        for s in range(step - 20, step):
+            p.observe(s)
+        d = p.decide(step, [spike(step), spike(step, kind="loss_spike")])
+        snaps += bool(d.snapshot)
+        notes += d.notes
+        assert len(d.suppressed) + len(d.snapshot) == 2  # every spike is still logged
+        for s in range(step + 1, step + 200):
+            p.observe(s)
+    assert snaps == 3
+    assert [(n.event, n.fields["count"]) for n in notes] == [
+        ("Recurring loss spikes", 3), ("Recurring loss spikes", 10)
+    ]
+    critical = p.decide(30000, [spike(30000, 12.0)])
+    assert critical.snapshot, "a critical loss incident is not capped by the episode"
 
 
 def test_loss_zscore_and_loss_spike_are_one_problem_lr_another() -> None:
@@ -50,7 +100,7 @@ def test_loss_zscore_and_loss_spike_are_one_problem_lr_another() -> None:
 
 
 def test_cooldown_holds_a_new_incident_of_the_same_problem() -> None:
-    p = Policy(PolicyConfig(recovery_steps=10, cooldown_steps=200))
+    p = Policy(PolicyConfig(recovery_steps=10, recovery_records=1, cooldown_steps=200))
     assert p.decide(100, [spike(100)]).snapshot
     assert p.observe(150)
     d = p.decide(160, [spike(160)])
@@ -124,7 +174,8 @@ def test_pipeline_metadata_gets_an_incident_block_and_recovery_outcome() -> None
     block = first.snapshot.metadata["incident"]
     assert (block["problem"], block["started"], block["status"]) == ("loss_spike", 200, "open")
     second = pipe.process(loss(201, 5.0))
-    assert second is not None and second.snapshot is None and second.suppressed
+    assert second is not None and second.snapshot is None and not second.suppressed
+    assert second.quiet == second.triggers  # kinds already logged in the incident
     recovered = [o for s in range(202, 400) if (o := pipe.process(loss(s, 1.0))) is not None]
     (o,) = recovered
     (incident,) = o.extra["recovered"]
@@ -144,7 +195,7 @@ def test_pipeline_metadata_names_both_conflicting_answers() -> None:
 
 @pytest.mark.parametrize("gap", [0, 1, 50])
 def test_recovery_steps_zero_or_more(gap: int) -> None:
-    p = Policy(PolicyConfig(recovery_steps=gap, cooldown_steps=0))
+    p = Policy(PolicyConfig(recovery_steps=gap, recovery_records=1, cooldown_steps=0))
     p.decide(10, [spike(10)])
     assert p.observe(10 + gap) == []
     assert len(p.observe(11 + gap)) == 1

@@ -10,6 +10,7 @@ import numpy as np
 from smart_monitor.batch import Floats, TrainBlock, rolling_mean, rolling_mean_std
 from smart_monitor.config import LossZScoreConfig, LrZScoreConfig
 from smart_monitor.detectors.loss import _first
+from smart_monitor.notes import Note
 from smart_monitor.records import Record, TrainRecord
 from smart_monitor.stats import RollingWindow
 from smart_monitor.triggers import Severity, Trigger
@@ -30,6 +31,10 @@ class LossZScore:
     """Fires when the loss is ``threshold`` standard deviations above its recent window
     (``direction = "both"``: below too) and has moved by ``min_rise`` of the run's
     starting loss.
+
+    A spike is a warning whatever its z: most are one bad batch, back on trend the next
+    record. Only a loss that stays up for ``relearn`` records with z above ``critical``
+    is critical (the policy escalates its incident).
 
     Why each guard: the std has a floor (``min_rel_std`` of the mean), so a flat loss
     cannot give an infinite z; a value that fires stays out of the window, so a spike
@@ -94,11 +99,13 @@ class LossZScore:
             window.add(record.step, loss)
             return []
         self.streak.append((record.step, loss))
-        if len(self.streak) >= config.relearn:
+        persistent = len(self.streak) >= config.relearn  # the loss did not come back
+        if persistent:
             for s, v in self.streak:
                 window.add(s, v)
             self.streak.clear()
-        severity = Severity.CRITICAL if abs(z) > config.critical else Severity.WARNING
+        critical = persistent and abs(z) > config.critical
+        severity = Severity.CRITICAL if critical else Severity.WARNING
         details = {"z": z, "value": loss, "mean": mean, "std": std}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
 
@@ -164,6 +171,13 @@ class LrZScore:
     level (a restart, a collapse), which becomes the schedule, so one problem is one
     detection, not one per record.
 
+    What the schedule explains is no alarm but an ``LR changed`` note (in ``notes``,
+    which the pipeline drains): a drop to at least ``planned_drop`` of the LR (step,
+    multi-step and plateau schedules cut by 0.1-0.5), a change within the logged
+    precision (1e-6 -> 0 at the end of a decay printed with 6 decimals) and, with
+    ``schedule = "cyclic"``, a rise back up to the peak. A rise after the LR left its
+    peak (a scheduler reset on resume) and a jump of an order of magnitude are critical.
+
     >>> d = LrZScore(LrZScoreConfig())
     >>> out = [d.update(TrainRecord(s, None, 2e-4, None, {})) for s in range(1, 30)]
     >>> d.update(TrainRecord(30, None, 2e-3, None, {}))[0].name
@@ -179,6 +193,8 @@ class LrZScore:
         self.window = RollingWindow(config.window)
         self.last: tuple[int, float] | None = None
         self.held: tuple[int, float] | None = None
+        self.peak = 0.0  # the highest LR seen: a rise below it after a decay is a reset
+        self.notes: list[Note] = []
         self._scored: tuple[int, float, int, float] | None = None  # step, lr, since
 
     @property
@@ -199,6 +215,7 @@ class LrZScore:
         last = self.last
         if last is None or step <= last[0]:
             self.last = (step, lr)
+            self.peak = max(self.peak, lr)
             return []
         config = self.config
         if len(self.window) < config.warmup:
@@ -223,10 +240,31 @@ class LrZScore:
             self.last, self.held = held, None  # the held value was a new level
             self._accept(step, lr)
             return []
+        reason = self._planned(lr, last[1])
+        if reason:
+            self.held, self.last = None, (step, lr)  # the new level; its jump is no rate
+            self.peak = max(self.peak, lr)
+            fields = {"step": step, "previous": last[1], "value": lr, "reason": reason}
+            self.notes.append(Note("LR changed", "info", fields))
+            return []
         expected = last[1] + self.window.mean * dt
-        severity = Severity.CRITICAL if abs(z) > config.critical else Severity.WARNING
+        ratio = lr / last[1] if last[1] > 0 else math.inf
+        severe = abs(z) > config.critical or not 0.1 < ratio < 10 or (lr > last[1] < self.peak)
+        severity = Severity.CRITICAL if severe else Severity.WARNING
         details = {"z": z, "value": lr, "expected": expected}
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, step, details)]
+
+    def _planned(self, lr: float, previous: float) -> str:
+        """Why the schedule explains a change from ``previous`` to ``lr`` ("" if not)."""
+        units = [_resolution(v) for v in (lr, previous) if v != 0]  # a 0 says nothing
+        unit = min(units, default=0.0)
+        if abs(lr - previous) <= unit and min(abs(lr), abs(previous)) <= 2 * unit:
+            return "precision"  # one printed unit, at the edge of the printed digits
+        if previous * self.config.planned_drop <= lr < previous:
+            return "decay"
+        if self.config.schedule == "cyclic" and previous < lr <= self.peak:
+            return "cycle"
+        return ""
 
     def _z(self, step: int, lr: float, since: tuple[int, float]) -> float:
         dt = step - since[0]
@@ -238,6 +276,7 @@ class LrZScore:
         assert self.last is not None
         self.window.add(step, (lr - self.last[1]) / (step - self.last[0]))
         self.last = (step, lr)
+        self.peak = max(self.peak, lr)
 
     def _rates(self, block: TrainBlock, start: int, end: int) -> tuple[Floats, ...]:
         """The LR, the previous accepted LR, the step gap and the per-step change of
@@ -274,6 +313,7 @@ class LrZScore:
         *_, rates = self._rates(block, first, end)
         self.window.extend([r[0] for r in block.rows[first:end]], rates.tolist())
         self.last = (block.rows[end - 1][0], float(block.learning_rate[end - 1]))
+        self.peak = max(self.peak, float(block.learning_rate[start:end].max()))
         self.held = None
 
     def rewind(self, step: int) -> None:
@@ -289,6 +329,7 @@ class LrZScore:
             "last": list(self.last) if self.last else None,
             "held": list(self.held) if self.held else None,
             "scored": list(self._scored) if self._scored else None,
+            "peak": self.peak,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -298,3 +339,19 @@ class LrZScore:
         self.held = (int(held[0]), float(held[1])) if held else None
         sc = state.get("scored")
         self._scored = (int(sc[0]), float(sc[1]), int(sc[2]), float(sc[3])) if sc else None
+        self.peak = float(state.get("peak", 0.0))
+
+
+def _resolution(value: float) -> float:
+    """The unit of the last decimal a logged value was printed with: 1e-06 for 1e-06
+    and 3e-06, 0.0001 for 0.0001, 1 for 20.0; 0 for a value printed in full.
+
+    >>> _resolution(3e-06), _resolution(20.0), _resolution(0.000123456789123)
+    (1e-06, 1.0, 0.0)
+    """
+    if value == 0 or not math.isfinite(value):
+        return 0.0
+    for decimals in range(13):
+        if abs(round(value, decimals) - value) <= 1e-9 * abs(value):
+            return 10.0**-decimals if abs(value) * 10**decimals < 1000 else 0.0
+    return 0.0

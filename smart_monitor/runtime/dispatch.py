@@ -84,8 +84,11 @@ class Dispatch:
                 segment=self.pipeline.segment,
             )
             self.emit(Restarted(outcome.step))
+        for note in outcome.notes:
+            getattr(self.log, note.level)(note.event, **note.fields)
+        quiet = {id(q) for q in outcome.quiet}  # counted, summed up by the notes
         for t in outcome.triggers:
-            self._detected(t)
+            self._detected(t, logged=id(t) not in quiet)
         if outcome.suppressed:
             self.log.info(
                 "Suppressed snapshot",
@@ -111,13 +114,14 @@ class Dispatch:
                 except (OSError, ValueError) as exc:  # deleted by retention, or by hand
                     self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
 
-    def _detected(self, t: Trigger) -> None:
+    def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
-        value = t.details.get("z", t.details.get("value"))
-        getattr(self.log, t.severity.value)(
-            "Detected anomaly",
-            step=t.step, trigger=t.name, severity=t.severity.value, value=value,
-        )
+        if logged:
+            value = t.details.get("z", t.details.get("value"))
+            getattr(self.log, t.severity.value)(
+                "Detected anomaly",
+                step=t.step, trigger=t.name, severity=t.severity.value, value=value,
+            )
         self.emit(Detected(t.kind, t.severity.value, t.step))
 
     def emit(self, event: Event) -> None:
