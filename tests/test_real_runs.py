@@ -261,8 +261,9 @@ def test_quiet_detections_still_count_in_prometheus(tmp_path: Path) -> None:
     engine.listeners.append(server)
     port = server.start()
     try:
-        for line in (DEV / "pypi-data__pypi-mirror-359__nlpia2_RNN_RELU_2l_12ep.jsonl").open("rb"):
-            engine.handle_line(line)
+        data = (DEV / "pypi-data__pypi-mirror-359__nlpia2_RNN_RELU_2l_12ep.jsonl").read_bytes()
+        for line in data.splitlines():  # one line a read, as a daemon following the trainer
+            engine.ingest.handle_lines([line], 0)
         counts = scrape(port)
     finally:
         server.stop()
