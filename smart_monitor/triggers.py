@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "CRITICAL_KINDS",
+    "KINDS",
     "WEIGHTS_NONFINITE",
     "WEIGHT_NORM_ZSCORE",
     "Severity",
@@ -67,6 +68,11 @@ CRITICAL_KINDS = (
     "grad_norm_nonfinite",
     "divergence_detected",
     "inverted_loss_pattern",
+)
+# Every kind a trigger can have: what ``on_triggers`` may name (a test keeps it in
+# step with the detectors).
+KINDS = frozenset(
+    (*NUMBERED_KINDS, *CRITICAL_KINDS, WEIGHTS_NONFINITE, "conflicting_labels", "MULTIPLE_TRIGGERS")
 )
 _NUMBER_SUFFIX = re.compile(r"_-?[0-9][0-9.]*(pct)?$")
 
