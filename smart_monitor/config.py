@@ -156,6 +156,10 @@ class SnapshotConfig(_Section):
     checkpoint_wait_seconds: float = Field(30.0, ge=0, le=_DAY)
     max_count: int = Field(0, ge=0)
     max_bytes: int = Field(0, ge=0)
+    # The disk budget (outputs/retention.py says how the defaults were chosen); 0: off.
+    max_share: float = Field(0.10, ge=0, le=1)
+    min_free_share: float = Field(0.15, ge=0, lt=1)
+    keep_best: int = Field(3, ge=1)
 
 
 class CheckpointsConfig(_Section):

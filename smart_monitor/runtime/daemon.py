@@ -25,7 +25,7 @@ from typing import Any
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.outputs.log import DailyFile
-from smart_monitor.outputs.retention import enforce_retention
+from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
@@ -74,6 +74,7 @@ class Daemon:
         self.errors = 0
         self.errors_in_row = 0
         self.retired: list[str] = []
+        self.budget: DiskBudget | None = None
         self._dirty = False
         self._new_snapshots = False
         self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
@@ -151,7 +152,7 @@ class Daemon:
             if full or kinds & {"metrics", "rescan"}:
                 self._read()
             self.engine.poll()
-            if self._new_snapshots:
+            if self._new_snapshots or full:  # full: rotation makes old pins cost bytes
                 self._new_snapshots = False
                 self._retain()
             if self._dirty and self.clock() >= self._next_save:
@@ -206,6 +207,7 @@ class Daemon:
         for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log):
             self.retired.append(key)
         del self.retired[:-_RETIRED_KEYS]
+        self.budget = enforce_budget(self.writer, snap, self.log)
 
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:
