@@ -178,14 +178,18 @@ def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -
 @_config_opt
 def list_snapshots(output: Path | None, config_file: Path | None) -> None:
     """A table of snapshots: time, step, severity, size, checkpoint, triggers."""
+    from smart_monitor.outputs.retention import disk_budget
+    from smart_monitor.outputs.snapshot import SnapshotWriter
+    from smart_monitor.tools.listing import format_budget, read_snapshots
     from smart_monitor.tools.listing import format_table as snapshot_table
-    from smart_monitor.tools.listing import read_snapshots
 
-    snapshot_dir = _load(config_file, None, None, output).snapshot_dir
+    config = _load(config_file, None, None, output)
+    snapshot_dir = config.snapshot_dir
     if not snapshot_dir.is_dir():
         click.echo(f"smart-monitor: no snapshot folder {snapshot_dir}", err=True)
         sys.exit(1)
     click.echo(snapshot_table(read_snapshots(snapshot_dir)))
+    click.echo(format_budget(disk_budget(SnapshotWriter(snapshot_dir), config.snapshot)))
 
 
 @main.command()
