@@ -41,8 +41,9 @@ class StateStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         doc = {"version": STATE_VERSION, "sha256": _digest(data), "data": data}
         try:
+            text = json.dumps(doc, allow_nan=True)  # json.dump streams in Python: 10x slower
             with open(self.tmp, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, allow_nan=True)
+                fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError:
