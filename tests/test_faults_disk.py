@@ -106,9 +106,9 @@ def test_fault_31_new_best_model_supersedes_older_best_weights(tmp_path: Path) -
     cfg = config(tmp_path)
     run = tmp_path / "run"
     append(cfg.metrics_file, lines(1, 10))  # type: ignore[arg-type]
-    live = Live(cfg)
-    for n, step in enumerate(range(100, 700, 100)):  # a baseline, then five best models
-        append(cfg.metrics_file, lines(step - 89, step))  # type: ignore[arg-type]
+    live = Live(cfg)  # steps 300 apart: past the default cooldown of 200 steps
+    for n, step in enumerate(range(300, 2100, 300)):  # a baseline, then five best models
+        append(cfg.metrics_file, lines(step - 289, step))  # type: ignore[arg-type]
         write_checkpoint(run, step)
         append(cfg.metrics_file, line(step, eval_loss=1.0 - n / 10))  # type: ignore[arg-type]
         if n:
@@ -124,14 +124,16 @@ def test_fault_31_new_best_model_supersedes_older_best_weights(tmp_path: Path) -
 
 
 def test_fault_31_scenario_trainer_never_sees_enospc_critical_kept(fs: Path) -> None:
-    """The simulated trainer with rotation on one small disk with the monitor, the
-    monitor on its defaults: a best model every 200 steps pins a 3 MiB checkpoint,
-    two NaN losses pin theirs. Without a budget the pins outgrow the disk."""
+    """The simulated trainer with rotation on one small disk that also holds its data,
+    the monitor on its defaults: a best model every few hundred steps pins a checkpoint,
+    two NaN losses pin theirs. Unbounded, the pins would need more than the disk has."""
     run, out = fs / "run", fs / "out"
     append(run / "metrics.jsonl", b"")
+    (fs / "dataset.bin").write_bytes(b"\1" * 30 * MIB)  # the training data, same disk
+    room = shutil.disk_usage(fs).free
     monitor = subprocess.Popen(
         [SMART_MONITOR, "run", "--metrics", run / "metrics.jsonl", "--checkpoints", run,
-         "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_until(lambda: (out / "logs").is_dir() and any(
@@ -139,7 +141,7 @@ def test_fault_31_scenario_trainer_never_sees_enospc_critical_kept(fs: Path) -> 
         trainer = subprocess.run(
             [sys.executable, EXAMPLES / "trainer_sim.py", "--out", run, "--steps", "8000",
              "--rate", "400", "--save-every", "200", "--eval-every", "200",
-             "--save-total-limit", "2", "--model-bytes", str(2 * MIB),
+             "--save-total-limit", "2", "--model-bytes", str(3 * MIB // 2),
              "--anomaly", "loss_nonfinite:3010", "--anomaly", "loss_nonfinite:6010"],
             capture_output=True, text=True, timeout=300, check=False,
         )
@@ -151,13 +153,12 @@ def test_fault_31_scenario_trainer_never_sees_enospc_critical_kept(fs: Path) -> 
     assert code == 0
     log = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
     snaps = [metadata(p) for p in published(out / "snapshots")]
-    best = [m for m in snaps if str(m["triggers"]).count("best_model_loss")]
-    assert len(best) >= 20, "the scenario needs many best models"
-    assert 20 * 3 * MIB > 64 * MIB  # what unbounded pins would have needed
+    pinned = sum(int(m["checkpoint"]["bytes"]) for m in snaps if m["checkpoint"])  # type: ignore[index]
+    assert pinned > room, f"the scenario must pin more ({pinned}) than the disk had ({room})"
     critical = [p for p in published(out / "snapshots") if metadata(p)["severity"] == "critical"]
     assert len(critical) == 2 and all((p / "model").is_dir() for p in critical), log[-3000:]
     assert " Released snapshot " in log and "Snapshot failed" not in log
-    assert shutil.disk_usage(fs).free > 0.1 * 64 * MIB
+    assert shutil.disk_usage(fs).free > 0.15 * 64 * MIB  # the floor held
 
 
 # -- 32, 33: writes that fail degrade ----------------------------------------------

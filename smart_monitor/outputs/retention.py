@@ -18,9 +18,11 @@ below ``min_free_share`` of it (journald's ``SystemMaxUse=``/``SystemKeepFree=``
 defaults, 10 % and 15 %, for the same reason: a record kept beside the workload must
 give way to it). Over either, snapshots *release* their weights (``model/`` goes;
 ``metadata.json``, the plots and a ``released`` note stay, so the record of what
-happened is never lost): the oldest non-critical first, then the oldest critical, the
-newest best model last. Independently, a best model supersedes the weights of older
-best-model snapshots beyond the newest ``keep_best``.
+happened is never lost): the oldest non-critical first, then the oldest critical. A
+snapshot whose checkpoint the trainer still has frees nothing and is passed over, so
+the newest best model (its checkpoint not yet rotated) keeps its weights. Apart from
+that, a best model supersedes the weights of older best-model snapshots beyond the
+newest ``keep_best``.
 """
 
 from __future__ import annotations
@@ -181,10 +183,8 @@ def enforce_budget(
     sizes = {p: added_bytes(p) for p, _ in writer.published()}
     budget, free, floor = _limits(writer.root, config, usage)
     state = DiskBudget(sum(sizes.values()), budget, free, floor)
-    newest_best = best[-1][0] if best else None
-    order = [s for s in snaps if s[1].get("severity") != "critical" and s[0] != newest_best]
+    order = [s for s in snaps if s[1].get("severity") != "critical"]
     order += [s for s in snaps if s[1].get("severity") == "critical"]
-    order += [s for s in snaps if s[0] == newest_best]
     for snap in order:
         if not (state.over or state.low):
             break
