@@ -4,6 +4,7 @@ input stays a counted malformed line. Real tmpfs mounts give the real ENOSPC."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,14 +46,24 @@ def fs(tmp_path: Path) -> Iterator[Path]:
 def fill(where: Path) -> Path:
     """Fill the file system of ``where`` to the last byte (a real ENOSPC)."""
     filler = where / "filler"
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: nothing left to flush
         try:
-            while True:
-                fh.write(b"\0" * MIB)
-                fh.flush()
-        except OSError:
-            pass
+            while fh.write(b"\1" * MIB):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
     return filler
+
+
+def top_off(path: Path) -> None:
+    """Fill the slack of the last page of ``path`` too (tmpfs lets a file grow into
+    its last page on a full disk): blank lines, which every reader skips."""
+    with open(path, "ab", buffering=0) as fh:
+        try:
+            while fh.write(b"\n"):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
 
 
 def metadata(path: Path) -> dict[str, object]:
@@ -183,6 +194,8 @@ def test_fault_32_full_log_disk_falls_back_to_stderr_and_resumes(
         wait_until(lambda: logs.is_dir() and " Started " in "".join(
             p.read_text() for p in logs.glob("*.log")), "Started", 60)
         filler = fill(fs)
+        for log_file in logs.glob("*.log"):
+            top_off(log_file)
         append(tmp_path / "run" / "metrics.jsonl", lines(51, 150, spikes=(120,)))
         wait_until(lambda: "Created snapshot step=120" in err.read_text(), "the snapshot", 60)
         assert proc.poll() is None, "a full log disk stopped the monitor"
@@ -190,7 +203,7 @@ def test_fault_32_full_log_disk_falls_back_to_stderr_and_resumes(
         wait_until(lambda: any("log to stderr only" in m for m, _ in notify.messages),
                    "STATUS= degraded", 30)
         filler.unlink()  # space is back: the next line lands, with the count
-        append(tmp_path / "run" / "metrics.jsonl", lines(151, 160))
+        append(tmp_path / "run" / "metrics.jsonl", b"not json: a line the monitor logs\n")
         wait_until(lambda: " Log file resumed " in "".join(p.read_text() for p in logs.glob("*")),
                    "the log resumed", 60)
     finally:
