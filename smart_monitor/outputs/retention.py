@@ -127,6 +127,8 @@ class DiskBudget:
 
 
 def _limits(root: Path, config: SnapshotConfig, usage: DiskUsage) -> tuple[int, int, int]:
+    while not root.exists() and root != root.parent:  # before the first snapshot
+        root = root.parent
     du = usage(root)
     return int(du.total * config.max_share), int(du.free), int(du.total * config.min_free_share)
 
