@@ -208,6 +208,7 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
 def tmpfs_mount(where: Path, size: str = "64m") -> Iterator[Path]:
     """A real, small file system (root only): its ENOSPC is the real one, and it is
     another device than the test's folder (EXDEV for hard links)."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (make test runs as root)"
     where.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
     try:

@@ -156,6 +156,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 def shared_root() -> Iterator[Path]:
     """A folder ``nobody`` can reach (pytest's tmp_path is root's, mode 0700)."""
     assert shutil.which("setpriv"), "setpriv (util-linux) is needed for the second user"
+    assert os.geteuid() == 0, "switching to a second user needs root"
     root = Path(tempfile.mkdtemp(prefix="smart-monitor-faults-"))
     root.chmod(0o755)
     try:
