@@ -64,14 +64,13 @@ def check_paths(config: Config) -> None:
 
 
 def _trainer_file(config: Config) -> Path | None:
-    """A file the trainer wrote: the metrics file, else one inside a checkpoint."""
-    if config.metrics_file is not None and config.metrics_file.is_file():
-        return config.metrics_file
+    """A file the trainer wrote in its checkpoint folder (the metrics file often lives
+    there); None without a checkpoint folder: then nothing is ever pinned."""
     ck = config.checkpoint_dir
     if ck is None or not ck.is_dir():
         return None
     for dirpath, _dirs, names in os.walk(ck):
-        for n in names:
+        for n in sorted(names):
             p = Path(dirpath) / n
             if p.is_file() and not p.is_symlink():
                 return p
