@@ -61,6 +61,12 @@ def added_bytes(path: Path) -> int:
     return total
 
 
+def _oldest_first(writer: SnapshotWriter) -> list[Snap]:
+    """By ``created_at``: a name freed by a removal is reused within the same second
+    (``anomaly_<time>_loss_nonfinite`` after ``..._2``), so names alone misorder them."""
+    return sorted(writer.published(), key=lambda s: (str(s[1].get("created_at", "")), s[0].name))
+
+
 def _is_best(meta: dict[str, Any]) -> bool:
     triggers = [str(t) for t in meta.get("triggers", [])]
     return bool(triggers) and all(t.startswith(_BEST) for t in triggers)
@@ -73,7 +79,7 @@ def enforce_retention(
     keys of the deleted ones, so that a restart does not make them again."""
     if not max_count and not max_bytes:
         return []
-    snaps = list(writer.published())  # oldest name (UTC time) first
+    snaps = _oldest_first(writer)
     best = [p for p, m in snaps if _is_best(m)]
     keep = best[-1] if best else None
     sizes = {p: added_bytes(p) for p, _ in snaps} if max_bytes else {}
@@ -177,7 +183,7 @@ def enforce_budget(
     are within their share and the free space above its floor; returns where they
     stand afterwards. A snapshot whose files the trainer still has costs nothing and
     frees nothing: it is passed over until its checkpoint is rotated away."""
-    snaps = [s for s in writer.published() if (s[0] / "model").is_dir()]
+    snaps = [s for s in _oldest_first(writer) if (s[0] / "model").is_dir()]
     best = [s for s in snaps if _is_best(s[1])]
     for snap in best[: -config.keep_best]:
         _release(writer.root, snap, "superseded", log, keep_best=config.keep_best)
