@@ -126,7 +126,8 @@ def test_fault_31_new_best_model_supersedes_older_best_weights(tmp_path: Path) -
             live.wait_log(" Created snapshot ", n, timeout=60)
     live.wait_log(" Released snapshot ", 2, timeout=60)
     live.stop()
-    best = [p for p in published(cfg.snapshot_dir) if "best_model_loss" in p.name]
+    best = sorted((p for p in published(cfg.snapshot_dir) if "best_model_loss" in p.name),
+                  key=lambda p: str(metadata(p)["created_at"]))  # names sort by loss in a second
     assert [(p / "model").is_dir() for p in best] == [False, False, True, True, True]
     for p in best[:2]:
         released = metadata(p)["released"]
