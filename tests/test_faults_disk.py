@@ -174,22 +174,24 @@ def test_fault_31_scenario_trainer_never_sees_enospc_critical_kept(fs: Path) -> 
 
 
 # -- 32, 33: writes that fail degrade ----------------------------------------------
-def _daemon_with_output_on(tmp_path: Path, fs: Path, which: str) -> tuple[Path, dict[str, str]]:
-    """A config whose ``which`` folder is on the small file system ``fs``."""
+def _monitor_with_output_on(
+    tmp_path: Path, fs: Path, which: str
+) -> tuple[subprocess.Popen[bytes], NotifyListener, Path]:
+    """``smart-monitor run`` with its ``which`` folder on the small file system ``fs``,
+    what it sends to systemd, and its stderr (journald's side)."""
     cfg = config(tmp_path, **{which: fs / which})
     append(cfg.metrics_file, lines(1, 50))  # type: ignore[arg-type]
     write_checkpoint(tmp_path / "run", 50)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-    return write_config_file(cfg, tmp_path / "c.toml"), env
+    notify = NotifyListener(tmp_path / "notify.sock")
+    err = tmp_path / "stderr"
+    return spawn(write_config_file(cfg, tmp_path / "c.toml"), err, env=env), notify, err
 
 
 def test_fault_32_full_log_disk_falls_back_to_stderr_and_resumes(
     tmp_path: Path, fs: Path
 ) -> None:
-    toml, env = _daemon_with_output_on(tmp_path, fs, "log_dir")
-    notify = NotifyListener(tmp_path / "notify.sock")
-    err = tmp_path / "stderr"
-    proc = spawn(toml, err, env=env)
+    proc, notify, err = _monitor_with_output_on(tmp_path, fs, "log_dir")
     logs = fs / "log_dir"
     try:
         wait_until(lambda: logs.is_dir() and " Started " in "".join(
@@ -219,10 +221,7 @@ def test_fault_32_full_log_disk_falls_back_to_stderr_and_resumes(
 def test_fault_33_full_state_disk_backs_off_one_line_and_resumes(
     tmp_path: Path, fs: Path
 ) -> None:
-    toml, env = _daemon_with_output_on(tmp_path, fs, "state_dir")
-    notify = NotifyListener(tmp_path / "notify.sock")
-    err = tmp_path / "stderr"
-    proc = spawn(toml, err, env=env)
+    proc, notify, err = _monitor_with_output_on(tmp_path, fs, "state_dir")
     state = fs / "state_dir" / "state.json"
     try:
         wait_until(lambda: state.is_file(), "the first save", 60)
