@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from smart_monitor.records import NON_TRAIN_KEYS, TrainRecord
+from smart_monitor.records import MAX_STEP, NON_TRAIN_KEYS, TrainRecord
 
 __all__ = [
     "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",
@@ -50,7 +50,7 @@ def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     if type(data) is not dict:
         return None
     step = data.get("step")
-    if type(step) is not int or step < 0 or not blocking.isdisjoint(data):
+    if type(step) is not int or not 0 <= step <= MAX_STEP or not blocking.isdisjoint(data):
         return None
     loss = data.get("loss")
     if loss is not None and (type(loss) is not float or loss - loss != 0.0):

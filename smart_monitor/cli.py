@@ -12,6 +12,7 @@ import click
 from smart_monitor import __version__
 from smart_monitor.config import Config, ConfigError, load_config
 from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.lock import FolderLock
 from smart_monitor.tools.summary import count_snapshots, format_table, read_logs
 
 __all__ = ["main"]
@@ -38,6 +39,27 @@ def _load(
         return load_config(config, **overrides)
     except ConfigError as exc:
         _config_error(str(exc))
+
+
+def _prepare(config: Config, locked: tuple[str, ...]) -> list[FolderLock]:
+    """What ``run`` and ``replay`` check before touching a folder: the paths (the same
+    check as ``check-config``), one instance per folder (FAULTS.md #36: taken before
+    start-up removes any ``.tmp-*``), and links from the trainer's files (#35). Each
+    failure is one line, exit 2: restarting cannot fix it."""
+    from smart_monitor.runtime.lock import LockHeld, lock_folders
+    from smart_monitor.runtime.preflight import check_links, check_paths
+
+    try:
+        check_paths(config)
+        locks = lock_folders({key: getattr(config, key) for key in locked})
+    except (ConfigError, LockHeld) as exc:
+        _config_error(str(exc))
+    problem = check_links(config)
+    if problem is not None:
+        for lock in locks:
+            lock.release()
+        _config_error(problem)
+    return locks
 
 
 def _existing_metrics_file(config: Config) -> Path:
@@ -92,6 +114,7 @@ def replay(
 
     config = _load(config_file, metrics, checkpoints, output)
     metrics_file = _existing_metrics_file(config)
+    _prepare(config, ("snapshot_dir",))  # held until the process ends
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     detections = DetectionReport()
     engine = run_replay(config, metrics_file, log, progress, [detections], plots)
@@ -124,6 +147,7 @@ def run(
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
+    _prepare(config, ("state_dir", "snapshot_dir"))  # held until the process ends
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     daemon = Daemon(config, log, daily, Notifier())
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -154,14 +178,18 @@ def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -
 @_config_opt
 def list_snapshots(output: Path | None, config_file: Path | None) -> None:
     """A table of snapshots: time, step, severity, size, checkpoint, triggers."""
+    from smart_monitor.outputs.retention import disk_budget
+    from smart_monitor.outputs.snapshot import SnapshotWriter
+    from smart_monitor.tools.listing import format_budget, read_snapshots
     from smart_monitor.tools.listing import format_table as snapshot_table
-    from smart_monitor.tools.listing import read_snapshots
 
-    snapshot_dir = _load(config_file, None, None, output).snapshot_dir
+    config = _load(config_file, None, None, output)
+    snapshot_dir = config.snapshot_dir
     if not snapshot_dir.is_dir():
         click.echo(f"smart-monitor: no snapshot folder {snapshot_dir}", err=True)
         sys.exit(1)
     click.echo(snapshot_table(read_snapshots(snapshot_dir)))
+    click.echo(format_budget(disk_budget(SnapshotWriter(snapshot_dir), config.snapshot)))
 
 
 @main.command()
@@ -211,7 +239,13 @@ def report(
 @click.argument("file", type=_path)
 def check_config(file: Path) -> None:
     """Validate a config file: silent success (exit 0) or one line naming the key (exit 2)."""
+    from smart_monitor.runtime.preflight import check_paths
+
     config = _load(file, None, None, None)
+    try:
+        check_paths(config)
+    except ConfigError as exc:
+        _config_error(str(exc))
     click.echo(
         f"{file}: ok (metrics_file={config.metrics_file}, snapshot_dir={config.snapshot_dir})"
     )

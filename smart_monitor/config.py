@@ -11,16 +11,48 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from smart_monitor.triggers import KINDS, kind_of
 
 __all__ = ["Config", "ConfigError", "load_config"]
+
+
+# Durations are capped at a day: a bigger one is a typo, and 1e300 seconds overflows
+# every wait the daemon makes (a config that validates must also run: FAULTS.md #49).
+_DAY = 86_400.0
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LossZScoreConfig(_Section):
+class _Windowed(_Section):
+    """A detector that learns a window before it may fire: a warm-up longer than the
+    window would never end, and a critical level under the threshold would make every
+    firing critical; both silently change what the section configures."""
+
+    window: int  # each subclass gives the defaults
+    warmup: int
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Windowed:
+        if self.warmup > self.window:
+            raise ValueError(f"warmup ({self.warmup}) must not exceed window ({self.window})")
+        threshold, critical = getattr(self, "threshold", None), getattr(self, "critical", None)
+        if threshold is not None and critical is not None and critical < threshold:
+            raise ValueError(f"critical ({critical}) must not be below threshold ({threshold})")
+        return self
+
+
+class LossZScoreConfig(_Windowed):
     enabled: bool = True
     window: int = Field(20, ge=2)
     warmup: int = Field(20, ge=2)
@@ -32,7 +64,7 @@ class LossZScoreConfig(_Section):
     direction: Literal["up", "both"] = "up"
 
 
-class LrZScoreConfig(_Section):
+class LrZScoreConfig(_Windowed):
     enabled: bool = True
     window: int = Field(20, ge=2)
     warmup: int = Field(10, ge=2)
@@ -43,7 +75,7 @@ class LrZScoreConfig(_Section):
     schedule: Literal["decay", "cyclic"] = "decay"
 
 
-class LossSpikeConfig(_Section):
+class LossSpikeConfig(_Windowed):
     enabled: bool = True
     window: int = Field(20, ge=2)
     warmup: int = Field(10, ge=2)
@@ -127,28 +159,43 @@ class RecordsConfig(_Section):
 
 class SnapshotConfig(_Section):
     mode: Literal["auto", "hardlink", "copy"] = "auto"
-    checkpoint_wait_seconds: float = Field(30.0, ge=0)
+    checkpoint_wait_seconds: float = Field(30.0, ge=0, le=_DAY)
     max_count: int = Field(0, ge=0)
     max_bytes: int = Field(0, ge=0)
+    # The disk budget (outputs/retention.py says how the defaults were chosen); 0: off.
+    max_share: float = Field(0.10, ge=0, le=1)
+    min_free_share: float = Field(0.15, ge=0, lt=1)
+    keep_best: int = Field(3, ge=1)
 
 
 class CheckpointsConfig(_Section):
     pattern: str = "checkpoint-{step}"
     marker: str = "trainer_state.json"
-    settle_seconds: float = Field(30.0, ge=0)
+    settle_seconds: float = Field(30.0, ge=0, le=_DAY)
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_step(cls, pattern: str) -> str:
+        """The step names the checkpoint: exactly one ``{step}``, at most one ``{epoch}``,
+        and a plain name (the pattern matches entries of ``checkpoint_dir``)."""
+        if pattern.count("{step}") != 1 or pattern.count("{epoch}") > 1:
+            raise ValueError("must hold {step} exactly once (and {epoch} at most once)")
+        if "/" in pattern or pattern.replace("{step}", "").replace("{epoch}", "").count("{"):
+            raise ValueError("only {step} and {epoch} may stand in braces; no '/'")
+        return pattern
 
 
 class WatchConfig(_Section):
     backend: Literal["auto", "inotify", "polling"] = "auto"
-    poll_interval: float = Field(1.0, gt=0)
-    reconcile_seconds: float = Field(10.0, gt=0)
+    poll_interval: float = Field(1.0, gt=0, le=_DAY)
+    reconcile_seconds: float = Field(10.0, gt=0, le=_DAY)
 
 
 class StateConfig(_Section):
-    save_interval_seconds: float = Field(5.0, gt=0)
+    save_interval_seconds: float = Field(5.0, gt=0, le=_DAY)
 
 
-class CheckpointScanConfig(_Section):
+class CheckpointScanConfig(_Windowed):
     """The optional scan of each new checkpoint's weights (safetensors, off the main
     loop): NaN/Inf tensors, and a jump in the global weight norm, scored as the z of
     its relative change against the changes between earlier checkpoints."""
@@ -171,6 +218,15 @@ class ActionConfig(_Section):
     on_triggers: list[str] = Field(default_factory=list)
     on_severity: ActionSeverity = "critical"
 
+    @field_validator("on_triggers")
+    @classmethod
+    def _known_kinds(cls, names: list[str]) -> list[str]:
+        """A misspelt kind would never match: the action would silently never run."""
+        unknown = [n for n in names if kind_of(n) not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown trigger {unknown[0]!r} (kinds: {', '.join(sorted(KINDS))})")
+        return names
+
 
 class StopFileActionConfig(ActionConfig):
     path: Path | None = None
@@ -182,7 +238,7 @@ class SignalActionConfig(ActionConfig):
 
     @model_validator(mode="after")
     def _known_signal(self) -> SignalActionConfig:
-        if not self.signal.startswith("SIG") or not hasattr(signal_module, self.signal):
+        if self.signal not in signal_module.Signals.__members__:  # SIG_IGN is no signal
             raise ValueError(f"unknown signal {self.signal!r}")
         return self
 
@@ -203,7 +259,7 @@ class WebhookActionConfig(ActionConfig):
 
 
 class ActionsConfig(_Section):
-    timeout_seconds: float = Field(10.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0, le=_DAY)
     queue_size: int = Field(100, ge=1)
     stop_file: StopFileActionConfig = StopFileActionConfig()
     signal: SignalActionConfig = SignalActionConfig()
@@ -235,6 +291,16 @@ class Config(_Section):
     actions: ActionsConfig = ActionsConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    @field_validator(
+        "metrics_file", "checkpoint_dir", "snapshot_dir", "log_dir", "state_dir", mode="before"
+    )
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        """``""`` would be the working folder, where start-up removes ``.tmp-*``."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @model_validator(mode="after")
     def _snapshots_outside_trainer_glob(self) -> Config:
         """The trainer globs ``checkpoint-*`` in its folder and would rotate or resume
@@ -260,9 +326,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -272,4 +342,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "config"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
         raise ConfigError(f"{key}: {msg}") from None

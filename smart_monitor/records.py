@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ import orjson
 
 __all__ = [
     "DEFAULT_ALIASES",
+    "MAX_DEPTH",
+    "MAX_STEP",
     "NON_TRAIN_KEYS",
     "EvalRecord",
     "ExampleRecord",
@@ -24,6 +27,7 @@ __all__ = [
     "Record",
     "SummaryRecord",
     "TrainRecord",
+    "nesting_depth",
     "parse_line",
     "to_record",
 ]
@@ -38,6 +42,13 @@ _EVAL = frozenset({"eval_loss", "eval_accuracy", "accuracy"})
 # leaves such lines to to_record).
 NON_TRAIN_KEYS = _EXAMPLE | _SUMMARY | _EVAL
 _BOM = b"\xef\xbb\xbf"
+# A trainer's record is flat; a line nested deeper is no record, and a deep enough
+# one overflows the parser's recursion (FAULTS.md #43). Steps past int64 are no step
+# a trainer logs, and do not fit the batch path's arrays (#44).
+MAX_DEPTH = 64
+MAX_STEP = 2**63 - 1
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class MalformedLine(ValueError):
@@ -102,6 +113,7 @@ def parse_line(line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Rec
     line = line.strip()
     if not line:
         return None
+    _check_depth(line)
     try:
         data = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -116,6 +128,31 @@ def _loads_lenient(line: bytes) -> Any:
         return json.loads(line.decode("utf-8", errors="replace"))
     except ValueError as exc:
         raise MalformedLine("invalid_json", str(exc)[:80]) from None
+    except RecursionError:  # _check_depth counts brackets outside strings: never here
+        raise MalformedLine("too_deep", f"over {MAX_DEPTH} levels") from None
+
+
+def nesting_depth(line: bytes) -> int:
+    """How deep arrays and objects nest in ``line`` (brackets inside strings aside).
+
+    >>> nesting_depth(b'{"a": [1, {"b": "[[["}]}'), nesting_depth(b"[" * 5 + b"]" * 5)
+    (3, 5)
+    """
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_STRING.sub(b'""', line)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _check_depth(line: bytes) -> None:
+    """Two C-speed counts for every line; the exact scan only for the rare line with
+    more brackets than the limit."""
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
+        raise MalformedLine("too_deep", f"over {MAX_DEPTH} levels")
 
 
 def to_record(
@@ -191,11 +228,11 @@ def _optional_step(data: Mapping[str, Any]) -> int | None:
     step = data.get("step")
     if step is None:
         return None
-    if type(step) is int and step >= 0:  # the common case, first
+    if type(step) is int and 0 <= step <= MAX_STEP:  # the common case, first
         return step
     if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):
         raise MalformedLine("bad_type", "step")
-    if step < 0 or step != int(step):
+    if step < 0 or step > MAX_STEP or step != int(step):
         raise MalformedLine("bad_value", "step")
     return int(step)
 

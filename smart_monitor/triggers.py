@@ -10,12 +10,14 @@ from typing import Any
 
 __all__ = [
     "CRITICAL_KINDS",
+    "KINDS",
     "WEIGHTS_NONFINITE",
     "WEIGHT_NORM_ZSCORE",
     "Severity",
     "Trigger",
     "kind_of",
     "problem_of",
+    "short_name",
     "stats_label",
 ]
 
@@ -36,13 +38,32 @@ _RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """One detection. ``kind`` groups triggers for cooldowns and the stats table;
-    ``name`` is the contract's name with its number (``loss_zscore_43.20``)."""
+    ``name`` is the contract's name with its number (``loss_zscore_43.20``), made
+    short when the number is absurd (``short_name``)."""
 
     kind: str
     name: str
     severity: Severity
     step: int
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.name) > MAX_NAME:
+            object.__setattr__(self, "name", short_name(self.name))
+
+
+def short_name(name: str) -> str:
+    """At most ``MAX_NAME`` characters: a long number suffix in scientific form (no
+    ``+``, so ``kind_of`` still reads it), else the name cut.
+
+    >>> short_name("lr_zscore_" + "1" * 300 + ".00"), short_name("loss_spike_" + "9" * 80 + ".0pct")
+    ('lr_zscore_1.11e299', 'loss_spike_1.00e80pct')
+    """
+    found = _NUMBER_SUFFIX.search(name)
+    if found is not None:
+        mantissa, exponent = f"{float(found.group(0)[1:].removesuffix('pct')):.2e}".split("e")
+        name = f"{name[: found.start()]}_{mantissa}e{int(exponent)}{found.group(1) or ''}"
+    return name[:MAX_NAME]
 
 
 # Trigger kinds whose name ends in a number; the stats table shows them as `kind_*`.
@@ -68,7 +89,15 @@ CRITICAL_KINDS = (
     "divergence_detected",
     "inverted_loss_pattern",
 )
-_NUMBER_SUFFIX = re.compile(r"_-?[0-9][0-9.]*(pct)?$")
+# Every kind a trigger can have: what ``on_triggers`` may name (a test keeps it in
+# step with the detectors).
+KINDS = frozenset(
+    (*NUMBERED_KINDS, *CRITICAL_KINDS, WEIGHTS_NONFINITE, "conflicting_labels", "MULTIPLE_TRIGGERS")
+)
+_NUMBER_SUFFIX = re.compile(r"_-?[0-9][0-9.]*(?:e-?[0-9]+)?(pct)?$")
+# A trigger name is part of a snapshot's folder name, which NAME_MAX caps at 255 bytes:
+# an absurd value (an LR of 1e300 is a z of 1e300) is written in short scientific form.
+MAX_NAME = 64
 
 
 # Kinds that report one problem: their detections form one incident, one snapshot.

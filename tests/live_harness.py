@@ -3,6 +3,7 @@ lines, and waiting on what the daemon logs: shared by test_faults and test_daemo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,16 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@contextlib.contextmanager
+def tmpfs_mount(where: Path, size: str = "64m") -> Iterator[Path]:
+    """A real, small file system (root only): its ENOSPC is the real one, and it is
+    another device than the test's folder (EXDEV for hard links)."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (make test runs as root)"
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

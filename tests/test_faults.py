@@ -554,15 +554,27 @@ def test_fault_29_dead_observer_restarted_and_worker_errors_counted(tmp_path: Pa
     append(cfg.metrics_file, lines(21, 30))
     live.wait_records(30)
     shutil.rmtree(cfg.state_dir)
-    cfg.state_dir.write_text("not a folder")  # every save fails now
+    cfg.state_dir.write_text("not a folder")  # every save fails now: degraded (case 33)
     append(cfg.metrics_file, lines(31, 40))
-    live.wait_log("Worker error")
+    live.wait_log("State save failed")
     cfg.state_dir.unlink()
     append(cfg.metrics_file, lines(41, 50))
     live.wait_records(50)
     wait_until(lambda: (cfg.state_dir / "state.json").exists(), "a save after the fault")
+    assert "State saved again" in live.log()
+    read, failures = live.daemon._read, [RuntimeError("a bug in one turn")]
+
+    def read_once_broken() -> None:
+        if failures:
+            raise failures.pop()
+        read()
+
+    live.daemon._read = read_once_broken  # type: ignore[method-assign]  # the fault itself
+    append(cfg.metrics_file, lines(51, 60))
+    live.wait_log("Worker error")
+    live.wait_records(60)  # the next turn reads what the broken one left
     live.stop()
-    assert live.daemon.errors >= 1
+    assert live.daemon.errors == 1
 
 
 def test_fault_30_remote_writer_polling_and_escaping_symlink(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_list_is_a_table_of_every_snapshot_oldest_first(run: tuple[Path, Path]) 
     assert lines[0].split() == [
         "time", "step", "severity", "size", "checkpoint", "triggers", "snapshot"
     ]
-    rows, total = lines[1:-1], lines[-1]
+    rows, total, budget = lines[1:-2], lines[-2], lines[-1]
     expected = snapshots(out)
     assert len(rows) == len(expected) >= 3
     for row, (path, meta) in zip(rows, expected, strict=True):
@@ -79,6 +79,7 @@ def test_list_is_a_table_of_every_snapshot_oldest_first(run: tuple[Path, Path]) 
         assert cells[-1] == path.name
     assert "critical" in {row.split()[3] for row in rows}
     assert total.startswith(f"{len(rows)} snapshots, ")
+    assert budget.startswith("held ") and " budget; free " in budget
 
 
 def test_list_reads_the_snapshot_folder_from_the_config(
@@ -87,7 +88,9 @@ def test_list_reads_the_snapshot_folder_from_the_config(
     _, out = run
     config = tmp_path / "sm.toml"
     config.write_text(f'snapshot_dir = "{out / "snapshots"}"\n')
-    assert sm("list", "--config", config).stdout == sm("list", "--output", out).stdout
+    by_config = sm("list", "--config", config).stdout.splitlines()
+    assert by_config[:-1] == sm("list", "--output", out).stdout.splitlines()[:-1]
+    assert by_config[-1].startswith("held ")  # the budget line: free space moves
 
 
 def test_list_without_snapshots_says_so(tmp_path: Path) -> None:

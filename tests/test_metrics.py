@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import urllib.request
 from pathlib import Path
@@ -74,6 +75,8 @@ def test_scrape_shows_what_the_engine_did(tmp_path: Path) -> None:
         feed(engine)
         clock.now += 42.5
         m = scrape(port)
+        shutil.rmtree(tmp_path / "run" / "checkpoint-10")  # rotated: the pin now costs bytes
+        rotated = scrape(port)
     finally:
         server.stop()
     crit = (("severity", "critical"), ("trigger", "loss_nonfinite"))
@@ -86,6 +89,11 @@ def test_scrape_shows_what_the_engine_did(tmp_path: Path) -> None:
     assert m[("smart_monitor_snapshot_bytes_total", ())] == model_bytes > 5000
     assert m[("smart_monitor_last_step", ())] == 13
     assert m[("smart_monitor_seconds_since_last_record", ())] == 42.5
+    held = ("smart_monitor_snapshot_held_bytes", ())
+    assert rotated[held] - m[held] == model_bytes  # hard links count once unshared
+    total = shutil.disk_usage(tmp_path).total
+    assert m[("smart_monitor_snapshot_budget_bytes", ())] == int(total * 0.10)
+    assert m[("smart_monitor_snapshot_floor_bytes", ())] == int(total * 0.15)
 
 
 def test_two_engines_keep_separate_counts(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
@@ -13,15 +14,25 @@ from smart_monitor.triggers import Severity, Trigger
 __all__ = ["ConflictingLabels"]
 
 
+_SHOWN = 200  # characters of an answer kept to name it in a trigger
+_MAX_ANSWERS = 16  # distinct answers remembered per prompt
+
+
 def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
+
+
+def _hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
 class ConflictingLabels(NotesTrainSteps):
     """Fires when a prompt comes back with a golden answer it has not had before
     (answers compared whitespace- and case-normalised): two labels for one input, which
-    no model can learn. Remembers the ``max_prompts`` most recent prompts, so memory is
-    bounded on a long run; both answers go into the trigger (and so the metadata).
+    no model can learn. Remembers the ``max_prompts`` most recent prompts by a 64-bit
+    hash, never their text, and each one's answers by hash plus their first
+    characters, so memory and the saved state stay small when prompts are 20 KB
+    (FAULTS.md #45); both answers go into the trigger (and so the metadata).
 
     >>> from smart_monitor.records import ExampleRecord
     >>> d = ConflictingLabels(ConflictingLabelsConfig())
@@ -36,8 +47,8 @@ class ConflictingLabels(NotesTrainSteps):
 
     def __init__(self, config: ConflictingLabelsConfig) -> None:
         self.config = config
-        # prompt -> (step first seen, [golden answers as first written, in order])
-        self.prompts: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
+        # prompt hash -> (step first seen, [[normalised answer hash, its first chars]])
+        self.prompts: OrderedDict[str, tuple[int, list[list[str]]]] = OrderedDict()
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
@@ -45,21 +56,22 @@ class ConflictingLabels(NotesTrainSteps):
         if found is None:
             return []
         record, step = found
-        seen = self.prompts.get(record.prompt)
+        key = _hash(record.prompt)
+        answer = [_hash(_normalise(record.golden_answer)), record.golden_answer[:_SHOWN]]
+        seen = self.prompts.get(key)
         if seen is None:
-            self.prompts[record.prompt] = (step, [record.golden_answer])
+            self.prompts[key] = (step, [answer])
             if len(self.prompts) > self.config.max_prompts:
                 self.prompts.popitem(last=False)
             return []
-        self.prompts.move_to_end(record.prompt)
+        self.prompts.move_to_end(key)
         first_step, answers = seen
-        golden = _normalise(record.golden_answer)
-        if any(_normalise(a) == golden for a in answers):
+        if any(h == answer[0] for h, _ in answers) or len(answers) >= _MAX_ANSWERS:
             return []
-        answers.append(record.golden_answer)
+        answers.append(answer)
         details = {
-            "prompt": record.prompt,
-            "answers": list(answers),
+            "prompt": record.prompt[:_SHOWN],
+            "answers": [shown for _, shown in answers],
             "first_step": first_step,
         }
         return [Trigger(self.kind, self.kind, Severity.WARNING, step, details)]
@@ -71,12 +83,17 @@ class ConflictingLabels(NotesTrainSteps):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "prompts": [[p, s, list(a)] for p, (s, a) in self.prompts.items()],
+            "prompt_hashes": [[p, s, [list(x) for x in a]] for p, (s, a) in self.prompts.items()],
             "last_step": self.last_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Reads the older ``prompts`` (full text) too, hashing it as it comes."""
         self.prompts = OrderedDict(
-            (str(p), (int(s), [str(x) for x in a])) for p, s, a in state.get("prompts", [])
+            (str(p), (int(s), [[str(h), str(shown)] for h, shown in a]))
+            for p, s, a in state.get("prompt_hashes", [])
         )
+        for prompt, s, answers in state.get("prompts", []):
+            old = [[_hash(_normalise(str(a))), str(a)[:_SHOWN]] for a in answers]
+            self.prompts[_hash(str(prompt))] = (int(s), old)
         self.last_step = int(state.get("last_step", 0))

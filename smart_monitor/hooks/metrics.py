@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from smart_monitor.config import MetricsConfig
+from smart_monitor.outputs.retention import disk_budget
 from smart_monitor.runtime.events import Detected, Event, Restarted, SnapshotFailed, SnapshotMade
 
 if TYPE_CHECKING:
@@ -57,6 +58,14 @@ class _EngineCollector(Collector):
             "Seconds since the last record (since start before the first): a stalled trainer.",
             value=max(since, 0.0),
         )
+        budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
+        for name, text, value in (
+            ("held", "Bytes the snapshots add to their file system.", budget.held),
+            ("budget", "Bytes the snapshots may hold (0: no share limit).", budget.budget),
+            ("free", "Free bytes on the snapshots' file system.", budget.free),
+            ("floor", "Free bytes the snapshots never push it below (0: off).", budget.floor),
+        ):
+            yield GaugeMetricFamily(f"smart_monitor_snapshot_{name}_bytes", text, value=value)
 
 
 class MetricsServer:

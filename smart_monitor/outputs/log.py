@@ -10,6 +10,7 @@ Values are quoted only when they hold a space, a quote or an ``=``, so
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, MutableMapping
@@ -31,7 +32,13 @@ def _utc_now() -> datetime:
 
 class DailyFile:
     """``log_dir/smart_monitor_YYYYMMDD.log`` (UTC date), appended line by line and
-    re-opened when the date changes or on ``reopen()`` (SIGHUP, after logrotate)."""
+    re-opened when the date changes or on ``reopen()`` (SIGHUP, after logrotate).
+
+    A write that fails (ENOSPC, EDQUOT, EIO, EACCES: FAULTS.md #32) never reaches the
+    caller: a full log disk must not stop the monitor. The line still goes to stderr
+    (journald under systemd), ``lost`` counts the lines the file missed and ``error``
+    says why, for ``STATUS=``; the next line tries the file again, and the first one
+    that lands is preceded by a ``Log file resumed`` line with the count."""
 
     def __init__(self, log_dir: Path, clock: Callable[[], datetime] = _utc_now) -> None:
         self.log_dir = log_dir
@@ -39,30 +46,60 @@ class DailyFile:
         self._lock = threading.Lock()
         self._day = ""
         self._fh: TextIO | None = None
+        self.lost = 0  # lines not written to the file, since start
+        self.error: str | None = None  # why the last write failed; None once one works
+        self._lost_since = 0
 
     def path_for(self, day: str) -> Path:
         return self.log_dir / f"smart_monitor_{day}.log"
 
     def write(self, line: str) -> None:
-        day = self.clock().strftime("%Y%m%d")
+        now = self.clock()
+        day = now.strftime("%Y%m%d")
         with self._lock:
-            if day != self._day or self._fh is None:
-                self._open(day)
-            assert self._fh is not None
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            try:
+                if day != self._day or self._fh is None:
+                    self._open(day)
+                assert self._fh is not None
+                if self._lost_since:
+                    stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+                    self._fh.write(
+                        f"{stamp} warning Log file resumed lost={self._lost_since} "
+                        f"lost_total={self.lost}\n"
+                    )
+                self._fh.write(line + "\n")
+                self._fh.flush()
+            except OSError as exc:
+                self._failed(exc)
+                return
+            self._lost_since = 0
+            self.error = None
+
+    def _failed(self, exc: OSError) -> None:
+        self.lost += 1
+        self._lost_since += 1
+        self.error = f"{self.path_for(self._day or 'YYYYMMDD')}: {exc.strerror or exc}"
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # drop the buffer: the next write starts clean
+                self._fh.close()
+            self._fh = None
 
     def _open(self, day: str) -> None:
         if self._fh is not None:
             self._fh.close()
+            self._fh = None
+        self._day = day
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path_for(day), "a", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._day = day
 
     def reopen(self) -> None:
         with self._lock:
             if self._fh is not None:
-                self._fh.close()
+                try:
+                    self._fh.close()
+                except OSError as exc:  # the last buffered line could not be flushed
+                    self.lost += 1
+                    self.error = str(exc)
             self._fh = None
 
     def close(self) -> None:

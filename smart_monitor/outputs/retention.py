@@ -1,4 +1,6 @@
-"""Keep the snapshot folder within ``snapshot.max_count`` and ``snapshot.max_bytes``.
+"""Keep the snapshot folder within its limits: whole snapshots deleted past
+``snapshot.max_count`` and ``snapshot.max_bytes`` (``enforce_retention``), and weights
+released to stay within the disk budget (``enforce_budget``, FAULTS.md #31).
 
 Only the bytes a snapshot really adds are counted: a file hard-linked to the trainer's
 checkpoint or to another snapshot (``st_nlink > 1``) costs nothing that deleting this
@@ -9,6 +11,18 @@ The oldest non-critical snapshots go first, then the oldest critical ones; the n
 best-model snapshot is never removed (it is the one to resume from). A snapshot is
 first renamed to a ``.tmp-`` name, then deleted: a reader never sees half of one, and
 a crash leaves only a temporary that the next start removes.
+
+The disk budget is on by default, because every pin outlives the trainer's rotation:
+snapshots may hold ``max_share`` of their file system, and never push its free space
+below ``min_free_share`` of it (journald's ``SystemMaxUse=``/``SystemKeepFree=``
+defaults, 10 % and 15 %, for the same reason: a record kept beside the workload must
+give way to it). Over either, snapshots *release* their weights (``model/`` goes;
+``metadata.json``, the plots and a ``released`` note stay, so the record of what
+happened is never lost): the oldest non-critical first, then the oldest critical. A
+snapshot whose checkpoint the trainer still has frees nothing and is passed over, so
+the newest best model (its checkpoint not yet rotated) keeps its weights. Apart from
+that, a best model supersedes the weights of older best-model snapshots beyond the
+newest ``keep_best``.
 """
 
 from __future__ import annotations
@@ -16,12 +30,19 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
+from smart_monitor.config import SnapshotConfig
+from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter, write_metadata
 
-__all__ = ["added_bytes", "enforce_retention"]
+__all__ = ["DiskBudget", "added_bytes", "disk_budget", "enforce_budget", "enforce_retention"]
+
+Snap = tuple[Path, dict[str, Any]]
+DiskUsage = Callable[[Path], Any]  # shutil.disk_usage: (total, used, free)
 
 _BEST = "best_model_loss"
 
@@ -40,6 +61,12 @@ def added_bytes(path: Path) -> int:
     return total
 
 
+def _oldest_first(writer: SnapshotWriter) -> list[Snap]:
+    """By ``created_at``: a name freed by a removal is reused within the same second
+    (``anomaly_<time>_loss_nonfinite`` after ``..._2``), so names alone misorder them."""
+    return sorted(writer.published(), key=lambda s: (str(s[1].get("created_at", "")), s[0].name))
+
+
 def _is_best(meta: dict[str, Any]) -> bool:
     triggers = [str(t) for t in meta.get("triggers", [])]
     return bool(triggers) and all(t.startswith(_BEST) for t in triggers)
@@ -52,7 +79,7 @@ def enforce_retention(
     keys of the deleted ones, so that a restart does not make them again."""
     if not max_count and not max_bytes:
         return []
-    snaps = list(writer.published())  # oldest name (UTC time) first
+    snaps = _oldest_first(writer)
     best = [p for p, m in snaps if _is_best(m)]
     keep = best[-1] if best else None
     sizes = {p: added_bytes(p) for p, _ in snaps} if max_bytes else {}
@@ -84,3 +111,97 @@ def enforce_retention(
             count=count, bytes=total if max_bytes else None,
         )
     return [k for k in removed if k]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskBudget:
+    """Bytes the snapshots hold against their budget, and the file system's free
+    space against its floor (0: that limit is off)."""
+
+    held: int
+    budget: int
+    free: int
+    floor: int
+
+    @property
+    def over(self) -> bool:
+        return bool(self.budget) and self.held > self.budget
+
+    @property
+    def low(self) -> bool:
+        return bool(self.floor) and self.free < self.floor
+
+
+def _limits(root: Path, config: SnapshotConfig, usage: DiskUsage) -> tuple[int, int, int]:
+    while not root.exists() and root != root.parent:  # before the first snapshot
+        root = root.parent
+    du = usage(root)
+    return int(du.total * config.max_share), int(du.free), int(du.total * config.min_free_share)
+
+
+def disk_budget(
+    writer: SnapshotWriter, config: SnapshotConfig, usage: DiskUsage = shutil.disk_usage
+) -> DiskBudget:
+    """What ``list`` and ``/metrics`` show."""
+    held = sum(added_bytes(p) for p, _ in writer.published())
+    budget, free, floor = _limits(writer.root, config, usage)
+    return DiskBudget(held, budget, free, floor)
+
+
+def _release(root: Path, snap: Snap, reason: str, log: Any, **context: Any) -> int:
+    """Drop ``model/`` of one snapshot, after its metadata says so; the bytes freed."""
+    path, meta = snap
+    model = path / "model"
+    if not model.is_dir():
+        return 0
+    freed = added_bytes(model)
+    note = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "reason": reason,
+        "bytes": freed,
+    }
+    try:
+        write_metadata(path, {**meta, "released": note})
+        doomed = root / f"{TMP_PREFIX}rel-{uuid.uuid4().hex[:8]}"
+        os.rename(model, doomed)  # the snapshot root: same file system, cleaned at start
+    except OSError as exc:
+        log.error("Snapshot release failed", path=str(path), reason=reason, error=str(exc))
+        return 0
+    shutil.rmtree(doomed, ignore_errors=True)
+    meta["released"] = note
+    log.warning(
+        "Released snapshot", step=meta.get("step"), triggers=meta.get("triggers", []),
+        severity=meta.get("severity"), path=str(path), reason=reason, bytes=freed, **context,
+    )
+    return freed
+
+
+def enforce_budget(
+    writer: SnapshotWriter, config: SnapshotConfig, log: Any, usage: DiskUsage = shutil.disk_usage
+) -> DiskBudget:
+    """Supersede old best models' weights, then release weights until the snapshots
+    are within their share and the free space above its floor; returns where they
+    stand afterwards. A snapshot whose files the trainer still has costs nothing and
+    frees nothing: it is passed over until its checkpoint is rotated away."""
+    snaps = [s for s in _oldest_first(writer) if (s[0] / "model").is_dir()]
+    best = [s for s in snaps if _is_best(s[1])]
+    for snap in best[: -config.keep_best]:
+        _release(writer.root, snap, "superseded", log, keep_best=config.keep_best)
+    snaps = [s for s in snaps if (s[0] / "model").is_dir()]
+    sizes = {p: added_bytes(p) for p, _ in writer.published()}
+    budget, free, floor = _limits(writer.root, config, usage)
+    state = DiskBudget(sum(sizes.values()), budget, free, floor)
+    order = [s for s in snaps if s[1].get("severity") != "critical"]
+    order += [s for s in snaps if s[1].get("severity") == "critical"]
+    for snap in order:
+        if not (state.over or state.low):
+            break
+        if not sizes.get(snap[0]):
+            continue
+        reason = "budget" if state.over else "free_space"
+        freed = _release(
+            writer.root, snap, reason, log, held=state.held, budget=state.budget,
+            free=state.free, floor=state.floor,
+        )
+        state = DiskBudget(state.held - freed, budget, state.free + freed, floor)
+    return state

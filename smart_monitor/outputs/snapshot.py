@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from smart_monitor.sources.checkpoints import Checkpoint
 
-__all__ = ["SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe"]
+__all__ = ["SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe", "write_metadata"]
 
 Mode = Literal["auto", "hardlink", "copy"]
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -217,6 +217,13 @@ def _write_synced(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_metadata(folder: Path, meta: Mapping[str, Any]) -> None:
+    """Re-publish a snapshot's ``metadata.json``: a temporary, synced, renamed."""
+    tmp = folder / ".metadata.json.tmp"
+    _write_synced(tmp, json.dumps(json_safe(meta), indent=2) + "\n")
+    os.replace(tmp, folder / "metadata.json")
 
 
 def _fsync_dir(path: Path) -> None:

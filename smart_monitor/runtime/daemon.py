@@ -25,7 +25,7 @@ from typing import Any
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.outputs.log import DailyFile
-from smart_monitor.outputs.retention import enforce_retention
+from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
@@ -41,6 +41,7 @@ __all__ = ["Daemon"]
 _TURN_SECONDS = 0.25  # a backlog is read in slices this long, so stop and pings stay prompt
 _UNHEALTHY_AFTER = 3  # turns failing in a row before the watchdog pings stop
 _RETIRED_KEYS = 1000  # keys of snapshots removed by retention, remembered in the state
+_STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 minutes
 
 
 class Daemon:
@@ -77,6 +78,9 @@ class Daemon:
         self.errors_in_row = 0
         self.behind = False  # the last read stopped at its turn's end: a backlog
         self.retired: list[str] = []
+        self.budget: DiskBudget | None = None
+        self.state_failures = 0
+        self.state_error: str | None = None
         self._dirty = False
         self._new_snapshots = False
         self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
@@ -157,7 +161,7 @@ class Daemon:
             if full or kinds & {"metrics", "rescan"}:
                 self._read()
             self.engine.poll()
-            if self._new_snapshots:
+            if self._new_snapshots or full:  # full: rotation makes old pins cost bytes
                 self._new_snapshots = False
                 self._retain()
             if self._dirty and self.clock() >= self._next_save:
@@ -210,6 +214,7 @@ class Daemon:
         for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log):
             self.retired.append(key)
         del self.retired[:-_RETIRED_KEYS]
+        self.budget = enforce_budget(self.writer, snap, self.log)
 
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:
@@ -224,16 +229,41 @@ class Daemon:
             "tailer": self.tailer.state_dict() if self.tailer is not None else {},
             "retired_keys": self.retired,
         }
-        self.store.save(data)
+        interval = self.config.state.save_interval_seconds
+        try:
+            self.store.save(data)
+        except OSError as exc:  # full or unwritable (FAULTS.md #33): retry later, go on
+            self.state_failures += 1
+            delay = min(interval * 2**self.state_failures, _STATE_BACKOFF_MAX)
+            self.state_error = f"{self.store.path}: {exc.strerror or exc}"
+            if self.state_failures == 1:
+                self.log.error("State save failed", path=str(self.store.path),
+                               error=exc.strerror or str(exc), retry_seconds=delay)
+            self._next_save = self.clock() + delay
+            return
+        if self.state_failures:
+            self.log.info("State saved again", path=str(self.store.path),
+                          failures=self.state_failures)
+            self.state_failures, self.state_error = 0, None
         self._dirty = False
-        self._next_save = self.clock() + self.config.state.save_interval_seconds
+        self._next_save = self.clock() + interval
 
     # -- health ---------------------------------------------------------------------
     def _status(self) -> str:
         if self.tailer is not None and self.tailer.waiting:
             return f"waiting for {self.config.metrics_file}"
+        degraded = []
         if self.watcher.degraded:
-            return "degraded: polling (inotify limits reached)"
+            degraded.append("polling (inotify limits reached)")
+        if self.daily is not None and self.daily.error:
+            lost = self.daily.lost
+            degraded.append(f"log to stderr only, {lost} lines lost ({self.daily.error})")
+        if self.state_error:
+            degraded.append(f"state not saved ({self.state_error})")
+        if self.budget is not None and self.budget.low:
+            degraded.append("snapshot disk under its free-space floor")
+        if degraded:
+            return "degraded: " + "; ".join(degraded)
         return f"following ({self.watcher.kind})"
 
     @property

@@ -33,6 +33,7 @@ class Engine:
         writer: SnapshotWriter,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.config = config
         self.log = log
         self.index = index
         self.writer = writer

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.outputs.retention import DiskBudget
 from smart_monitor.outputs.snapshot import SnapshotWriter
 
-__all__ = ["SnapshotInfo", "format_metadata", "format_table", "read_snapshots", "resolve"]
+__all__ = [
+    "SnapshotInfo", "format_budget", "format_metadata", "format_table", "read_snapshots", "resolve",
+]
 
 _HISTORY_SHOWN = 5  # last [step, value] pairs that ``show`` prints of each history
 
@@ -40,7 +43,10 @@ def read_snapshots(snapshot_dir: Path) -> list[SnapshotInfo]:
                 step=meta.get("step"),
                 triggers=tuple(meta.get("triggers", ())),
                 severity=str(meta.get("severity", "")),
-                checkpoint=ck.get("name") if isinstance(ck, Mapping) else None,
+                checkpoint=(
+                    f"{ck.get('name')}{' (released)' if meta.get('released') else ''}"
+                    if isinstance(ck, Mapping) else None
+                ),
                 bytes=_size(path),
             )
         )
@@ -97,6 +103,14 @@ def format_table(infos: Sequence[SnapshotInfo]) -> str:
     return "\n".join(lines)
 
 
+def format_budget(budget: DiskBudget) -> str:
+    """The disk budget under the table: what the snapshots add against their share,
+    and the free space against its floor (what ``enforce_budget`` keeps)."""
+    share = f"of {human_bytes(budget.budget)} budget" if budget.budget else "(no budget)"
+    floor = f"floor {human_bytes(budget.floor)}" if budget.floor else "no floor"
+    return f"held {human_bytes(budget.held)} {share}; free {human_bytes(budget.free)} ({floor})"
+
+
 def resolve(name: str, snapshot_dir: Path) -> Path:
     """A snapshot given as a path, or by its folder name inside ``snapshot_dir``."""
     direct = Path(name)
@@ -121,6 +135,12 @@ def format_metadata(meta: Mapping[str, Any]) -> str:
         )
     else:
         out.append(f"{'checkpoint:':<16}none ({meta.get('note', 'no checkpoint')})")
+    released = meta.get("released")
+    if isinstance(released, Mapping):
+        out.append(
+            f"{'released:':<16}weights freed {released.get('at')} ({released.get('reason')}, "
+            f"{human_bytes(released.get('bytes') or 0)})"
+        )
     out.append(f"{'z_scores:':<16}{_compact(meta.get('z_scores'))}")
     out.append(f"{'metrics:':<16}{_compact(meta.get('metrics'))}")
     for name, detail in (meta.get("details") or {}).items():

@@ -1,0 +1,114 @@
+"""Start-up checks (FAULTS.md #34, #35, #49): find at start what would otherwise be
+found only when a snapshot fails, or never.
+
+``check_paths`` is the one path validation that both ``check-config`` and ``run`` apply:
+each output folder must exist or be creatable, and be writable, which is tried for real
+(a probe folder made and removed in the nearest existing ancestor: ``os.access`` says
+yes to root everywhere, and nothing but a real ``mkdir`` knows about ``/proc`` or a read-only
+mount); the checkpoint folder, when it exists, must be listable. It leaves nothing behind.
+
+``check_links`` tries one hard link from the trainer's files into the snapshot folder.
+Under ``fs.protected_hardlinks`` a user may not link another user's file it cannot
+write, and no one may link across file systems: every snapshot would then be a full
+copy of the checkpoint, which is what fills a disk. Said once at start with the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from smart_monitor.config import Config, ConfigError
+from smart_monitor.outputs.snapshot import TMP_PREFIX, _reflink
+
+__all__ = ["check_links", "check_paths"]
+
+_OUTPUTS = ("state_dir", "snapshot_dir", "log_dir")
+
+
+def _probe_writable(key: str, folder: Path) -> None:
+    """Raise ConfigError unless ``folder`` is, or can be made, a writable folder."""
+    here = folder.absolute()
+    ancestor = here
+    while not ancestor.exists():
+        if ancestor.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ConfigError(f"{key}: {ancestor} is a dangling symlink")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        what = "is a file" if ancestor == here else f"is under a file ({ancestor})"
+        raise ConfigError(f"{key}: {here} {what}, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe-", dir=ancestor)
+        os.rmdir(probe)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"{key}: {here} is not writable ({ancestor}: {reason})") from None
+
+
+def check_paths(config: Config) -> None:
+    """Every problem here is a config error: one line naming the key (exit 2)."""
+    for key in _OUTPUTS:
+        _probe_writable(key, getattr(config, key))
+    ck = config.checkpoint_dir
+    if ck is not None and ck.exists():
+        if not ck.is_dir():
+            raise ConfigError(f"checkpoint_dir: {ck} is not a folder")
+        try:
+            os.listdir(ck)
+        except OSError as exc:
+            raise ConfigError(
+                f"checkpoint_dir: {ck} cannot be listed ({os.strerror(exc.errno or 0)})"
+            ) from None
+
+
+def _trainer_file(config: Config) -> Path | None:
+    """A file the trainer wrote in its checkpoint folder (the metrics file often lives
+    there); None without a checkpoint folder: then nothing is ever pinned."""
+    ck = config.checkpoint_dir
+    if ck is None or not ck.is_dir():
+        return None
+    for dirpath, _dirs, names in os.walk(ck):
+        for n in sorted(names):
+            p = Path(dirpath) / n
+            if p.is_file() and not p.is_symlink():
+                return p
+    return None
+
+
+def check_links(config: Config) -> str | None:
+    """None when snapshots can share the trainer's blocks (reflink or hard link), or
+    nothing can be tried yet; else one line saying why not and what to change. The
+    snapshot folder must exist (``check_paths`` and the lock made it)."""
+    if config.snapshot.mode == "copy":
+        return None
+    src = _trainer_file(config)
+    if src is None:
+        return None
+    snap = config.snapshot_dir
+    target = snap / f"{TMP_PREFIX}linkprobe-{os.getpid()}"
+    try:
+        if _reflink(src, target):
+            return None
+        os.link(src, target)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            why = f"{snap} and {src.parent} are on different file systems"
+        elif exc.errno in (errno.EPERM, errno.EACCES):
+            st = src.stat()
+            why = (
+                f"this user (uid {os.getuid()}) may not hard-link {src} (owner uid "
+                f"{st.st_uid} gid {st.st_gid}; fs.protected_hardlinks)"
+            )
+        else:
+            why = f"link {src} -> {snap}: {os.strerror(exc.errno or 0)}"
+        return (
+            f"snapshot.mode: cannot hard-link checkpoints into snapshot_dir: {why}; every "
+            "snapshot would be a full copy. Run the monitor as the trainer's user or group, "
+            "put snapshot_dir on the trainer's file system (a reflink one: XFS, btrfs), "
+            'or set snapshot.mode = "copy" to accept full copies'
+        )
+    finally:
+        target.unlink(missing_ok=True)
