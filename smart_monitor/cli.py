@@ -41,18 +41,36 @@ def _load(
 
 
 def _existing_metrics_file(config: Config) -> Path:
-    """The metrics file a command reads: a config error when unset, exit 1 when absent."""
+    """The metrics file (or folder of event files) a command reads: a config error when
+    unset or when its reader is not installed, exit 1 when absent."""
     if config.metrics_file is None:
         _config_error("metrics_file: required (--metrics FILE)")
-    if not config.metrics_file.is_file():
+    if not config.metrics_file.exists():
         click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
         sys.exit(1)
+    _check_reader(config)
     return config.metrics_file
+
+
+def _check_reader(config: Config) -> None:
+    """Exit 2 with one line naming the extra to install, when the metrics path is in a
+    format whose optional reader is missing (TensorBoard)."""
+    from smart_monitor.sources.metrics_source import SourceError, detect_format, require_reader
+
+    if config.metrics_file is None:
+        return
+    try:
+        require_reader(detect_format(config.metrics_file, config.source.format))
+    except SourceError as exc:
+        _config_error(f"metrics_file: {exc}")
 
 
 _path = click.Path(path_type=Path)
 _config_opt = click.option("--config", "config_file", type=_path, help="TOML config file.")
-_metrics_opt = click.option("--metrics", type=_path, help="The trainer's JSONL metrics file.")
+_metrics_opt = click.option(
+    "--metrics", type=_path,
+    help="The trainer's metrics: JSONL, TensorBoard event file(s) or folder, metrics.csv.",
+)
 _ckpt_opt = click.option("--checkpoints", type=_path, help="The trainer's checkpoint folder.")
 _output_opt = click.option(
     "--output", type=_path, help="Sets snapshot_dir, log_dir and state_dir to DIR/snapshots, ..."
@@ -86,7 +104,8 @@ def replay(
     report: bool,
     plots: bool,
 ) -> None:
-    """Run the pipeline over a finished run (JSONL metrics or HF trainer_state.json)."""
+    """Run the pipeline over a finished run (JSONL metrics, HF trainer_state.json,
+    TensorBoard event files or a Lightning metrics.csv)."""
     from smart_monitor.runtime.replay import DetectionReport
     from smart_monitor.runtime.replay import replay as run_replay
 
@@ -124,6 +143,7 @@ def run(
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
+    _check_reader(config)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     daemon = Daemon(config, log, daily, Notifier())
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
