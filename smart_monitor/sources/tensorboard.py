@@ -192,7 +192,8 @@ class StepGatherer:
 
 def split_step(step: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
     """One step's values as the trainer's JSONL would hold them: train, eval and
-    end-of-training summary apart (each kind only when present).
+    end-of-training summary apart (each kind only when present), in the order the
+    trainer logged them.
 
     >>> split_step(5, {"loss": 1.0, "eval_loss": 2.0, "train_runtime": 3.0})
     [{'step': 5, 'loss': 1.0}, {'step': 5, 'eval_loss': 2.0}, {'step': 5, 'train_runtime': 3.0}]
@@ -204,7 +205,7 @@ def split_step(step: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
         if part is None:
             part = parts[kind] = {"step": step}
         part[key] = value
-    return [parts[k] for k in ("train", "eval", "summary") if k in parts]
+    return list(parts.values())
 
 
 _SUMMARY_KEYS = frozenset(
