@@ -112,7 +112,8 @@ def test_hf_trainer_tensorboard_followed_live(
 
 def _lightning_run(
     tmp_path: Path, logger: Any, read: Callable[[Path], dict[str, dict[int, float]]]
-) -> None:
+) -> str:
+    """The run followed live; the daemon's log."""
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -122,7 +123,10 @@ def _lightning_run(
 
     def train(run: Path) -> None:
         chosen = logger(run) if callable(logger) else logger
-        train_lightning(run, [LearningRateMonitor(logging_interval="step")], logger=chosen)
+        train_lightning(
+            run, [LearningRateMonitor(logging_interval="step")], logger=chosen,
+            default_root_dir=run,  # where the default logger writes
+        )
 
     scalars, break_step = follow(run, out, train, read, "lr-Adam", "--config", str(config))
     assert break_step % PL_SAVE_STEPS
@@ -134,8 +138,9 @@ def _lightning_run(
     ckpt = torch.load(meta["_path"] / "model" / name, weights_only=True)
     assert ckpt["global_step"] == kept
     assert meta["metrics"]["learning_rate"] == scalars["lr-Adam"][break_step]
-    evals = [s for s, _ in meta["loss_history"]]
-    assert evals == sorted(evals) and all(s in scalars["train_loss"] for s in evals)
+    steps = [s for s, _ in meta["loss_history"]]
+    assert steps == sorted(steps) and all(s in scalars["train_loss"] for s in steps)
+    return log_text(out)
 
 
 def test_lightning_default_tensorboard_logger_followed_live(tmp_path: Path) -> None:
@@ -145,4 +150,6 @@ def test_lightning_default_tensorboard_logger_followed_live(tmp_path: Path) -> N
 def test_lightning_csv_logger_followed_live(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
-    _lightning_run(tmp_path, lambda run: CSVLogger(run), csv_scalars)
+    log = _lightning_run(tmp_path, lambda run: CSVLogger(run), csv_scalars)
+    # lr-Adam, then val_loss: columns the header lacked, so the file was rewritten
+    assert "Metrics file rewritten" in log
