@@ -91,7 +91,7 @@ def read_all(src: FolderSource) -> list[dict[str, Any]]:
 
 
 def test_a_step_is_given_out_when_the_next_begins_or_after_quiet(tmp_path: Path) -> None:
-    write_events(tmp_path, train_records(1, 3) + [{"step": 3, "eval_loss": 2.5}])
+    write_events(tmp_path, [*train_records(1, 3), {"step": 3, "eval_loss": 2.5}])
     ev = Events()
     src = ev.source(tmp_path)
     got = read_all(src)
