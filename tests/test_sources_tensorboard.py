@@ -213,3 +213,19 @@ def test_without_the_extra_run_and_replay_say_which_to_install(tmp_path: Path) -
         (line,) = res.stderr.strip().splitlines()
         assert "pip install 'smart-monitor[tensorboard]'" in line and "metrics_file" in line
     shutil.rmtree(blocker.parent)
+
+
+def test_a_reader_that_stops_after_any_batch_loses_nothing(tmp_path: Path) -> None:
+    """The daemon stops taking batches when its turn is over (a backlog in slices)."""
+    write_events(tmp_path / "version_0", train_records(1, 5000))
+    whole = Events().source(tmp_path)
+    want = read_all(whole) + whole.finish()
+    src = Events().source(tmp_path)
+    got: list[dict[str, Any]] = []
+    while True:
+        batch = next(src.batches(), None)  # one batch per turn, the generator dropped
+        if batch is None:
+            break
+        got += batch
+    got += src.finish()
+    assert got == want and len(got) == 5000

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from smart_monitor.config import RecordsConfig
 from smart_monitor.sources.tailer import Tailer
 
 __all__ = [
@@ -186,17 +187,15 @@ class FolderSource:
                 except FileNotFoundError:  # deleted between the search and the read
                     entries = f.flush()
                     del self.followers[path]
+                if f.position != before:
+                    changed = True
+                    self._changed[path] = now  # before the yield: the reader may stop there
                 if entries:
-                    for old in earlier:  # a newer file has data: the older ones are done
-                        if old.pending:
-                            yield old.flush()
-                    yield entries
+                    done = [e for old in earlier if old.pending for e in old.flush()]
+                    yield done + entries  # a newer file has data: the older ones are done
                 if f.position == before or path not in self.followers:
                     break
-                changed = True
-            if changed:
-                self._changed[path] = now
-            elif f.pending and now - self._changed.get(path, now) >= self.quiet:
+            if not changed and f.pending and now - self._changed.get(path, now) >= self.quiet:
                 yield f.flush()
             earlier.append(f)
 
@@ -234,7 +233,7 @@ class FolderSource:
 def open_metrics(
     path: Path | None,
     forced: str,
-    records: Any,
+    records: RecordsConfig,
     quiet_seconds: float,
     event: EventHandler,
     malformed: Malformed,
