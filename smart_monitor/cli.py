@@ -40,13 +40,18 @@ def _load(
         _config_error(str(exc))
 
 
-def _existing_metrics_file(config: Config) -> Path:
+def _existing_metrics_file(config: Config, jsonl_only: bool = False) -> Path:
     """The metrics file (or folder of event files) a command reads: a config error when
-    unset or when its reader is not installed, exit 1 when absent."""
+    unset or when its reader is not installed, exit 1 when absent (or, ``jsonl_only``,
+    not JSONL)."""
+    from smart_monitor.sources.metrics_source import detect_format
+
     if config.metrics_file is None:
         _config_error("metrics_file: required (--metrics FILE)")
-    if not config.metrics_file.exists():
-        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
+    fmt = detect_format(config.metrics_file, config.source.format)
+    if not config.metrics_file.exists() or (jsonl_only and fmt != "jsonl"):
+        what = "JSONL metrics file" if jsonl_only else "metrics file"
+        click.echo(f"smart-monitor: no such {what}: {config.metrics_file}", err=True)
         sys.exit(1)
     _check_reader(config)
     return config.metrics_file
@@ -218,7 +223,7 @@ def report(
     from smart_monitor.tools.report import write_report
 
     config = _load(config_file, metrics, None, output)
-    metrics_file = _existing_metrics_file(config)
+    metrics_file = _existing_metrics_file(config, jsonl_only=True)
     target = html_file or (output or config.snapshot_dir.parent) / "report.html"
     path = write_report(
         metrics_file, config.snapshot_dir, target, config.records.aliases,
