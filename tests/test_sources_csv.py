@@ -106,3 +106,17 @@ def test_replay_of_a_csv_folder(tmp_path: Path) -> None:
     )
     assert res.stdout.startswith("replayed 201 records (0 malformed)")
     assert re.search(r"^lr_zscore_\* +1 +150$", res.stdout, re.M), res.stdout
+
+
+def test_resume_from_saved_state_reads_only_new_rows(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train_loss\n" + "".join(f"{s},0.5\n" for s in range(10)))
+    f = follower(path, [])
+    assert len(f.read()) == 10
+    state = json.loads(json.dumps(f.state_dict()))
+    with open(path, "a") as fh:
+        fh.write("10,0.4\n")
+    again = CsvFollower(path, {}, lambda name, fields: None, state)
+    assert again.read() == [{"step": 10, "loss": 0.4}]

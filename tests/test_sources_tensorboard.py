@@ -229,3 +229,25 @@ def test_a_reader_that_stops_after_any_batch_loses_nothing(tmp_path: Path) -> No
         got += batch
     got += src.finish()
     assert got == want and len(got) == 5000
+
+
+def test_event_file_replaced_or_truncated_at_its_path_is_read_again(tmp_path: Path) -> None:
+    first = write_events(tmp_path / "a", train_records(1, 30))
+    second = write_events(tmp_path / "b", train_records(1, 10))
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / first.name
+    shutil.copy(first, target)
+    ev = Events()
+    src = ev.source(run)
+    assert len(read_all(src)) == 29
+    shutil.copy(second, run / "tmp")
+    os.replace(run / "tmp", target)  # a new inode at the path
+    ev.now = 5.0
+    got = read_all(src) + read_all(src)
+    assert [e["step"] for e in got] == [30, *range(1, 10)]  # the old last step, then anew
+    assert "Metrics file replaced" in ev.names
+    with open(target, "r+b") as fh:  # the same inode, cut back
+        fh.truncate(first.stat().st_size // 10)
+    read_all(src)
+    assert "Metrics file truncated" in ev.names

@@ -274,13 +274,14 @@ class EventFileFollower:
 
     def read(self) -> list[dict[str, Any]]:
         st = os.stat(self.path)
+        out: list[dict[str, Any]] = []
         if (st.st_dev, st.st_ino) != self.ident or st.st_size < self.reader.offset:
             why = "replaced" if (st.st_dev, st.st_ino) != self.ident else "truncated"
             self.event(f"Metrics file {why}", {"path": str(self.path)})
+            out = self.gather.flush()  # the old file's last step is complete
             self.reader.close()
             self._open()
         reader, add = self.reader, self.gather.add
-        out: list[dict[str, Any]] = []
         for n, raw in enumerate(reader.records(), 1):
             step, values = scalars(raw)
             out += add(reader.offset - len(raw) - _FRAME, step, values, reader.offset)
