@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: plain `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[torch,transformers,lightning,report,metrics,dev]"
+	$(BIN)/pip install -q -e ".[torch,transformers,lightning,report,metrics,tensorboard,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

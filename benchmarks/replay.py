@@ -13,6 +13,14 @@ every 100,000, then times:
      loss_history.png after the last record (matplotlib's import and one figure per
      snapshot: a fixed cost per snapshot, not per record).
 Prints records/s for both and the ratio (the goal: replay >= 1/4 of bare parsing).
+
+Then the first ``--events`` records of that run as a TensorBoard event file (written by
+``torch.utils.tensorboard.SummaryWriter``, tags as HF names them), timed the same way:
+  3. the bare readers: tensorboard's ``EventFileLoader`` (what TensorBoard itself reads
+     with: CRC checks, proto parsing, its compat layers), and its raw record reader
+     with ``Event.FromString`` alone (no compat layers: the floor of any reader);
+  4. ``replay --no-plots`` of the event file: the same reading, the steps gathered into
+     records, the full pipeline (the goal: >= 1/2 of the bare reader's rate).
 """
 
 from __future__ import annotations
@@ -82,9 +90,65 @@ def run_replay(path: Path, out: Path, plots: bool = False) -> tuple[float, int]:
     return elapsed, engine.counts["records"]
 
 
+_TAGS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
+         "learning_rate": "train/learning_rate", "eval_loss": "eval/loss",
+         "eval_accuracy": "eval/accuracy"}
+
+
+def write_events(jsonl: Path, folder: Path, records: int) -> tuple[Path, int]:
+    """The first ``records`` lines of ``jsonl`` as one event file; its path and events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder), max_queue=4096)
+    events = 0
+    with open(jsonl, "rb") as fh:
+        for _, line in zip(range(records), fh, strict=False):
+            rec = orjson.loads(line)
+            for key, value in rec.items():
+                if key != "step":
+                    writer.add_scalar(_TAGS[key], value, rec["step"])
+                    events += 1
+    writer.close()
+    (path,) = folder.glob("events.out.tfevents.*")
+    return path, events
+
+
+def bare_events(path: Path, raw: bool) -> float:
+    from tensorboard.backend.event_processing.event_file_loader import (
+        EventFileLoader,
+        RawEventFileLoader,
+    )
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    t0 = time.perf_counter()
+    if raw:
+        for record in RawEventFileLoader(str(path)).Load():
+            Event.FromString(record)
+    else:
+        for _ in EventFileLoader(str(path)).Load():
+            pass
+    return time.perf_counter() - t0
+
+
+def event_rows(tmp: Path, jsonl: Path, records: int) -> None:
+    path, events = write_events(jsonl, tmp / "tb", records)
+    loader = min(bare_events(path, raw=False) for _ in range(2))
+    raw = min(bare_events(path, raw=True) for _ in range(2))
+    rep, steps = run_replay(path, tmp / "out-tb")
+    size = path.stat().st_size
+    print(f"event file: {events} scalar events, {steps} records, {size / 1e6:.1f} MB")
+    print(f"bare EventFileLoader : {events / loader:>10,.0f} events/s  ({loader:.2f} s)")
+    print(f"bare raw records     : {events / raw:>10,.0f} events/s  ({raw:.2f} s)")
+    print(f"replay --no-plots    : {events / rep:>10,.0f} events/s  ({rep:.2f} s), "
+          f"{steps / rep:,.0f} records/s")
+    print(f"ratio replay/loader  : {loader / rep:.3f}  (goal >= 0.5)")
+    print(f"ratio replay/raw     : {raw / rep:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--events", type=int, default=20_000, help="records as an event file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "metrics.jsonl"
@@ -101,6 +165,8 @@ def main() -> None:
             f"replay (plots drawn) : {records / with_plots:>10,.0f} records/s ({with_plots:.2f} s)"
         )
         print(f"ratio replay/parse   : {bare / rep:.3f}  (goal >= 0.25)")
+        if args.events:
+            event_rows(Path(tmp), path, args.events)
 
 
 if __name__ == "__main__":

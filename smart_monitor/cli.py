@@ -62,19 +62,42 @@ def _prepare(config: Config, locked: tuple[str, ...]) -> list[FolderLock]:
     return locks
 
 
-def _existing_metrics_file(config: Config) -> Path:
-    """The metrics file a command reads: a config error when unset, exit 1 when absent."""
+def _existing_metrics_file(config: Config, jsonl_only: bool = False) -> Path:
+    """The metrics file (or folder of event files) a command reads: a config error when
+    unset or when its reader is not installed, exit 1 when absent (or, ``jsonl_only``,
+    not JSONL)."""
+    from smart_monitor.sources.metrics_source import detect_format
+
     if config.metrics_file is None:
         _config_error("metrics_file: required (--metrics FILE)")
-    if not config.metrics_file.is_file():
-        click.echo(f"smart-monitor: no such metrics file: {config.metrics_file}", err=True)
+    fmt = detect_format(config.metrics_file, config.source.format)
+    if not config.metrics_file.exists() or (jsonl_only and fmt != "jsonl"):
+        what = "JSONL metrics file" if jsonl_only else "metrics file"
+        click.echo(f"smart-monitor: no such {what}: {config.metrics_file}", err=True)
         sys.exit(1)
+    _check_reader(config)
     return config.metrics_file
+
+
+def _check_reader(config: Config) -> None:
+    """Exit 2 with one line naming the extra to install, when the metrics path is in a
+    format whose optional reader is missing (TensorBoard)."""
+    from smart_monitor.sources.metrics_source import SourceError, detect_format, require_reader
+
+    if config.metrics_file is None:
+        return
+    try:
+        require_reader(detect_format(config.metrics_file, config.source.format))
+    except SourceError as exc:
+        _config_error(f"metrics_file: {exc}")
 
 
 _path = click.Path(path_type=Path)
 _config_opt = click.option("--config", "config_file", type=_path, help="TOML config file.")
-_metrics_opt = click.option("--metrics", type=_path, help="The trainer's JSONL metrics file.")
+_metrics_opt = click.option(
+    "--metrics", type=_path,
+    help="The trainer's metrics: JSONL, TensorBoard event file(s) or folder, metrics.csv.",
+)
 _ckpt_opt = click.option("--checkpoints", type=_path, help="The trainer's checkpoint folder.")
 _output_opt = click.option(
     "--output", type=_path, help="Sets snapshot_dir, log_dir and state_dir to DIR/snapshots, ..."
@@ -108,7 +131,8 @@ def replay(
     report: bool,
     plots: bool,
 ) -> None:
-    """Run the pipeline over a finished run (JSONL metrics or HF trainer_state.json)."""
+    """Run the pipeline over a finished run (JSONL metrics, HF trainer_state.json,
+    TensorBoard event files or a Lightning metrics.csv)."""
     from smart_monitor.runtime.replay import DetectionReport
     from smart_monitor.runtime.replay import replay as run_replay
 
@@ -147,6 +171,7 @@ def run(
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
+    _check_reader(config)
     _prepare(config, ("state_dir", "snapshot_dir"))  # held until the process ends
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     daemon = Daemon(config, log, daily, Notifier())
@@ -226,7 +251,7 @@ def report(
     from smart_monitor.tools.report import write_report
 
     config = _load(config_file, metrics, None, output)
-    metrics_file = _existing_metrics_file(config)
+    metrics_file = _existing_metrics_file(config, jsonl_only=True)
     target = html_file or (output or config.snapshot_dir.parent) / "report.html"
     path = write_report(
         metrics_file, config.snapshot_dir, target, config.records.aliases,

@@ -157,6 +157,15 @@ class RecordsConfig(_Section):
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
 
+class SourceConfig(_Section):
+    """How ``metrics_file`` is read: by what the path holds (``auto``), or forced.
+    ``quiet_seconds``: a TensorBoard step still being gathered is complete once its
+    file has been quiet this long (the next step's first scalar completes it sooner)."""
+
+    format: Literal["auto", "jsonl", "tensorboard", "csv"] = "auto"
+    quiet_seconds: float = Field(2.0, gt=0, le=3600)
+
+
 class SnapshotConfig(_Section):
     mode: Literal["auto", "hardlink", "copy"] = "auto"
     checkpoint_wait_seconds: float = Field(30.0, ge=0, le=_DAY)
@@ -281,6 +290,7 @@ class Config(_Section):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     records: RecordsConfig = RecordsConfig()
+    source: SourceConfig = SourceConfig()
     detectors: DetectorsConfig = DetectorsConfig()
     policy: PolicyConfig = PolicyConfig()
     snapshot: SnapshotConfig = SnapshotConfig()

@@ -14,11 +14,15 @@ from live_harness import SMART_MONITOR, log_text, terminate, wait_until
 
 
 @contextmanager
-def live_daemon(run: Path, out: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Following ``run`` and ready before it yields; SIGTERM (or kill) on the way out."""
+def live_daemon(
+    run: Path, out: Path, *extra: str, metrics: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Following ``run`` (its ``metrics.jsonl``, or ``metrics``: a file or folder) and
+    ready before it yields; SIGTERM (or kill) on the way out."""
+    metrics = metrics or run / "metrics.jsonl"
     with open(out.parent / f"{out.name}.stderr", "wb") as err:  # a full pipe would block it
         proc = subprocess.Popen(
-            [str(SMART_MONITOR), "run", "--metrics", str(run / "metrics.jsonl"),
+            [str(SMART_MONITOR), "run", "--metrics", str(metrics),
              "--checkpoints", str(run), "--output", str(out), *extra],
             stdout=subprocess.DEVNULL, stderr=err,
         )

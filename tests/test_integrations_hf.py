@@ -26,7 +26,7 @@ BREAK_AFTER = 152  # lr x50 from the step after this one; first logged at step 1
 STEP_SECONDS = 0.01  # the tiny model trains at ~170 steps/s: pace it like a real job
 
 
-def train_gpt2(run: Path) -> None:
+def train_gpt2(run: Path, report_to: str = "none") -> None:
     import torch
     from transformers import (
         GPT2Config,
@@ -62,7 +62,7 @@ def train_gpt2(run: Path) -> None:
     args = TrainingArguments(
         output_dir=str(run), max_steps=MAX_STEPS, per_device_train_batch_size=8,
         learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=5,
-        save_steps=SAVE_STEPS, save_total_limit=2, report_to="none", use_cpu=True,
+        save_steps=SAVE_STEPS, save_total_limit=2, report_to=report_to, use_cpu=True,
         disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     threads = torch.get_num_threads()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ reconcile_seconds = 0.2
 """
 
 
-def train_lightning(run: Path, **trainer_args: Any) -> None:
+def train_lightning(run: Path, extra_callbacks: Sequence[Any] = (), **trainer_args: Any) -> None:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -56,6 +57,7 @@ def train_lightning(run: Path, **trainer_args: Any) -> None:
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             self.log("progress", float(self.global_step))  # ModelCheckpoint keeps the newest
+            self.log("train_loss", loss)  # for a logger (TensorBoard, CSV) to write
             return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -91,6 +93,7 @@ def train_lightning(run: Path, **trainer_args: Any) -> None:
                             monitor="progress", mode="max"),
             MetricsCallback(run / "metrics.jsonl"),
             BreakLearningRate(),
+            *extra_callbacks,
         ],
         **trainer_args,
     })

@@ -33,7 +33,7 @@ from smart_monitor.runtime.events import Event, SnapshotMade
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
-from smart_monitor.sources.tailer import Tailer
+from smart_monitor.sources.metrics_source import FolderSource, open_metrics
 from smart_monitor.sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
 
 __all__ = ["Daemon"]
@@ -65,10 +65,10 @@ class Daemon:
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
         self.store = StateStore(config.state_dir)
-        self.tailer = (
-            Tailer(config.metrics_file, config.records.max_line_bytes, self._tail_event)
-            if config.metrics_file is not None
-            else None
+        # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
+        self.tailer = open_metrics(
+            config.metrics_file, config.source.format, config.records,
+            config.source.quiet_seconds, self._tail_event, self.engine.ingest.malformed, clock,
         )
         self.watcher = Watcher(
             config.metrics_file, config.checkpoint_dir, config.watch.backend, self.wakeups, log,
@@ -141,6 +141,8 @@ class Daemon:
         waited = self.engine.dispatch.next_deadline()
         if waited is not None:
             deadlines.append(waited)
+        if isinstance(self.tailer, FolderSource):
+            deadlines.append(self.tailer.deadline)  # a gathered step's quiet period
         return min(deadlines) - self.clock()
 
     def _turn(self, kinds: set[str]) -> None:
@@ -158,7 +160,8 @@ class Daemon:
                 full = True
             if full or kinds & {"checkpoints", "rescan"} or self.engine.dispatch.waiting:
                 self.engine.scan_checkpoints()
-            if full or kinds & {"metrics", "rescan"}:
+            quiet = isinstance(self.tailer, FolderSource) and now >= self.tailer.deadline
+            if full or kinds & {"metrics", "rescan"} or quiet:
                 self._read()
             self.engine.poll()
             if self._new_snapshots or full:  # full: rotation makes old pins cost bytes
@@ -183,6 +186,9 @@ class Daemon:
     def _read(self) -> None:
         if self.tailer is None:
             return
+        if isinstance(self.tailer, FolderSource):
+            self._read_entries(self.tailer)
+            return
         deadline = self.clock() + _TURN_SECONDS
         with no_cyclic_gc():
             for offset, lines in self.tailer.blocks():  # what one read returned
@@ -200,12 +206,30 @@ class Daemon:
             self._save(final=True)
             self.wakeups.post("metrics")
 
+    def _read_entries(self, source: FolderSource) -> None:
+        """``_read`` for TensorBoard and CSV files: decoded entries, in slices."""
+        deadline = self.clock() + _TURN_SECONDS
+        with no_cyclic_gc():
+            for entries in source.batches():
+                self.engine.ingest.handle_entries(entries)
+                self._dirty = True
+                if self.stopping.is_set():
+                    return
+                if self.clock() >= deadline:
+                    self.wakeups.post("metrics")  # a backlog: come back after other duties
+                    self.behind = True
+                    return
+        self.behind = False
+
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SnapshotMade):
             self._new_snapshots = True
 
     def _tail_event(self, name: str, fields: Mapping[str, Any]) -> None:
-        quiet = name in ("Opened metrics file", "Resumed metrics file")
+        quiet = name in (
+            "Opened metrics file", "Resumed metrics file",
+            "Metrics file rewritten", "Waiting for truncated event record",  # a trainer's norm
+        )
         (self.log.info if quiet else self.log.warning)(name, **fields)
         self._dirty = True
 

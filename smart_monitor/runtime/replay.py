@@ -1,4 +1,5 @@
-"""``replay``: the live pipeline over a finished run (JSONL or ``trainer_state.json``)."""
+"""``replay``: the live pipeline over a finished run (JSONL, ``trainer_state.json``,
+TensorBoard event files or a Lightning ``metrics.csv``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from smart_monitor.runtime.events import Detected, Event, Listener
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
+from smart_monitor.sources.metrics_source import FolderSource, open_metrics
 from smart_monitor.triggers import stats_label
 
 __all__ = ["DetectionReport", "replay"]
@@ -85,9 +87,18 @@ def replay(
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
     history = trainer_state_history(metrics)
+    source = open_metrics(  # a JSONL tailer is only for run: replay reads the file whole
+        metrics, config.source.format, config.records, config.source.quiet_seconds,
+        lambda name, fields: log.info(name, **fields), engine.ingest.malformed, lambda: 0.0,
+    )
     with no_cyclic_gc():
         if history is not None:
             engine.ingest.handle_entries(history)
+        elif isinstance(source, FolderSource):  # TensorBoard or CSV files
+            for entries in source.batches():
+                engine.ingest.handle_entries(entries)
+            engine.ingest.handle_entries(source.finish())
+            source.close()
         else:
             _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
     engine.finish()

@@ -138,7 +138,8 @@ class Watcher:
     # -- routing --------------------------------------------------------------------
     def _route(self, path: str) -> str | None:
         p = Path(path)
-        if self.metrics_file is not None and p == self.metrics_file:
+        metrics = self.metrics_file
+        if metrics is not None and (p == metrics or _metrics_below(p, metrics)):
             return "metrics"
         if self.checkpoint_dir is not None and p.is_relative_to(self.checkpoint_dir):
             return "checkpoints"
@@ -151,10 +152,11 @@ class Watcher:
         if self.checkpoint_dir is not None:
             wants.append((self.checkpoint_dir, True))
         if self.metrics_file is not None:
-            parent = self.metrics_file.parent
+            folder = self.metrics_file.is_dir()  # of TensorBoard or CSV files: below it
+            parent = self.metrics_file if folder else self.metrics_file.parent
             ck = self.checkpoint_dir
             if ck is None or not parent.is_relative_to(ck):
-                wants.append((parent, False))
+                wants.append((parent, folder))
         out = []
         for want, recursive in wants:
             path = _nearest_existing(want)
@@ -227,6 +229,15 @@ class Watcher:
         self.stop()
         self.start()
         return True
+
+
+def _metrics_below(path: Path, folder: Path) -> bool:
+    """A TensorBoard or CSV metrics file below a metrics folder; other files there,
+    such as the checkpoints of a trainer whose output folder it is, are not metrics."""
+    name = path.name
+    if not (name.startswith("events.out.tfevents.") or name == "metrics.csv"):
+        return False
+    return path.is_relative_to(folder)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -1,0 +1,251 @@
+"""Which reader a metrics path needs, and the follower of the files it names.
+
+``metrics_file`` may be a JSONL file (the tailer, ``sources/tailer.py``), a TensorBoard
+event file or a folder of them, or a Lightning ``metrics.csv`` or a folder holding
+one. What the path holds decides, unless ``[source] format`` forces it. A folder is
+searched below (HF writes ``runs/<date>_<host>/events.out.tfevents.*``, Lightning
+``lightning_logs/version_N/``), and searched again at every read: a restarted trainer
+starts a new file, which is picked up. A folder that holds neither yet (the trainer
+has not logged) is decided once it does.
+
+The followers give decoded entries, which go through ``Engine.handle_entries`` like a
+``trainer_state.json``'s log history: one pipeline for every format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from smart_monitor.config import RecordsConfig
+from smart_monitor.sources.tailer import Tailer
+
+__all__ = [
+    "EXTRA_HINT", "FolderSource", "SourceError", "detect_format", "open_metrics", "require_reader",
+]
+
+Format = Literal["jsonl", "tensorboard", "csv"]
+EXTRA_HINT = "pip install 'smart-monitor[tensorboard]'"
+_EVENTS = "events.out.tfevents."
+_CSV = "metrics.csv"
+# Folders the search never enters: checkpoints and snapshots hold no metrics.
+_SKIP = ("checkpoint-", "tmp-checkpoint-", "anomaly_", ".tmp-", ".")
+
+EventHandler = Callable[[str, Mapping[str, Any]], None]
+Malformed = Callable[[str, str, "int | None"], None]
+
+
+class SourceError(Exception):
+    """The path needs a reader that is not installed: one line, exit 2."""
+
+
+class _Follower(Protocol):
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def pending(self) -> bool: ...
+
+    def read(self) -> list[dict[str, Any]]: ...
+
+    def flush(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def detect_format(path: Path, forced: str = "auto") -> Format | None:
+    """The reader ``path`` needs; None for a folder with no metrics file yet.
+
+    >>> detect_format(Path("run/metrics.jsonl")), detect_format(Path("x/metrics.csv"))
+    ('jsonl', 'csv')
+    >>> detect_format(Path("events.out.tfevents.1.host.2.0"))
+    'tensorboard'
+    """
+    if forced != "auto":
+        return forced  # type: ignore[return-value]  # the config's Literal
+    if path.is_dir():
+        files = _files(path, None)
+        if any(p.name.startswith(_EVENTS) for p in files):
+            return "tensorboard"
+        return "csv" if files else None
+    if _EVENTS in path.name:
+        return "tensorboard"
+    return "csv" if path.suffix == ".csv" else "jsonl"
+
+
+def require_reader(fmt: Format | None) -> None:
+    """Raise ``SourceError`` naming the extra when ``fmt`` needs one not installed."""
+    if fmt != "tensorboard":
+        return
+    try:
+        import smart_monitor.sources.tensorboard  # noqa: F401  # needs the extra
+    except ImportError as exc:
+        raise SourceError(
+            f"reading TensorBoard event files needs the tensorboard extra: {EXTRA_HINT} ({exc})"
+        ) from None
+
+
+def _files(root: Path, fmt: Format | None) -> list[Path]:
+    """The metrics files below ``root`` of ``fmt`` (None: of either kind), in the order
+    they were started."""
+    if not root.is_dir():
+        return [root] if root.is_file() else []
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(_SKIP)]
+        for name in filenames:
+            events = name.startswith(_EVENTS)
+            if (events and fmt != "csv") or (name == _CSV and fmt != "tensorboard"):
+                found.append(Path(dirpath, name))
+    return sorted(found, key=_started)
+
+
+def _started(path: Path) -> tuple[float, list[Any]]:
+    """Event files by the time in their name (``events.out.tfevents.<time>.<host>...``);
+    then the path, numbers as numbers (``version_10`` after ``version_9``)."""
+    when = 0.0
+    if path.name.startswith(_EVENTS):
+        with contextlib.suppress(ValueError):  # a name not of that shape: by path alone
+            when = float(path.name[len(_EVENTS) :].split(".", 1)[0])
+    parts = re.split(r"(\d+)", str(path))
+    return when, [int(p) if p.isdigit() else p for p in parts]
+
+
+class FolderSource:
+    """Follows the TensorBoard or CSV metrics files at ``path``. ``batches()`` yields
+    the new entries, oldest file first; a step still being gathered is given out once
+    its file was quiet for ``quiet_seconds`` (``deadline``: when the next one is due).
+    ``finish()``: every pending step, at the end of a replay."""
+
+    def __init__(
+        self,
+        path: Path,
+        fmt: Format | None,
+        forced: str,
+        aliases: Mapping[str, str],
+        quiet_seconds: float,
+        event: EventHandler,
+        malformed: Malformed,
+        clock: Callable[[], float],
+    ) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.forced = forced
+        self.aliases = dict(aliases)
+        self.quiet = quiet_seconds
+        self.event = event
+        self.malformed = malformed
+        self.clock = clock
+        self.followers: dict[Path, _Follower] = {}
+        self._changed: dict[Path, float] = {}  # clock() when a file last gave data
+        self._restored: dict[str, Any] = {}
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        files = dict(self._restored)
+        files.update({str(p): f.state_dict() for p, f in self.followers.items()})
+        return {"format": self.fmt, "files": files}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.fmt is None or state.get("format") in (None, self.fmt):
+            self._restored = dict(state.get("files", {}))
+
+    @property
+    def waiting(self) -> bool:
+        return not self.followers
+
+    @property
+    def deadline(self) -> float:
+        """When a pending step is due to be given out (inf: none is pending)."""
+        due = [self._changed[p] + self.quiet for p, f in self.followers.items() if f.pending]
+        return min(due, default=float("inf"))
+
+    # -- reading --------------------------------------------------------------------
+    def batches(self) -> Iterator[list[dict[str, Any]]]:
+        if self.fmt is None:
+            self.fmt = detect_format(self.path, self.forced)
+            if self.fmt is None:
+                return
+            require_reader(self.fmt)
+        now = self.clock()
+        earlier: list[_Follower] = []
+        for path in _files(self.path, self.fmt):
+            f = self.followers.get(path) or self._follow(path)
+            if f is None:
+                continue
+            changed = False
+            while True:  # a follower reads a bounded batch: a backlog comes in slices
+                before = f.position
+                try:
+                    entries = f.read()
+                except FileNotFoundError:  # deleted between the search and the read
+                    entries = f.flush()
+                    del self.followers[path]
+                if f.position != before:
+                    changed = True
+                    self._changed[path] = now  # before the yield: the reader may stop there
+                if entries:
+                    done = [e for old in earlier if old.pending for e in old.flush()]
+                    yield done + entries  # a newer file has data: the older ones are done
+                if f.position == before or path not in self.followers:
+                    break
+            if not changed and f.pending and now - self._changed.get(path, now) >= self.quiet:
+                yield f.flush()
+            earlier.append(f)
+
+    def finish(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for f in self.followers.values():
+            out += f.flush()
+        return out
+
+    def close(self) -> None:
+        for f in self.followers.values():
+            f.close()
+
+    def _follow(self, path: Path) -> _Follower | None:
+        state = self._restored.pop(str(path), None)
+        follower: _Follower
+        try:
+            if self.fmt == "tensorboard":
+                from smart_monitor.sources.tensorboard import EventFileFollower
+
+                follower = EventFileFollower(path, self.aliases, self.event, self.malformed, state)
+            else:
+                from smart_monitor.sources.csv_metrics import CsvFollower
+
+                follower = CsvFollower(path, self.aliases, self.event, state)
+        except FileNotFoundError:
+            return None
+        verb = "Resumed" if state else "Opened"
+        self.event(f"{verb} metrics file", {"path": str(path), "format": self.fmt})
+        self.followers[path] = follower
+        self._changed[path] = self.clock()
+        return follower
+
+
+def open_metrics(
+    path: Path | None,
+    forced: str,
+    records: RecordsConfig,
+    quiet_seconds: float,
+    event: EventHandler,
+    malformed: Malformed,
+    clock: Callable[[], float],
+) -> Tailer | FolderSource | None:
+    """The reader of ``metrics_file``: the JSONL tailer, or a follower of TensorBoard
+    or CSV files (``records``: the ``[records]`` config, its aliases and line limit)."""
+    if path is None:
+        return None
+    fmt = detect_format(path, forced)
+    if fmt == "jsonl":
+        return Tailer(path, records.max_line_bytes, event)
+    return FolderSource(
+        path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock
+    )

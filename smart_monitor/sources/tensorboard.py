@@ -1,0 +1,302 @@
+"""TensorBoard event files (``events.out.tfevents.*``) as records, read with
+tensorboard's own record reader (the ``[tensorboard]`` extra).
+
+A file is a run of length-prefixed, CRC-checked records, one ``Event`` each; a scalar
+event carries ``(step, tag, value)``. Trainers write one scalar per call, so the
+scalars of one step are gathered and become one entry once the step is complete: when
+the first scalar of another step arrives, or when the file has been quiet for
+``quiet_seconds`` (the last step of a run, or a trainer that stalled).
+
+The reader verifies both CRCs of every record. A record cut short (a trainer killed
+mid-write, or a write still under way) is waited for: the reader keeps its partial
+bytes and completes the record when the rest arrives. A record whose CRC fails is
+corruption: it is reported once and the rest of that file is left alone (its framing
+can no longer be trusted), as TensorFlow's reader does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.tensorflow_stub import errors
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+from tensorboard.util import tensor_util
+
+__all__ = [
+    "EventFileFollower", "EventFileReader", "StepGatherer", "scalars", "split_step", "tag_key",
+]
+
+EventHandler = Callable[[str, Mapping[str, Any]], None]
+Malformed = Callable[[str, str, "int | None"], None]  # Engine.malformed: counted, logged
+
+_BATCH = 4096  # events per read(): a backlog is read in slices
+_FRAME = 16  # length (8) + its CRC (4) before the data, the data's CRC (4) after
+
+# HF Trainer (``train/``, ``eval/``), Lightning (``lr-AdamW``, ``val_loss``) and a
+# plain SummaryWriter's usual names -> record keys; [records] aliases come first.
+_TAGS = {
+    "train/loss": "loss", "train_loss": "loss", "Loss/train": "loss",
+    "train/learning_rate": "learning_rate", "lr": "learning_rate",
+    "train/grad_norm": "grad_norm",
+    "train/epoch": "epoch",
+    "eval/loss": "eval_loss", "val_loss": "eval_loss", "Loss/val": "eval_loss",
+    "val_acc": "eval_accuracy", "val_accuracy": "eval_accuracy",
+}
+
+
+def tag_key(tag: str, aliases: Mapping[str, str]) -> str:
+    """The record key for a scalar's tag.
+
+    >>> [tag_key(t, {}) for t in ("train/loss", "eval/accuracy", "lr-AdamW", "lr-Adam/pg2")]
+    ['loss', 'eval_accuracy', 'learning_rate', 'lr-Adam/pg2']
+    >>> tag_key("train/train_loss", {}), tag_key("my/loss", {"my/loss": "loss"})
+    ('train_loss', 'loss')
+    """
+    name = aliases.get(tag) or _TAGS.get(tag)
+    if name is not None:
+        return name
+    if tag.startswith("lr-") and ("/" not in tag or tag.endswith("/pg1")):
+        return "learning_rate"  # LearningRateMonitor: the first param group's
+    if tag.startswith("train/"):
+        return tag[6:]  # HF's summary keys too: train/train_runtime -> train_runtime
+    if tag.startswith(("eval/", "val/")):
+        return "eval_" + tag.split("/", 1)[1]
+    return tag
+
+
+def scalars(raw: bytes) -> tuple[int, list[tuple[str, float]]]:
+    """The step and the scalar values of one serialized ``Event`` (old-style
+    ``simple_value`` or a one-element float tensor); other summaries are skipped."""
+    event = event_pb2.Event.FromString(raw)
+    out: list[tuple[str, float]] = []
+    for v in event.summary.value:
+        kind = v.WhichOneof("value")
+        if kind == "simple_value":
+            out.append((v.tag, float(v.simple_value)))
+        elif kind == "tensor" and v.metadata.plugin_data.plugin_name in ("scalars", ""):
+            array = tensor_util.make_ndarray(v.tensor)
+            if array.size == 1 and array.dtype.kind in "fiu":
+                out.append((v.tag, float(array.reshape(()))))
+    return event.step, out
+
+
+class EventFileReader:
+    """The complete records of one event file, from the start: ``records()`` yields
+    each record's bytes and leaves ``offset`` at its end. ``truncated`` is True while
+    the file ends inside a record (waited for), ``corrupt`` once a CRC failed (then
+    nothing more is read from this file)."""
+
+    def __init__(self, path: str) -> None:
+        self._reader = PyRecordReader_New(path.encode(), 0, None, None)
+        self.offset = 0
+        self.truncated = False
+        self.corrupt: str | None = None
+
+    def records(self) -> Iterator[bytes]:
+        if self.corrupt is not None:
+            return
+        while True:
+            try:
+                self._reader.GetNext()
+            except errors.OutOfRangeError:
+                self.truncated = False
+                return
+            except errors.DataLossError as exc:  # the reader keeps the partial record
+                if "truncated" in str(exc):
+                    self.truncated = True
+                else:
+                    self.corrupt = str(exc)
+                return
+            raw: bytes = self._reader.record()
+            self.offset += len(raw) + _FRAME
+            self.truncated = False
+            yield raw
+
+    def skip_to(self, offset: int) -> bool:
+        """Read past the records before ``offset`` (a resume): True when a record ends
+        exactly there (the file is the one the offset was saved for)."""
+        for _ in self.records():
+            if self.offset >= offset:
+                break
+        return self.offset == offset
+
+    def close(self) -> None:
+        self._reader.file_handle.close()
+
+
+class StepGatherer:
+    """Scalars in, one entry per complete step out (``{"step": S, key: value, ...}``).
+
+    Train, eval and HF's end-of-training summary keys of one step become separate
+    entries, as the JSONL of the same run has them (an eval at step S is not a train
+    record at S). ``start`` is the file offset of the first scalar not yet in an
+    entry given out: where a restart must read from.
+
+    >>> g = StepGatherer({})
+    >>> g.add(0, 10, [("train/loss", 2.0), ("train/learning_rate", 1e-3)], 50)
+    []
+    >>> g.add(50, 10, [("eval/loss", 2.5)], 80)
+    []
+    >>> g.add(80, 20, [("train/loss", 1.9)], 100)
+    [{'step': 10, 'loss': 2.0, 'learning_rate': 0.001}, {'step': 10, 'eval_loss': 2.5}]
+    >>> g.start, g.flush(), g.start
+    (80, [{'step': 20, 'loss': 1.9}], 100)
+    """
+
+    def __init__(self, aliases: Mapping[str, str]) -> None:
+        self.aliases = dict(aliases)
+        self._keys: dict[str, str] = {}  # tag -> key, memoised: tags repeat every step
+        self.step: int | None = None
+        self.values: dict[str, float] = {}
+        self.start = 0
+        self._end = 0
+
+    def add(
+        self, offset: int, step: int, values: list[tuple[str, float]], end: int
+    ) -> list[dict[str, Any]]:
+        """The scalars of one event (at ``offset``, ending at ``end``); returns the
+        entries of the step this one completes."""
+        out: list[dict[str, Any]] = []
+        if not values:
+            if self.step is None:
+                self.start = end  # nothing pending: an event without scalars is done
+            self._end = end
+            return out
+        if self.step is not None and step != self.step:
+            out = self.flush()
+            self.start = offset
+        if self.step is None:
+            self.step = step
+            self.start = offset
+        keys = self._keys
+        for tag, value in values:
+            key = keys.get(tag)
+            if key is None:
+                key = keys[tag] = tag_key(tag, self.aliases)
+            self.values[key] = value
+        self._end = end
+        return out
+
+    def flush(self) -> list[dict[str, Any]]:
+        """The pending step as its entries (at a quiet period or the end of a replay)."""
+        step, values = self.step, self.values
+        self.step, self.values, self.start = None, {}, self._end
+        if step is None:
+            return []
+        return split_step(step, values)
+
+
+def split_step(step: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One step's values as the trainer's JSONL would hold them: train, eval and
+    end-of-training summary apart (each kind only when present), in the order the
+    trainer logged them.
+
+    >>> split_step(5, {"loss": 1.0, "eval_loss": 2.0, "train_runtime": 3.0})
+    [{'step': 5, 'loss': 1.0}, {'step': 5, 'eval_loss': 2.0}, {'step': 5, 'train_runtime': 3.0}]
+    """
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        kind = _kind(key)
+        part = parts.get(kind)
+        if part is None:
+            part = parts[kind] = {"step": step}
+        part[key] = value
+    return list(parts.values())
+
+
+_SUMMARY_KEYS = frozenset(
+    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
+     "train_loss"}
+)
+
+
+def _kind(key: str) -> str:
+    if key.startswith(("eval_", "test_")) or key == "accuracy":
+        return "eval"
+    return "summary" if key in _SUMMARY_KEYS else "train"
+
+
+
+class EventFileFollower:
+    """One event file followed live: ``read()`` gives the entries of the steps
+    completed since the last call, ``flush()`` the pending one. The state is the
+    file's identity and the offset of the first event not yet in an entry given out,
+    so a restart reads the pending step again and loses nothing."""
+
+    def __init__(
+        self,
+        path: Path,
+        aliases: Mapping[str, str],
+        event: EventHandler,
+        malformed: Malformed,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.aliases = aliases
+        self.event = event
+        self.malformed = malformed
+        self.truncations = 0
+        self._open()
+        if state and (state.get("dev"), state.get("ino")) == self.ident:
+            offset = int(state.get("offset", 0))
+            if self.reader.skip_to(offset):
+                self.gather.start = self.gather._end = offset
+                return
+            self.event("Metrics file changed while stopped", {"path": str(path)})
+            self._open()
+
+    def _open(self) -> None:
+        st = os.stat(self.path)
+        self.ident = (st.st_dev, st.st_ino)
+        self.reader = EventFileReader(str(self.path))
+        self.gather = StepGatherer(self.aliases)
+        self._waited_at = -1
+        self._corrupt_said = False
+
+    @property
+    def pending(self) -> bool:
+        return self.gather.step is not None
+
+    @property
+    def position(self) -> int:
+        return self.reader.offset
+
+    def flush(self) -> list[dict[str, Any]]:
+        return self.gather.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        dev, ino = self.ident
+        return {"dev": dev, "ino": ino, "offset": self.gather.start}
+
+    def read(self) -> list[dict[str, Any]]:
+        st = os.stat(self.path)
+        out: list[dict[str, Any]] = []
+        if (st.st_dev, st.st_ino) != self.ident or st.st_size < self.reader.offset:
+            why = "replaced" if (st.st_dev, st.st_ino) != self.ident else "truncated"
+            self.event(f"Metrics file {why}", {"path": str(self.path)})
+            out = self.gather.flush()  # the old file's last step is complete
+            self.reader.close()
+            self._open()
+        reader, add = self.reader, self.gather.add
+        for n, raw in enumerate(reader.records(), 1):
+            step, values = scalars(raw)
+            out += add(reader.offset - len(raw) - _FRAME, step, values, reader.offset)
+            if n == _BATCH:
+                return out  # the caller comes back for the rest: a backlog in slices
+        if reader.corrupt is not None and not self._corrupt_said:
+            self._corrupt_said = True  # the rest of this file cannot be framed: left alone
+            self.malformed("crc_mismatch", f"{self.path}: {reader.corrupt}", reader.offset)
+        if reader.truncated and self._waited_at != reader.offset:
+            self._waited_at = reader.offset  # said once per record waited for
+            self.truncations += 1
+            self.event("Waiting for truncated event record", {
+                "path": str(self.path), "offset": reader.offset, "count": self.truncations,
+            })
+        return out
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,253 @@
+"""TensorBoard event files as a metrics source: written by the real
+``torch.utils.tensorboard.SummaryWriter``, read by the real reader, under the default
+config. Replay of an event file and of the same data as JSONL give the same triggers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from live_harness import SMART_MONITOR, Live, config, wait_until
+
+from smart_monitor.config import load_config
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.runtime.replay import replay
+from smart_monitor.sources.metrics_source import FolderSource
+
+DEV = Path(__file__).parents[1].parent / "shared" / "real-runs" / "dev"
+DEV_RUNS = sorted(DEV.glob("*.jsonl"))
+# the JSONL keys as HF's TensorBoard callback names them
+TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate",
+        "grad_norm": "train/grad_norm", "epoch": "train/epoch", "eval_loss": "eval/loss"}
+
+
+def write_events(folder: Path, records: list[dict[str, Any]], exact: bool = False) -> Path:
+    """``records`` as one event file; ``exact``: float64 tensors (HF and Lightning
+    write float32 ``simple_value``s, which round the JSONL's numbers)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(folder))
+    for r in records:
+        for key, value in r.items():
+            if key != "step":
+                w.add_scalar(TAGS.get(key, key), value, r["step"], new_style=exact,
+                             double_precision=exact)
+    w.close()
+    (path,) = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents.")]
+    return path
+
+
+def train_records(first: int, last: int) -> list[dict[str, Any]]:
+    return [{"step": s, "loss": 2.0 / (1 + s) ** 0.3, "learning_rate": 1e-3, "grad_norm": 1.0}
+            for s in range(first, last + 1)]
+
+
+def detections(metrics: Path, out: Path) -> list[str]:
+    cfg = load_config(None, metrics_file=metrics, snapshot_dir=out / "snapshots",
+                      log_dir=out / "logs", state_dir=out / "state")
+    log, daily = make_logger(cfg.log_dir, stderr=None)
+    replay(cfg, metrics, log, progress=False, plots=False)
+    assert daily is not None
+    daily.close()
+    text = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    return re.findall(r"Detected anomaly (step=\S+ trigger=\S+)", text)
+
+
+@pytest.mark.parametrize("jsonl", DEV_RUNS, ids=[p.name.split("__")[1] for p in DEV_RUNS])
+def test_replay_of_event_file_gives_the_jsonl_triggers(jsonl: Path, tmp_path: Path) -> None:
+    records = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
+    write_events(tmp_path / "tb", records, exact=True)
+    want = detections(jsonl, tmp_path / "out-jsonl")
+    got = detections(tmp_path / "tb", tmp_path / "out-tb")
+    assert got == want
+    assert len(DEV_RUNS) >= 10
+
+
+class Events:
+    """What a FolderSource reports, and a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.malformed: list[tuple[str, str, int | None]] = []
+        self.now = 0.0
+
+    def source(self, path: Path, state: dict[str, Any] | None = None) -> FolderSource:
+        src = FolderSource(path, None, "auto", {}, 2.0, lambda n, f: self.names.append(n),
+                           lambda *a: self.malformed.append(a), lambda: self.now)
+        if state is not None:
+            src.load_state_dict(state)
+        return src
+
+
+def read_all(src: FolderSource) -> list[dict[str, Any]]:
+    return [e for batch in src.batches() for e in batch]
+
+
+def test_a_step_is_given_out_when_the_next_begins_or_after_quiet(tmp_path: Path) -> None:
+    write_events(tmp_path, [*train_records(1, 3), {"step": 3, "eval_loss": 2.5}])
+    ev = Events()
+    src = ev.source(tmp_path)
+    got = read_all(src)
+    assert [e["step"] for e in got] == [1, 2]
+    assert got[0] == pytest.approx(train_records(1, 1)[0], rel=1e-6)  # float32 on disk
+    ev.now = 1.9
+    assert read_all(src) == []  # step 3 may still grow
+    ev.now = 2.0
+    last = read_all(src)
+    assert [sorted(e) for e in last] == [["grad_norm", "learning_rate", "loss", "step"],
+                                         ["eval_loss", "step"]]  # train and eval apart
+
+
+def test_truncated_record_is_waited_for_and_counted(tmp_path: Path) -> None:
+    full = write_events(tmp_path / "w", train_records(1, 40))
+    data = full.read_bytes()
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / full.name
+    cut = len(data) * 2 // 3
+    target.write_bytes(data[:cut])  # the trainer killed mid-write, or still writing
+    ev = Events()
+    src = ev.source(run)
+    first = read_all(src)
+    assert read_all(src) == []
+    assert ev.names.count("Waiting for truncated event record") == 1  # once, not per read
+    with open(target, "ab") as fh:
+        fh.write(data[cut:])
+    rest = read_all(src)
+    ev.now = 10.0  # quiet since: the last step is complete
+    rest += read_all(src)
+    assert [e["step"] for e in first + rest] == list(range(1, 41))
+    assert ev.malformed == []
+
+
+def test_corrupt_record_is_counted_never_a_crash(tmp_path: Path) -> None:
+    full = write_events(tmp_path, train_records(1, 40))
+    data = bytearray(full.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a bit flip in one record's bytes
+    full.write_bytes(bytes(data))
+    ev = Events()
+    src = ev.source(tmp_path)
+    got = read_all(src)
+    assert read_all(src) == []
+    ((reason, detail, offset),) = ev.malformed  # counted once
+    assert reason == "crc_mismatch" and full.name in detail and offset < len(data) // 2
+    assert 5 < len(got) < 40 and [e["step"] for e in got] == list(range(1, len(got) + 1))
+
+
+def test_resume_from_saved_state_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    full = write_events(tmp_path / "w", train_records(1, 300))
+    data = full.read_bytes()
+    whole = Events().source(tmp_path / "w")
+    want = read_all(whole) + whole.finish()
+    rng = random.Random(0)
+    for i in range(5):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        cut = rng.randrange(len(data))
+        (run / full.name).write_bytes(data[:cut])
+        ev = Events()
+        src = ev.source(run)
+        got = read_all(src)
+        state = json.loads(json.dumps(src.state_dict()))
+        src.close()
+        with open(run / full.name, "ab") as fh:
+            fh.write(data[cut:])
+        again = Events().source(run, state)
+        got += read_all(again)
+        got += again.finish()
+        assert got == want, f"cut at {cut}"
+
+
+def test_new_event_file_of_a_restarted_trainer_is_picked_up(tmp_path: Path) -> None:
+    write_events(tmp_path / "version_0", train_records(1, 20))
+    ev = Events()
+    src = ev.source(tmp_path)
+    assert [e["step"] for e in read_all(src)] == list(range(1, 20))  # 20 pending
+    write_events(tmp_path / "version_1", train_records(11, 30))  # resumed from step 10
+    got = read_all(src)
+    assert [e["step"] for e in got] == [20, *range(11, 30)]  # the old file's last step first
+    assert ev.names.count("Opened metrics file") == 2
+
+
+def test_live_daemon_follows_a_folder_and_resumes_after_restart(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config(tmp_path, metrics_file=run, source={"quiet_seconds": 0.2})
+    full = write_events(tmp_path / "w", train_records(1, 120))
+    data = full.read_bytes()
+    target = run / full.name
+    target.write_bytes(data[: len(data) // 2])
+    live = Live(cfg)
+    source = live.daemon.tailer
+    assert isinstance(source, FolderSource)
+    wait_until(lambda: live.records > 0 and source.deadline == float("inf"),
+               "the first half, its last step given out after the quiet period")
+    first = live.records
+    live.stop()
+    with open(target, "ab") as fh:
+        fh.write(data[len(data) // 2 :])
+    live = Live(cfg)
+    live.wait_records(120 - first)  # the rest, once: nothing read twice
+    live.wait_log("Resumed metrics file")
+    live.stop()
+
+
+def test_without_the_extra_run_and_replay_say_which_to_install(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker" / "tensorboard"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    events = write_events(tmp_path / "run", train_records(1, 5))
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    for args in (["replay", "--metrics", str(events)],
+                 ["run", "--metrics", str(tmp_path / "run")]):
+        res = subprocess.run([str(SMART_MONITOR), *args, "--output", str(tmp_path / "out")],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 2, res.stderr
+        (line,) = res.stderr.strip().splitlines()
+        assert "pip install 'smart-monitor[tensorboard]'" in line and "metrics_file" in line
+    shutil.rmtree(blocker.parent)
+
+
+def test_a_reader_that_stops_after_any_batch_loses_nothing(tmp_path: Path) -> None:
+    """The daemon stops taking batches when its turn is over (a backlog in slices)."""
+    write_events(tmp_path / "version_0", train_records(1, 5000))
+    whole = Events().source(tmp_path)
+    want = read_all(whole) + whole.finish()
+    src = Events().source(tmp_path)
+    got: list[dict[str, Any]] = []
+    while True:
+        batch = next(src.batches(), None)  # one batch per turn, the generator dropped
+        if batch is None:
+            break
+        got += batch
+    got += src.finish()
+    assert got == want and len(got) == 5000
+
+
+def test_event_file_replaced_or_truncated_at_its_path_is_read_again(tmp_path: Path) -> None:
+    first = write_events(tmp_path / "a", train_records(1, 30))
+    second = write_events(tmp_path / "b", train_records(1, 10))
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / first.name
+    shutil.copy(first, target)
+    ev = Events()
+    src = ev.source(run)
+    assert len(read_all(src)) == 29
+    shutil.copy(second, run / "tmp")
+    os.replace(run / "tmp", target)  # a new inode at the path
+    ev.now = 5.0
+    got = read_all(src) + read_all(src)
+    assert [e["step"] for e in got] == [30, *range(1, 10)]  # the old last step, then anew
+    assert "Metrics file replaced" in ev.names
+    with open(target, "r+b") as fh:  # the same inode, cut back
+        fh.truncate(first.stat().st_size // 10)
+    read_all(src)
+    assert "Metrics file truncated" in ev.names
