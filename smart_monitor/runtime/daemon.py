@@ -24,7 +24,9 @@ from typing import Any
 
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_hooks
+from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
+from smart_monitor.outputs.manifest import changes, linked
 from smart_monitor.outputs.retention import enforce_retention
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
@@ -61,6 +63,8 @@ class Daemon:
         self.index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock)
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
+        self.engine.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))  # 10b
+        self.changed: set[str] = set()  # snapshots already reported as changed
         self.store = StateStore(config.state_dir)
         self.tailer = (
             Tailer(config.metrics_file, config.records.max_line_bytes, self._tail_event)
@@ -150,6 +154,8 @@ class Daemon:
                 self.engine.scan_checkpoints()
             if full or kinds & {"metrics", "rescan"}:
                 self._read()
+            if full:
+                self._watch_linked()
             self.engine.poll()
             if self._new_snapshots:
                 self._new_snapshots = False
@@ -192,6 +198,22 @@ class Daemon:
             self._save(final=True)
             self.wakeups.post("metrics")
 
+    def _watch_linked(self) -> None:
+        """Compare each hard-linked snapshot with its manifest (``stat`` only): a trainer
+        that re-saves a checkpoint in place changes the snapshot's bytes, and that must
+        never be silent (FAULTS.md #48). Said once per snapshot."""
+        for path, _meta in self.writer.published():
+            if path.name in self.changed or not linked(path):
+                continue
+            try:
+                found = changes(path)
+            except (OSError, ValueError):
+                continue  # released or removed meanwhile
+            if found:
+                self.changed.add(path.name)
+                self.log.error("Snapshot changed", path=str(path), files=len(found),
+                               detail="; ".join(found[:3]), hint="smart-monitor verify")
+
     def _on_event(self, event: str, data: Mapping[str, Any]) -> None:
         if event == "snapshot":
             self._new_snapshots = True
@@ -212,7 +234,7 @@ class Daemon:
         """Skipped while a best model waits for its checkpoint (a kill would lose the
         wait: the saved offset stays before it), unless ``final``: on stop, after
         finish(), and when the metrics file was replaced."""
-        if self.engine.pending and not final:
+        if self.engine.waiting and not final:
             self._next_save = self.clock() + self.config.state.save_interval_seconds
             return
         data = {

@@ -17,7 +17,8 @@ import orjson
 
 from smart_monitor.batch import Row, blocking_keys, blocks, train_row
 from smart_monitor.config import Config
-from smart_monitor.outputs.snapshot import SnapshotError, SnapshotWriter, json_safe
+from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
+from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter, json_safe
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.policy import Incident
 from smart_monitor.records import MalformedLine, Record, parse_line, to_record
@@ -32,6 +33,7 @@ __all__ = ["Engine"]
 _MALFORMED_LOG_FIRST = 100  # then one line in every _MALFORMED_LOG_EVERY
 _MALFORMED_LOG_EVERY = 1000
 _VANISHED_RETRIES = 3
+_COPY_STOP_SECONDS = 2.0  # at stop, a copy that ends within this is kept; later ones abandoned
 
 
 @dataclass(slots=True)
@@ -65,6 +67,7 @@ class Engine:
         self.incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
         self.scanner: CheckpointScanner | None = None
+        self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
         if config.checkpoint_scan.enabled:  # imported only when on
             from smart_monitor.forensics.scan import CheckpointScanner
 
@@ -254,7 +257,7 @@ class Engine:
 
     # -- snapshots ------------------------------------------------------------------
     def _request(self, request: SnapshotRequest) -> None:
-        if request.key in self.done_keys:
+        if request.key in self.done_keys or (self.copier and self.copier.holds(request.key)):
             self.log.debug("Snapshot already exists", step=request.step, key=request.key)
             return
         wait = self.config.snapshot.checkpoint_wait_seconds if request.exact_checkpoint else 0.0
@@ -267,6 +270,9 @@ class Engine:
         """Make the waiting snapshots whose checkpoint arrived or whose wait ran out,
         and act on the checkpoint scans that finished."""
         self.collect_scans()
+        if self.copier is not None:
+            for done in self.copier.collect():
+                self._copied(done)
         if not self.pending:
             return
         now = self.clock()
@@ -292,12 +298,22 @@ class Engine:
         pending, self.pending = self.pending, []
         for p in pending:
             self._snapshot(p.request)
+        if self.copier is not None:  # a stop waits a little for copies, then abandons them
+            copier, self.copier = self.copier, None
+            for done in copier.close(_COPY_STOP_SECONDS):
+                self._copied(done)
 
-    def _snapshot(self, request: SnapshotRequest) -> None:
+    @property
+    def waiting(self) -> bool:
+        """A snapshot still to be made: a best model waiting for its checkpoint, or a
+        copy in flight. A state saved now would put the offset past its record."""
+        return bool(self.pending) or (self.copier is not None and self.copier.busy)
+
+    def _snapshot(self, request: SnapshotRequest, vanished: tuple[str, ...] = ()) -> None:
+        """Make the snapshot: on this thread when it links (milliseconds), on the copier
+        when it copies. ``vanished``: the candidate checkpoints already rotated away."""
         metadata = dict(request.metadata)
         metadata["key"] = request.key
-        triggers = [t.name for t in request.triggers]
-        vanished: list[str] = []
         while True:
             # the trainer may rotate away every candidate while we read a backlog: after
             # a few, the snapshot keeps its metadata alone rather than nothing at all
@@ -306,36 +322,73 @@ class Engine:
                 metadata["note"] = "every candidate checkpoint vanished before it was pinned: " + (
                     ", ".join(vanished)
                 )
+            if ck is not None and self.copier is not None and self.writer.copies(ck):
+                job = CopyJob(request.key, request.name, metadata, ck, (request, vanished))
+                self.copier.submit(job)  # published when done; poll() collects it
+                return
             try:
                 result = self.writer.write(request.name, metadata, ck)
             except SnapshotError as exc:
                 if exc.reason == "source_vanished" and ck is not None:
-                    self.log.warning(
-                        "Checkpoint vanished",
-                        step=request.step, checkpoint=ck.name, detail=exc.detail,
-                    )
-                    self.index.forget(ck.step)
-                    vanished.append(ck.name)
+                    vanished = self._vanished(request, ck, exc, vanished)
                     continue
                 self._failed(request, exc.reason, exc.detail)
                 return
             except OSError as exc:
                 self._failed(request, "io_error", str(exc))
                 return
-            self.done_keys.add(request.key)
-            self.counts["snapshots"] += 1
-            if "incident" in metadata:
-                self.incident_snapshots[metadata["incident"]["id"]] = result.path
-            for t in request.triggers:
-                self.snapshots_by_kind[t.kind] += 1
-            getattr(self.log, request.severity.value)(
-                "Created snapshot",
-                step=request.step, triggers=triggers, severity=request.severity.value,
-                checkpoint=ck.name if ck else "none", mode=result.mode or "none",
-                path=str(result.path),
-            )
-            self._emit("snapshot", {"request": request, "path": result.path, "bytes": result.bytes})
+            self._created(request, metadata, ck, result)
             return
+
+    def _copied(self, done: CopyDone) -> None:
+        """A copy made off the worker ended: published, vanished (try the next
+        candidate), abandoned at stop (keep the metadata alone) or failed."""
+        request, vanished = done.job.context
+        ck, exc = done.job.checkpoint, done.error
+        if exc is None:
+            assert done.result is not None
+            self._created(request, done.job.metadata, ck, done.result)
+        elif exc.reason == "source_vanished":
+            self._snapshot(request, self._vanished(request, ck, exc, vanished))
+        elif exc.reason == "cancelled":
+            self.log.warning("Copy abandoned", step=request.step, checkpoint=ck.name,
+                             detail=exc.detail)
+            metadata = {**done.job.metadata,
+                        "note": f"stopped while copying {ck.name}: its copy was abandoned"}
+            try:
+                self._created(request, metadata, None,
+                              self.writer.write(request.name, metadata, None))
+            except (SnapshotError, OSError) as err:
+                self._failed(request, "io_error", str(err))
+        else:
+            self._failed(request, exc.reason, exc.detail)
+
+    def _vanished(
+        self, request: SnapshotRequest, ck: Checkpoint, exc: SnapshotError,
+        vanished: tuple[str, ...],
+    ) -> tuple[str, ...]:
+        self.log.warning("Checkpoint vanished", step=request.step, checkpoint=ck.name,
+                         detail=exc.detail)
+        self.index.forget(ck.step)
+        return (*vanished, ck.name)
+
+    def _created(
+        self, request: SnapshotRequest, metadata: Mapping[str, Any], ck: Checkpoint | None,
+        result: SnapshotResult,
+    ) -> None:
+        self.done_keys.add(request.key)
+        self.counts["snapshots"] += 1
+        if "incident" in metadata:
+            self.incident_snapshots[metadata["incident"]["id"]] = result.path
+        for t in request.triggers:
+            self.snapshots_by_kind[t.kind] += 1
+        getattr(self.log, request.severity.value)(
+            "Created snapshot",
+            step=request.step, triggers=[t.name for t in request.triggers],
+            severity=request.severity.value, checkpoint=ck.name if ck else "none",
+            mode=result.mode or "none", path=str(result.path),
+        )
+        self._emit("snapshot", {"request": request, "path": result.path, "bytes": result.bytes})
 
     def _record_recovery(self, incident: Incident, step: int) -> None:
         """Complete the snapshot's ``incident`` block (peak, end) once it recovered:
