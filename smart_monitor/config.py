@@ -199,6 +199,8 @@ class WebhookActionConfig(ActionConfig):
 class ActionsConfig(_Section):
     timeout_seconds: float = Field(10.0, gt=0)
     queue_size: int = Field(100, ge=1)
+    retries: int = Field(2, ge=0, le=10)  # issue 10b: for 5xx and refused connections
+    retry_backoff_seconds: float = Field(1.0, gt=0, le=600)
     stop_file: StopFileActionConfig = StopFileActionConfig()
     signal: SignalActionConfig = SignalActionConfig()
     command: CommandActionConfig = CommandActionConfig()
