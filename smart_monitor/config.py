@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import signal as signal_module
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "load_config", "redact_url"]
 
 
 class _Section(BaseModel):
@@ -185,9 +193,24 @@ class CommandActionConfig(ActionConfig):
     argv: list[str] = Field(default_factory=list)
 
 
+def redact_url(url: str) -> str:
+    """A webhook URL without what makes it a secret (a Slack hook's path is its key,
+    some carry a token in the query or a password before the host): the scheme and
+    host stay, so a reader still sees where pages go (FAULTS.md #41)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/<redacted>"
+
+
 class WebhookActionConfig(ActionConfig):
     url: str = ""
     on_severity: ActionSeverity = "warning"
+
+    @field_serializer("url", when_used="json")
+    def _redacted(self, url: str) -> str:
+        """What ``metadata.json`` keeps: every JSON dump of the config goes through here."""
+        return redact_url(url)
 
     @model_validator(mode="after")
     def _http_only(self) -> WebhookActionConfig:
