@@ -50,7 +50,7 @@ __all__ = ["ActionError", "Actions", "Incident", "Worker"]
 
 _RANK = {"info": 0, "warning": 1, "critical": 2}
 _OUTPUT_TAIL = 300  # characters of a failed command's output kept in the log line
-_STOP_SECONDS = 2.0  # at stop: the deadline of a last attempt, and the wait for workers
+_STOP_SECONDS = 1.5  # at stop: the deadline of a last attempt, and the wait for workers
 
 
 class ActionError(Exception):

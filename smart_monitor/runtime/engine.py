@@ -33,7 +33,7 @@ __all__ = ["Engine"]
 _MALFORMED_LOG_FIRST = 100  # then one line in every _MALFORMED_LOG_EVERY
 _MALFORMED_LOG_EVERY = 1000
 _VANISHED_RETRIES = 3
-_COPY_STOP_SECONDS = 2.0  # at stop, a copy that ends within this is kept; later ones abandoned
+_COPY_STOP_SECONDS = 1.0  # at stop, a copy that ends within this is kept; later ones abandoned
 
 
 @dataclass(slots=True)
