@@ -198,7 +198,7 @@ def post_webhook(config: WebhookActionConfig, incident: Incident, timeout: float
         response = conn.getresponse()
         response.read()
     except (OSError, http.client.HTTPException) as exc:
-        if expired.is_set():
+        if expired.is_set() or isinstance(exc, TimeoutError):  # the deadline, or one recv's
             raise ActionError(f"timed out after {timeout:g}s without a whole answer") from None
         refused = isinstance(exc, ConnectionRefusedError)
         raise ActionError(f"POST failed: {exc!r}", retry=refused) from None
