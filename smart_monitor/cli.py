@@ -196,12 +196,12 @@ def verify(snapshot: str, output: Path | None, config_file: Path | None) -> None
     """Check that a snapshot's model/ is as it was pinned (sizes and modification times
     against its manifest.json): a hard-linked file rewritten in place by the trainer
     shows here. Exit 0: intact; 1: changed or unreadable."""
-    from smart_monitor.outputs.manifest import MANIFEST, changes
+    from smart_monitor.outputs.manifest import changes
     from smart_monitor.tools.listing import resolve
 
     path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
-    if not (path / MANIFEST).exists() and not (path / "model").exists():
-        click.echo(f"{path}: no model/ (metadata only): nothing to verify")
+    if not (path / "model").exists():
+        click.echo(f"{path}: no model/ (metadata only, or weights released): nothing to verify")
         return
     try:
         found = changes(path)

@@ -45,7 +45,9 @@ def _load(snapshot: Path) -> dict[str, Any]:
 
 def linked(snapshot: Path) -> bool:
     """Whether any file of the snapshot shares its inode with the trainer's file: the
-    ones worth watching."""
+    ones worth watching. A snapshot whose ``model/`` the disk budget released has none."""
+    if not (snapshot / "model").is_dir():
+        return False
     try:
         return any(f.get("how") == "hardlink" for f in _load(snapshot).values())
     except (OSError, ValueError):

@@ -28,7 +28,7 @@ from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.manifest import changes, linked
 from smart_monitor.outputs.retention import enforce_retention
-from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.runtime.notify import Notifier
@@ -202,8 +202,9 @@ class Daemon:
         """Compare each hard-linked snapshot with its manifest (``stat`` only): a trainer
         that re-saves a checkpoint in place changes the snapshot's bytes, and that must
         never be silent (FAULTS.md #48). Said once per snapshot."""
-        for path, _meta in self.writer.published():
-            if path.name in self.changed or not linked(path):
+        root = self.writer.root
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.name.startswith(TMP_PREFIX) or path.name in self.changed or not linked(path):
                 continue
             try:
                 found = changes(path)
