@@ -52,11 +52,11 @@ class Copier:
         self._jobs: queue.SimpleQueue[CopyJob | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[CopyDone] = queue.SimpleQueue()
         self._cancel = threading.Event()
-        self._keys: set[str] = set()  # submitted, not collected yet (worker thread only)
+        self._held: dict[str, CopyJob] = {}  # submitted, not collected yet (worker thread only)
         self._thread: threading.Thread | None = None
 
     def submit(self, job: CopyJob) -> None:
-        self._keys.add(job.key)
+        self._held[job.key] = job
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="smart-monitor-copy",
                                             daemon=True)
@@ -65,11 +65,11 @@ class Copier:
 
     def holds(self, key: str) -> bool:
         """A snapshot under this key is being copied (or is done, not collected yet)."""
-        return key in self._keys
+        return key in self._held
 
     @property
     def busy(self) -> bool:
-        return bool(self._keys)
+        return bool(self._held)
 
     def collect(self) -> list[CopyDone]:
         """The copies finished since the last call, never waiting."""
@@ -79,20 +79,26 @@ class Copier:
                 done = self._done.get_nowait()
             except queue.Empty:
                 return out
-            self._keys.discard(done.job.key)
+            self._held.pop(done.job.key, None)
             out.append(done)
 
     def close(self, grace: float) -> list[CopyDone]:
         """Wait up to ``grace`` seconds for the copies to end, cancel what is left and
         return every outcome not collected yet. Bounded: a cancelled copy stops within
-        one chunk."""
+        one chunk; one stuck in a system call (a hung NFS server) is given up after
+        another ``grace``, reported as cancelled, and its ``.tmp-*`` removed at the
+        next start."""
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(grace)
             self._cancel.set()
-            self._thread.join()
+            self._thread.join(grace)
             self._thread = None
-        return self.collect()
+        done = self.collect()
+        stuck = SnapshotError("cancelled", "still copying when the stop gave up on it")
+        done += [CopyDone(job, None, stuck) for job in self._held.values()]
+        self._held.clear()
+        return done
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
