@@ -171,12 +171,13 @@ def test_sigkill_loop_one_snapshot_per_anomaly(tmp_path: Path) -> None:
             started = log_text(out).count(" Started ")
             proc = spawn(conf, tmp_path / "err")
             if i % 5:  # most kills fall after start-up: in the backlog, a snapshot, a save
-                wait_until(lambda n=started: log_text(out).count(" Started ") > n, "start-up")
+                # a start-up on a loaded machine takes seconds: wait on it, not on a clock
+                wait_until(lambda n=started: log_text(out).count(" Started ") > n, "start-up", 120)
             time.sleep(rng.uniform(0.0, 0.4))
             kill9(proc)
         started = log_text(out).count(" Started ")
         proc = spawn(conf, tmp_path / "err")
-        wait_until(lambda: log_text(out).count(" Started ") > started, "the last start-up")
+        wait_until(lambda: log_text(out).count(" Started ") > started, "the last start-up", 120)
         writer.halt.set()
         writer.join()
         want = sorted(writer.anomalies)
