@@ -5,8 +5,10 @@
 Writes an HF-shaped checkpoint (model.safetensors of --gib GiB, optimizer.pt of half
 that, small JSON files) on the same file system as the snapshot folder, then times
 SnapshotWriter.write in each mode: `auto` (reflink where the file system has it, else
-hard links) and `copy`. The checkpoint is written with real bytes, not sparse files,
-so `copy` pays what it would pay in production.
+hard links) and `copy`, then what checking a snapshot against its manifest costs
+(`smart-monitor verify`, and the daemon's watch of hard-linked snapshots at every
+reconciliation). The checkpoint is written with real bytes, not sparse files, so `copy`
+pays what it would pay in production.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from smart_monitor.outputs.manifest import changes
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.sources.checkpoints import Checkpoint
 
@@ -52,6 +55,10 @@ def main() -> None:
             result = writer.write("loss_zscore_43.20", {"step": 1000}, ck)
             ms = (time.perf_counter() - t0) * 1000
             print(f"mode={mode:<5} -> {result.mode:<8} {ms:>9.1f} ms  ({result.files} files)")
+            t0 = time.perf_counter()
+            assert changes(result.path) == []
+            ms = (time.perf_counter() - t0) * 1000
+            print(f"verify {result.mode:<8}         {ms:>9.3f} ms  (stat against manifest.json)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import click
 
 from smart_monitor import __version__
-from smart_monitor.config import Config, ConfigError, load_config
+from smart_monitor.config import Config, ConfigError, load_config, redact_url
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.lock import FolderLock
 from smart_monitor.tools.summary import count_snapshots, format_table, read_logs
@@ -235,7 +235,38 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
     except (OSError, ValueError) as exc:
         click.echo(f"smart-monitor: no readable snapshot at {path}: {exc}", err=True)
         sys.exit(1)
+    hook = (((meta.get("monitor") or {}).get("config") or {}).get("actions") or {}).get("webhook")
+    if isinstance(hook, dict) and hook.get("url"):  # a snapshot made before it was redacted
+        hook["url"] = redact_url(str(hook["url"]))
     click.echo(json.dumps(meta, indent=2) if as_json else f"{path}\n{format_metadata(meta)}")
+
+
+@main.command()
+@click.argument("snapshot")
+@_output_opt
+@_config_opt
+def verify(snapshot: str, output: Path | None, config_file: Path | None) -> None:
+    """Check that a snapshot's model/ is as it was pinned (sizes and modification times
+    against its manifest.json): a hard-linked file rewritten in place by the trainer
+    shows here. Exit 0: intact; 1: changed or unreadable."""
+    from smart_monitor.outputs.manifest import changes
+    from smart_monitor.tools.listing import resolve
+
+    path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
+    if not (path / "model").exists():
+        click.echo(f"{path}: no model/ (metadata only, or weights released): nothing to verify")
+        return
+    try:
+        found = changes(path)
+    except (OSError, ValueError) as exc:
+        click.echo(f"smart-monitor: cannot verify {path}: {exc}", err=True)
+        sys.exit(1)
+    for change in found:
+        click.echo(f"changed {change}")
+    if found:
+        click.echo(f"{path}: {len(found)} file(s) changed since pinned", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: intact")
 
 
 @main.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal as signal_module
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +17,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from smart_monitor.triggers import KINDS, kind_of
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "load_config", "redact_url"]
 
 
 # Durations are capped at a day: a bigger one is a typo, and 1e300 seconds overflows
@@ -256,9 +258,24 @@ class CommandActionConfig(ActionConfig):
     argv: list[str] = Field(default_factory=list)
 
 
+def redact_url(url: str) -> str:
+    """A webhook URL without what makes it a secret (a Slack hook's path is its key,
+    some carry a token in the query or a password before the host): the scheme and
+    host stay, so a reader still sees where pages go (FAULTS.md #41)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/<redacted>"
+
+
 class WebhookActionConfig(ActionConfig):
     url: str = ""
     on_severity: ActionSeverity = "warning"
+
+    @field_serializer("url", when_used="json")
+    def _redacted(self, url: str) -> str:
+        """What ``metadata.json`` keeps: every JSON dump of the config goes through here."""
+        return redact_url(url)
 
     @model_validator(mode="after")
     def _http_only(self) -> WebhookActionConfig:
@@ -270,6 +287,8 @@ class WebhookActionConfig(ActionConfig):
 class ActionsConfig(_Section):
     timeout_seconds: float = Field(10.0, gt=0, le=_DAY)
     queue_size: int = Field(100, ge=1)
+    retries: int = Field(2, ge=0, le=10)  # for 5xx and refused connections
+    retry_backoff_seconds: float = Field(1.0, gt=0, le=600)
     stop_file: StopFileActionConfig = StopFileActionConfig()
     signal: SignalActionConfig = SignalActionConfig()
     command: CommandActionConfig = CommandActionConfig()

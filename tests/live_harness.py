@@ -29,7 +29,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the simulators an
 BACKENDS = ["inotify", "polling"]
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait on a condition, not a clock: on a loaded machine a start-up alone takes
+    seconds (8 s measured at load 9 on 2 cores), and a passing test never waits long."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -144,11 +146,11 @@ class Live:
     def records(self) -> int:
         return self.daemon.engine.counts["records"]
 
-    def wait_records(self, n: int, timeout: float = 15.0) -> None:
+    def wait_records(self, n: int, timeout: float = 60.0) -> None:
         wait_until(lambda: self.records >= n, f"{n} records (have {self.records})", timeout)
         assert self.records == n
 
-    def wait_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
         wait_until(lambda: self.log().count(text) >= count, f"{count}x {text!r}", timeout)
 
     def stop(self) -> None:

@@ -238,7 +238,8 @@ def test_stop_file_only_for_matching_incidents(tmp_path: Path, logged: Logged) -
         tmp_path, logged, stop_file={"path": str(stop), "on_triggers": ["divergence_detected"],
                                      "on_severity": "never"}
     )
-    failed = snapshot_event(kind="divergence_detected", severity="warning").request
+    # critical: queued at stop, it still gets its one attempt (a warning would be dropped)
+    failed = snapshot_event(kind="divergence_detected", severity="critical").request
     actions(SnapshotFailed(failed, "no_space"))
     actions.stop()
     data = json.loads(stop.read_text())
@@ -257,7 +258,7 @@ def test_stop_file_in_a_missing_folder_is_logged(tmp_path: Path, logged: Logged)
 
 def test_nothing_configured_means_no_actions_and_no_thread(tmp_path: Path, logged: Logged) -> None:
     actions = make_actions(tmp_path, logged)
-    assert actions.actions == [] and actions.worker is None
+    assert actions.actions == [] and actions.workers == {}
     actions(snapshot_event())
     actions.stop()
     assert logged.lines() == []

@@ -133,8 +133,8 @@ def test_replay_draws_loss_history_png_into_every_snapshot(run: tuple[Path, Path
         assert png[:8] == PNG_MAGIC
         width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
         assert (width, height) == (900, 320)
-        assert sorted(p.name for p in path.iterdir()) == ["loss_history.png", "metadata.json",
-                                                          "model"]
+        assert sorted(p.name for p in path.iterdir()) == ["loss_history.png", "manifest.json",
+                                                          "metadata.json", "model"]
 
 
 def test_docstring_examples() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_checkpoint
 
+from smart_monitor.outputs.pin import Placed
 from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotError, SnapshotWriter, json_safe
 from smart_monitor.sources.checkpoints import Checkpoint
 
@@ -97,17 +98,17 @@ def test_source_deleted_midway_leaves_nothing(
     """The trainer's rotation removes the folder while files are being placed."""
     src = make_checkpoint(run_dir, 500)
     w = writer(tmp_path / "snaps", "copy")
-    real_place = w._place
+    real_place = w.placer.place
     calls = []
 
-    def place_then_rotate(s: Path, t: Path) -> str:
+    def place_then_rotate(rel: str, s: Path, t: Path, cancel: object) -> Placed:
         calls.append(s)
-        mode = real_place(s, t)
+        placed = real_place(rel, s, t, None)
         if len(calls) == 1:
             shutil.rmtree(src)
-        return mode
+        return placed
 
-    monkeypatch.setattr(w, "_place", place_then_rotate)
+    monkeypatch.setattr(w.placer, "place", place_then_rotate)
     with pytest.raises(SnapshotError) as err:
         w.write("x", {}, ck(src))
     assert err.value.reason == "source_vanished"
@@ -122,7 +123,7 @@ def test_disk_full_during_copy_leaves_nothing(
     def full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(os, "sendfile", full)
     with pytest.raises(SnapshotError) as err:
         writer(tmp_path / "snaps", "copy").write("x", {}, ck(src))
     assert err.value.reason == "no_space"

@@ -6,12 +6,23 @@ trigger kind is listed in its ``on_triggers`` or whose severity reaches its
 ``on_severity``. Tying actions to snapshot decisions rather than to single detections
 means the policy's cooldown that keeps one snapshot per incident also keeps one page per
 incident, and a restarted daemon that re-reads lines it already snapshotted does not page
-again. Actions run on one worker thread behind a bounded queue, each with a timeout, so a
-slow webhook never delays the next record; a failure is logged and counted, never raised.
+again.
+
+Each kind of action has its own worker thread behind a bounded queue (FAULTS.md #40): a
+webhook that hangs never delays the stop file or the signal that halts a diverging run.
+Every call has a total deadline (``timeout_seconds``): for a webhook it covers connect,
+send and the whole answer, so a server that trickles its headers one byte at a time is
+cut off too (a socket timeout only bounds each ``recv``). A 5xx answer or a refused
+connection is retried ``retries`` times with a doubling backoff; every failed attempt is
+logged (``Action failed``), never raised. At stop (#39) nothing is lost silently: a
+critical action still queued is attempted once with a short deadline, the others are
+logged as ``Action dropped``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import queue
@@ -19,10 +30,10 @@ import signal
 import socket
 import subprocess
 import threading
-import urllib.request
+import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +51,16 @@ __all__ = ["ActionError", "Actions", "Incident", "Worker"]
 
 _RANK = {"info": 0, "warning": 1, "critical": 2}
 _OUTPUT_TAIL = 300  # characters of a failed command's output kept in the log line
+_STOP_SECONDS = 1.5  # at stop: the deadline of a last attempt, and the wait for workers
 
 
 class ActionError(Exception):
-    """An action that ran and failed; the message goes into the ``Action failed`` line."""
+    """An action that ran and failed; the message goes into the ``Action failed`` line.
+    ``retry``: a failure that may pass (a 5xx, a refused connection)."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +174,43 @@ def run_command(config: CommandActionConfig, incident: Incident, timeout: float)
 
 
 def post_webhook(config: WebhookActionConfig, incident: Incident, timeout: float) -> str:
-    body = json.dumps(incident.payload()).encode()  # the config allows http(s) URLs only
-    request = urllib.request.Request(
-        config.url, data=body, method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "smart-monitor"},
-    )
+    """POST the payload, all of it (connect, send, answer) within ``timeout`` seconds: a
+    timer shuts the socket down at the deadline, which ends any read in progress. The
+    URL is a secret (a Slack hook's path is its key): no message here contains it."""
+    url = urllib.parse.urlsplit(config.url)  # the config allows http(s) URLs only
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = kind(url.hostname or "", url.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):  # closed: the request ended as the timer fired
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    body = json.dumps(incident.payload()).encode()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return f"HTTP {response.status}"
-    except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
-        raise ActionError(f"POST failed: {exc}") from None
+        conn.request("POST", path, body, {"Content-Type": "application/json",
+                                          "User-Agent": "smart-monitor"})
+        response = conn.getresponse()
+        response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set() or isinstance(exc, TimeoutError):  # the deadline, or one recv's
+            raise ActionError(f"timed out after {timeout:g}s without a whole answer") from None
+        refused = isinstance(exc, ConnectionRefusedError)
+        raise ActionError(f"POST failed: {exc!r}", retry=refused) from None
+    finally:
+        timer.cancel()
+        conn.close()
+    if response.status >= 500:
+        raise ActionError(f"HTTP {response.status} {response.reason}", retry=True)
+    if response.status >= 400:
+        raise ActionError(f"HTTP {response.status} {response.reason}")
+    return f"HTTP {response.status}"
 
 
 # -- the worker -----------------------------------------------------------------------
@@ -190,16 +234,16 @@ class Worker:
             return False
         return True
 
-    def drop_queued(self) -> list[str]:
-        """Take back the jobs not started yet; their labels, oldest first."""
-        dropped: list[str] = []
+    def drop_queued(self) -> list[tuple[str, Callable[[], object]]]:
+        """Take back the jobs not started yet, oldest first."""
+        dropped: list[tuple[str, Callable[[], object]]] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return dropped
             if item is not None:
-                dropped.append(item[0])
+                dropped.append(item)
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -219,56 +263,116 @@ class Worker:
         return not self._thread.is_alive()
 
 
+Run = Callable[[Incident, float], str]  # an action: the incident and a deadline
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """One action for one incident, as it waits in its kind's queue."""
+
+    actions: Actions
+    name: str
+    run: Run
+    incident: Incident
+
+    def __call__(self) -> None:
+        self.actions.attempt(self.name, self.run, self.incident, self.actions.config.retries)
+
+
 class Actions:
-    """The engine listener that queues every configured action an incident matches."""
+    """The engine listener that queues every configured action an incident matches, on
+    the worker of the action's kind."""
 
     def __init__(self, config: ActionsConfig, log: Any) -> None:
         self.config = config
         self.log = log
-        timeout = config.timeout_seconds
-        self.actions: list[tuple[str, ActionConfig, Callable[[Incident], str]]] = []
+        self.stopping = threading.Event()  # ends backoff waits and retries
+        self.actions: list[tuple[str, ActionConfig, Run]] = []
         if config.stop_file.path is not None:
             path = config.stop_file.path
-            self.actions.append(("stop_file", config.stop_file, lambda i: write_stop_file(path, i)))
+            self.actions.append(
+                ("stop_file", config.stop_file, lambda i, _t: write_stop_file(path, i))
+            )
         if config.signal.pidfile is not None:
-            self.actions.append(("signal", config.signal, lambda i: send_signal(config.signal, i)))
+            self.actions.append(
+                ("signal", config.signal, lambda i, _t: send_signal(config.signal, i))
+            )
         if config.command.argv:
             self.actions.append(
-                ("command", config.command, lambda i: run_command(config.command, i, timeout))
+                ("command", config.command, lambda i, t: run_command(config.command, i, t))
             )
         if config.webhook.url:
             self.actions.append(
-                ("webhook", config.webhook, lambda i: post_webhook(config.webhook, i, timeout))
+                ("webhook", config.webhook, lambda i, t: post_webhook(config.webhook, i, t))
             )
-        self.worker = (
-            Worker("smart-monitor-actions", config.queue_size, self._crashed)
-            if self.actions else None
-        )
+        self.workers = {
+            name: Worker(f"smart-monitor-{name}", config.queue_size, self._crashed)
+            for name, _, _ in self.actions
+        }
 
     def __call__(self, event: Event) -> None:
         incident = Incident.from_event(event)
-        if incident is None or self.worker is None:
+        if incident is None:
             return
         for name, cfg, run in self.actions:
             if not matches(cfg, incident):
                 continue
-            if not self.worker.submit(name, partial(self._run, name, run, incident)):
+            if not self.workers[name].submit(name, _Queued(self, name, run, incident)):
                 self.log.error("Action dropped", action=name, step=incident.step,
                                triggers=list(incident.triggers), reason="queue_full")
 
-    def _run(self, name: str, run: Callable[[Incident], str], incident: Incident) -> None:
+    def attempt(
+        self, name: str, run: Run, incident: Incident, retries: int,
+        timeout: float | None = None,
+    ) -> bool:
+        """Run one action, retrying what may pass with a doubling backoff; every
+        failed attempt logged. True when it succeeded."""
         where = {"action": name, "step": incident.step, "triggers": list(incident.triggers),
                  "severity": incident.severity}
-        try:
-            detail = run(incident)
-        except ActionError as exc:
-            self.log.error("Action failed", **where, error=str(exc))
-            return
-        self.log.info("Action done", **where, detail=detail)
+        backoff = self.config.retry_backoff_seconds
+        for n in range(1, retries + 2):
+            try:
+                detail = run(incident, timeout or self.config.timeout_seconds)
+            except ActionError as exc:
+                again = exc.retry and n <= retries and not self.stopping.is_set()
+                self.log.error("Action failed", **where, error=str(exc), attempt=n,
+                               retry_in=backoff if again else None)
+                if not again or self.stopping.wait(backoff):
+                    return False
+                backoff *= 2
+                continue
+            self.log.info("Action done", **where, detail=detail, attempt=n)
+            return True
+        return False
 
     def _crashed(self, label: str, exc: BaseException) -> None:
         self.log.error("Action failed", action=label, error=repr(exc))
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop(self.config.timeout_seconds + 1)
+        """Bounded: a critical action still queued gets one attempt with a short
+        deadline, in parallel with the others; the rest are logged, never lost silently."""
+        self.stopping.set()
+        short = min(_STOP_SECONDS, self.config.timeout_seconds)
+        last: list[threading.Thread] = []
+        for worker in self.workers.values():
+            for _label, job in worker.drop_queued():
+                assert isinstance(job, _Queued)
+                i = job.incident
+                if i.severity == "critical":
+                    last.append(threading.Thread(
+                        target=self.attempt, args=(job.name, job.run, i, 0, short),
+                        name=f"smart-monitor-last-{job.name}", daemon=True,
+                    ))
+                else:
+                    self.log.warning("Action dropped", action=job.name, step=i.step,
+                                     triggers=list(i.triggers), severity=i.severity,
+                                     reason="stopping")
+        for t in last:
+            t.start()
+        deadline = time.monotonic() + _STOP_SECONDS  # one wait for all workers together
+        for name, worker in self.workers.items():
+            if not worker.stop(max(0.0, deadline - time.monotonic())):  # hung: exit ends it
+                self.log.warning("Action dropped", action=name, reason="stopping",
+                                 detail="still running at stop")
+        for t in last:
+            t.join(_STOP_SECONDS + 1)

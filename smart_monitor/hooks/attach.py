@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["attach_hooks", "attach_plots"]
 
 _PLOT_QUEUE = 64
-_PLOT_STOP_SECONDS = 2.0  # a stop waits this long, at most, for the plot being drawn
+_PLOT_STOP_SECONDS = 0.5  # a stop waits this long, at most, for the plot being drawn (its
+# child process finishes it anyway; `report` draws any missing): SIGTERM must stay under 5 s
 _PLOT_CHILD_SECONDS = 600.0
 _HOLD_POLL_SECONDS = 0.25  # how often a held plot asks whether it may start
 

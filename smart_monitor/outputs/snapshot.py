@@ -4,33 +4,34 @@ A snapshot is built under ``.tmp-*`` in the snapshot directory (same file system
 the final ``rename`` is atomic), its files synced, then renamed into place: a reader
 never sees a half-made snapshot, and a crash leaves only a ``.tmp-*`` that the next
 start removes. ``model/`` is made file by file with a reflink, else a hard link, else a
-copy, so a multi-GB checkpoint on one file system is pinned in milliseconds and
-survives the trainer's rotation deleting its source.
+copy (``pin.py``), so a multi-GB checkpoint on one file system is pinned in
+milliseconds and survives the trainer's rotation deleting its source; ``manifest.json``
+records what was pinned, so that a re-save through a hard link is found
+(``manifest.py``). A copy can take minutes: the daemon runs it off its worker
+(``copier.py``), and a stop cancels it.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from smart_monitor.outputs.manifest import MANIFEST, manifest_data
+from smart_monitor.outputs.pin import Cancelled, Mode, Placed, Placer, checkpoint_files
 from smart_monitor.sources.checkpoints import Checkpoint
 
 __all__ = ["SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe", "write_metadata"]
 
-Mode = Literal["auto", "hardlink", "copy"]
-_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-_NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF, errno.EPERM}
-_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP}
 TMP_PREFIX = ".tmp-"
 
 
@@ -62,7 +63,7 @@ class SnapshotWriter:
         self.root = root
         self.mode = mode
         self.clock = clock
-        self._reflinks: dict[tuple[int, int], bool] = {}  # (src dev, dest dev) -> works
+        self.placer = Placer(mode)
 
     def remove_temporaries(self) -> list[Path]:
         """Delete what a crash mid-snapshot left behind (FAULTS.md #25)."""
@@ -86,17 +87,25 @@ class SnapshotWriter:
                 continue
 
     def write(
-        self, name: str, metadata: Mapping[str, Any], checkpoint: Checkpoint | None
+        self,
+        name: str,
+        metadata: Mapping[str, Any],
+        checkpoint: Checkpoint | None,
+        cancel: threading.Event | None = None,
     ) -> SnapshotResult:
+        """Build, sync and publish one snapshot. ``cancel`` (set by a stop) abandons a
+        copy between two chunks: the temporary is removed, ``SnapshotError("cancelled")``."""
         now = self.clock()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            mode, files, size = None, 0, 0
+            mode, placed = None, list[Placed]()
             if checkpoint is not None:
                 self._check_space(checkpoint)
-                mode, files, size = self._pin(checkpoint, tmp / "model")
+                mode, placed = self._pin(checkpoint, tmp / "model", cancel)
+                _write_synced(tmp / MANIFEST, json.dumps(manifest_data(placed), indent=1) + "\n")
+            files, size = len(placed), sum(p.size for p in placed)
             meta = dict(metadata)
             meta["created_at"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
             meta["checkpoint"] = (
@@ -131,85 +140,55 @@ class SnapshotWriter:
             path = self.root / f"{base}_{n}"
         return path
 
+    def copies(self, checkpoint: Checkpoint) -> bool:
+        """Whether pinning ``checkpoint`` means copying its bytes (seconds to minutes),
+        which the daemon then does off its worker; links and reflinks take milliseconds."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return self.placer.copies(checkpoint.path, self.root)
+        except OSError:
+            return False  # vanished: the write finds out, and says so
+
     def _check_space(self, checkpoint: Checkpoint) -> None:
         if self.mode != "copy":
             return
-        need = sum(f.stat().st_size for f in _files(checkpoint.path))
+        need = sum(f.stat().st_size for _, f in checkpoint_files(checkpoint.path))
         free = shutil.disk_usage(self.root).free
         if free < need * 1.1:
             raise SnapshotError("no_space", f"need {need} bytes, {free} free")
 
-    def _pin(self, checkpoint: Checkpoint, dest: Path) -> tuple[str, int, int]:
+    def _pin(
+        self, checkpoint: Checkpoint, dest: Path, cancel: threading.Event | None
+    ) -> tuple[str, list[Placed]]:
         """Link or copy every file of the checkpoint; raises SnapshotError when the
-        source vanishes (rotation) or the disk is full, leaving the caller to clean up."""
-        used: set[str] = set()
-        files = size = 0
-        src_root = checkpoint.path
+        source vanishes (rotation), the disk is full or ``cancel`` is set, leaving the
+        caller to clean up."""
+        placed: list[Placed] = []
         try:
-            sources = [src_root] if src_root.is_file() else list(_files(src_root))
-            if not sources and not src_root.exists():
-                raise FileNotFoundError(src_root)
-            for src in sources:
-                rel = src.name if src_root.is_file() else src.relative_to(src_root)
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                used.add(self._place(src, target))
-                files += 1
-                size += target.stat().st_size
+            sources = list(checkpoint_files(checkpoint.path))
+            if not sources and not checkpoint.path.exists():
+                raise FileNotFoundError(checkpoint.path)
+            first: dict[Path, Placed] = {}  # a file named twice (a link and its target)
+            for rel, src in sources:  # is placed once, then linked inside the snapshot
+                if src in first:
+                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(dest / first[src].rel, dest / rel)
+                    placed.append(Placed(rel, first[src].how, first[src].size,
+                                         first[src].mtime_ns))
+                else:
+                    placed.append(first.setdefault(
+                        src, self.placer.place(rel, src, dest / rel, cancel)))
+        except Cancelled as exc:
+            raise SnapshotError("cancelled", f"stopped while copying {exc}") from None
         except FileNotFoundError as exc:
             raise SnapshotError("source_vanished", str(exc.filename or exc)) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SnapshotError("no_space", str(exc)) from None
             raise SnapshotError("io_error", str(exc)) from None
-        order = ("copy", "hardlink", "reflink")
-        mode = next((m for m in order if m in used), "reflink")
-        return mode, files, size
-
-    def _place(self, src: Path, target: Path) -> str:
-        if self.mode != "hardlink":
-            devs = (src.stat().st_dev, target.parent.stat().st_dev)
-            if self._reflinks.get(devs, True):
-                ok = _reflink(src, target)
-                self._reflinks[devs] = ok
-                if ok:
-                    return "reflink"
-        if self.mode != "copy":
-            try:
-                os.link(src, target, follow_symlinks=True)
-                return "hardlink"
-            except OSError as exc:
-                if exc.errno not in _NO_LINK:
-                    raise
-        shutil.copyfile(src, target)
-        return "copy"
-
-
-def _files(root: Path) -> Iterator[Path]:
-    """Regular files under ``root``; links are followed only when they stay inside it,
-    since a link that escapes would dangle once the trainer rotates its target."""
-    top = root.resolve()
-    for dirpath, _dirs, names in os.walk(root):
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            if p.is_symlink() and not p.resolve().is_relative_to(top):
-                continue
-            if p.is_file():
-                yield p
-
-
-def _reflink(src: Path, target: Path) -> bool:
-    try:
-        with open(src, "rb") as s, open(target, "wb") as t:
-            fcntl.ioctl(t.fileno(), _FICLONE, s.fileno())
-        return True
-    except OSError as exc:
-        if exc.errno == errno.ENOENT and not src.exists():
-            raise
-        target.unlink(missing_ok=True)
-        if exc.errno in _NO_REFLINK or exc.errno == errno.ENOENT:
-            return False
-        raise
+        used = {p.how for p in placed}
+        mode = next((m for m in ("copy", "hardlink", "reflink") if m in used), "reflink")
+        return mode, placed
 
 
 def _write_synced(path: Path, text: str) -> None:

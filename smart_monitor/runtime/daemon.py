@@ -24,9 +24,11 @@ from typing import Any
 
 from smart_monitor.config import Config
 from smart_monitor.hooks.attach import attach_hooks
+from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
+from smart_monitor.outputs.manifest import changes, linked
 from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
-from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.runtime.events import Event, SnapshotMade
@@ -64,6 +66,8 @@ class Daemon:
         self.index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock)
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
+        self.engine.dispatch.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))
+        self.changed: set[str] = set()  # snapshots already reported as changed
         self.store = StateStore(config.state_dir)
         # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
         self.tailer = open_metrics(
@@ -163,6 +167,8 @@ class Daemon:
             quiet = isinstance(self.tailer, FolderSource) and now >= self.tailer.deadline
             if full or kinds & {"metrics", "rescan"} or quiet:
                 self._read()
+            if full:
+                self._watch_linked()
             self.engine.poll()
             if self._new_snapshots or full:  # full: rotation makes old pins cost bytes
                 self._new_snapshots = False
@@ -220,6 +226,23 @@ class Daemon:
                     self.behind = True
                     return
         self.behind = False
+
+    def _watch_linked(self) -> None:
+        """Compare each hard-linked snapshot with its manifest (``stat`` only): a trainer
+        that re-saves a checkpoint in place changes the snapshot's bytes, and that must
+        never be silent (FAULTS.md #48). Said once per snapshot."""
+        root = self.writer.root
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.name.startswith(TMP_PREFIX) or path.name in self.changed or not linked(path):
+                continue
+            try:
+                found = changes(path)
+            except (OSError, ValueError):
+                continue  # released or removed meanwhile
+            if found:
+                self.changed.add(path.name)
+                self.log.error("Snapshot changed", path=str(path), files=len(found),
+                               detail="; ".join(found[:3]), hint="smart-monitor verify")
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SnapshotMade):

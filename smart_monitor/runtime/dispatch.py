@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
 from smart_monitor.outputs.incident import record_recovery
-from smart_monitor.outputs.snapshot import SnapshotError, SnapshotWriter
+from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.runtime.events import (
     Detected,
@@ -31,6 +32,7 @@ from smart_monitor.triggers import Trigger
 __all__ = ["Dispatch"]
 
 _VANISHED_RETRIES = 3
+_COPY_STOP_SECONDS = 1.0  # at stop, a copy that ends within this is kept; later ones abandoned
 
 
 @dataclass(slots=True)
@@ -61,13 +63,15 @@ class Dispatch:
         self.done_keys: set[str] = set()
         self._waiting: list[_Waiting] = []
         self._incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
+        self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
 
     # -- what the daemon asks -------------------------------------------------------
     @property
     def waiting(self) -> bool:
-        """A best model's snapshot waits for its checkpoint (the daemon holds its state
-        save back meanwhile: a kill must not lose the wait)."""
-        return bool(self._waiting)
+        """A snapshot still to be made: a best model waiting for its checkpoint, or a
+        copy in flight (the daemon holds its state save back meanwhile: a kill must not
+        put the saved offset past its record)."""
+        return bool(self._waiting) or (self.copier is not None and self.copier.busy)
 
     def next_deadline(self) -> float | None:
         return min((w.deadline for w in self._waiting), default=None)
@@ -133,7 +137,7 @@ class Dispatch:
 
     # -- snapshots ------------------------------------------------------------------
     def _request(self, request: SnapshotRequest) -> None:
-        if request.key in self.done_keys:
+        if request.key in self.done_keys or (self.copier and self.copier.holds(request.key)):
             self.log.debug("Snapshot already exists", step=request.step, key=request.key)
             return
         wait = self.checkpoint_wait if request.exact_checkpoint else 0.0
@@ -143,7 +147,11 @@ class Dispatch:
         self._snapshot(request)
 
     def poll(self) -> None:
-        """Make the waiting snapshots whose checkpoint arrived or whose wait ran out."""
+        """Publish the copies that finished; make the waiting snapshots whose checkpoint
+        arrived or whose wait ran out."""
+        if self.copier is not None:
+            for done in self.copier.collect():
+                self._copied(done)
         if not self._waiting:
             return
         now = self.clock()
@@ -164,34 +172,76 @@ class Dispatch:
         waiting, self._waiting = self._waiting, []
         for w in waiting:
             self._snapshot(w.request)
+        if self.copier is not None:  # a stop waits a little for copies, then abandons them
+            copier, self.copier = self.copier, None
+            for done in copier.close(_COPY_STOP_SECONDS):
+                self._copied(done)
 
-    def _snapshot(self, request: SnapshotRequest) -> None:
+    def _snapshot(self, request: SnapshotRequest, vanished: tuple[str, ...] = ()) -> None:
+        """Make the snapshot: on this thread when it links (milliseconds), on the copier
+        when it copies. ``vanished``: the candidate checkpoints already rotated away."""
         metadata = dict(request.metadata)
         metadata["key"] = request.key
-        vanished: list[str] = []
         while True:
             ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
             if ck is None and vanished:
                 metadata["note"] = "every candidate checkpoint vanished before it was pinned: " + (
                     ", ".join(vanished)
                 )
+            if ck is not None and self.copier is not None and self.writer.copies(ck):
+                job = CopyJob(request.key, request.name, metadata, ck, (request, vanished))
+                self.copier.submit(job)  # published when done; poll() collects it
+                return
             try:
                 result = self.writer.write(request.name, metadata, ck)
             except SnapshotError as exc:
                 if exc.reason == "source_vanished" and ck is not None:
-                    self.log.warning(
-                        "Checkpoint vanished",
-                        step=request.step, checkpoint=ck.name, detail=exc.detail,
-                    )
-                    self.index.forget(ck.step)
-                    vanished.append(ck.name)
+                    vanished = self._vanished(request, ck, exc, vanished)
                     continue
                 self._failed(request, exc.reason, exc.detail)
                 return
             except OSError as exc:
                 self._failed(request, "io_error", str(exc))
                 return
-            break
+            self._created(request, metadata, ck, result)
+            return
+
+    def _copied(self, done: CopyDone) -> None:
+        """A copy made off the worker ended: published, vanished (try the next
+        candidate), abandoned at stop (keep the metadata alone) or failed."""
+        request, vanished = done.job.context
+        ck, exc = done.job.checkpoint, done.error
+        if exc is None:
+            assert done.result is not None
+            self._created(request, done.job.metadata, ck, done.result)
+        elif exc.reason == "source_vanished":
+            self._snapshot(request, self._vanished(request, ck, exc, vanished))
+        elif exc.reason == "cancelled":
+            self.log.warning("Copy abandoned", step=request.step, checkpoint=ck.name,
+                             detail=exc.detail)
+            metadata = {**done.job.metadata,
+                        "note": f"stopped while copying {ck.name}: its copy was abandoned"}
+            try:
+                self._created(request, metadata, None,
+                              self.writer.write(request.name, metadata, None))
+            except (SnapshotError, OSError) as err:
+                self._failed(request, "io_error", str(err))
+        else:
+            self._failed(request, exc.reason, exc.detail)
+
+    def _vanished(
+        self, request: SnapshotRequest, ck: Checkpoint, exc: SnapshotError,
+        vanished: tuple[str, ...],
+    ) -> tuple[str, ...]:
+        self.log.warning("Checkpoint vanished", step=request.step, checkpoint=ck.name,
+                         detail=exc.detail)
+        self.index.forget(ck.step)
+        return (*vanished, ck.name)
+
+    def _created(
+        self, request: SnapshotRequest, metadata: Mapping[str, Any], ck: Checkpoint | None,
+        result: SnapshotResult,
+    ) -> None:
         self.done_keys.add(request.key)
         self.counts["snapshots"] += 1
         if "incident" in metadata:

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from smart_monitor.config import Config, ConfigError
-from smart_monitor.outputs.snapshot import TMP_PREFIX, _reflink
+from smart_monitor.outputs.pin import reflink
+from smart_monitor.outputs.snapshot import TMP_PREFIX
 
 __all__ = ["check_links", "check_paths"]
 
@@ -89,7 +90,7 @@ def check_links(config: Config) -> str | None:
     snap = config.snapshot_dir
     target = snap / f"{TMP_PREFIX}linkprobe-{os.getpid()}"
     try:
-        if _reflink(src, target):
+        if reflink(src, src.stat(), target):
             return None
         os.link(src, target)
         return None

@@ -75,10 +75,11 @@ class CheckpointIndex:
             return []
         seen: set[int] = set()
         new: list[Checkpoint] = []
+        top = self.root.resolve()
         for entry in entries:
             m = self.regex.match(entry.name)
-            if m is None:
-                continue
+            if m is None or (entry.is_symlink() and not _inside(Path(entry.path), top)):
+                continue  # a link out of the run folder pins someone else's files (#46)
             step = int(m.group("step"))
             seen.add(step)
             if step in self.complete:
@@ -124,6 +125,10 @@ class CheckpointIndex:
 
     def forget(self, step: int) -> None:
         self.complete.pop(step, None)
+
+
+def _inside(link: Path, top: Path) -> bool:
+    return link.resolve().is_relative_to(top)
 
 
 def _parses(marker: Path) -> bool:
