@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.outputs.atomic import write_atomic
-from smart_monitor.outputs.snapshot import json_safe
+from smart_monitor.outputs.snapshot import write_metadata
 
 __all__ = ["record_recovery"]
 
@@ -24,4 +23,4 @@ def record_recovery(snapshot: Path, block: Mapping[str, Any], step: int) -> None
     meta["incident"] = {
         **meta.get("incident", {}), **block, "status": "recovered", "recovered_step": step,
     }
-    write_atomic(target, (json.dumps(json_safe(meta), indent=2) + "\n").encode())
+    write_metadata(snapshot, meta)

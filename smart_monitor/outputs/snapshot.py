@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.outputs.atomic import fsync_dir, write_atomic
 from smart_monitor.outputs.manifest import MANIFEST, manifest_data
 from smart_monitor.outputs.pin import Cancelled, Mode, Placed, Placer, checkpoint_files
 from smart_monitor.sources.checkpoints import Checkpoint
@@ -123,10 +124,10 @@ class SnapshotWriter:
             if checkpoint is None:
                 meta.setdefault("note", "no complete checkpoint existed at or before this step")
             _write_synced(tmp / "metadata.json", json.dumps(json_safe(meta), indent=2) + "\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = self._final_path(now, name)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return SnapshotResult(final, mode, files, size)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,18 +200,8 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def write_metadata(folder: Path, meta: Mapping[str, Any]) -> None:
-    """Re-publish a snapshot's ``metadata.json``: a temporary, synced, renamed."""
-    tmp = folder / ".metadata.json.tmp"
-    _write_synced(tmp, json.dumps(json_safe(meta), indent=2) + "\n")
-    os.replace(tmp, folder / "metadata.json")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Re-publish a snapshot's ``metadata.json`` (a release, a recovered incident)."""
+    write_atomic(folder / "metadata.json", (json.dumps(json_safe(meta), indent=2) + "\n").encode())
 
 
 def json_safe(value: Any) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from smart_monitor.config import Config
@@ -195,18 +195,9 @@ class Daemon:
         if isinstance(self.tailer, FolderSource):
             self._read_entries(self.tailer)
             return
-        deadline = self.clock() + _TURN_SECONDS
-        with no_cyclic_gc():
-            for offset, lines in self.tailer.blocks():  # what one read returned
-                self.engine.ingest.handle_lines(lines, offset)  # the path replay takes
-                self._dirty = True
-                if self.stopping.is_set():
-                    return
-                if self.clock() >= deadline:
-                    self.wakeups.post("metrics")  # a backlog: come back after other duties
-                    self.behind = True
-                    return
-        self.behind = False
+        handle = self.engine.ingest.handle_lines  # the path replay takes
+        if self._drain(handle(lines, offset) for offset, lines in self.tailer.blocks()):
+            return
         if self.tailer.switched:  # the old file is drained: save at the boundary, go on
             self.tailer.switched = False
             self._save(final=True)
@@ -214,18 +205,23 @@ class Daemon:
 
     def _read_entries(self, source: FolderSource) -> None:
         """``_read`` for TensorBoard and CSV files: decoded entries, in slices."""
+        self._drain(map(self.engine.ingest.handle_entries, source.batches()))
+
+    def _drain(self, handled: Iterator[None]) -> bool:
+        """Run ``handled`` (each step handles what one read returned) for one turn at
+        most; True when it stopped early (a stop, or a backlog left for the next turn)."""
         deadline = self.clock() + _TURN_SECONDS
         with no_cyclic_gc():
-            for entries in source.batches():
-                self.engine.ingest.handle_entries(entries)
+            for _ in handled:
                 self._dirty = True
                 if self.stopping.is_set():
-                    return
+                    return True
                 if self.clock() >= deadline:
                     self.wakeups.post("metrics")  # a backlog: come back after other duties
                     self.behind = True
-                    return
+                    return True
         self.behind = False
+        return False
 
     def _watch_linked(self) -> None:
         """Compare each hard-linked snapshot with its manifest (``stat`` only): a trainer
