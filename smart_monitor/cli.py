@@ -13,7 +13,7 @@ from smart_monitor import __version__
 from smart_monitor.config import Config, ConfigError, load_config, redact_url
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.lock import FolderLock
-from smart_monitor.tools.summary import count_snapshots, format_table, read_logs
+from smart_monitor.tools.summary import count_snapshots, format_counts, read_logs
 
 __all__ = ["main"]
 
@@ -195,7 +195,7 @@ def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -
     if not log_dir.is_dir():
         click.echo(f"smart-monitor: no log folder {log_dir}", err=True)
         sys.exit(1)
-    click.echo(format_table(*count_snapshots(read_logs(log_dir))))
+    click.echo(format_counts(*count_snapshots(read_logs(log_dir))))
 
 
 @main.command("list")
@@ -205,15 +205,14 @@ def list_snapshots(output: Path | None, config_file: Path | None) -> None:
     """A table of snapshots: time, step, severity, size, checkpoint, triggers."""
     from smart_monitor.outputs.retention import disk_budget
     from smart_monitor.outputs.snapshot import SnapshotWriter
-    from smart_monitor.tools.listing import format_budget, read_snapshots
-    from smart_monitor.tools.listing import format_table as snapshot_table
+    from smart_monitor.tools.listing import format_budget, format_snapshots, read_snapshots
 
     config = _load(config_file, None, None, output)
     snapshot_dir = config.snapshot_dir
     if not snapshot_dir.is_dir():
         click.echo(f"smart-monitor: no snapshot folder {snapshot_dir}", err=True)
         sys.exit(1)
-    click.echo(snapshot_table(read_snapshots(snapshot_dir)))
+    click.echo(format_snapshots(read_snapshots(snapshot_dir)))
     click.echo(format_budget(disk_budget(SnapshotWriter(snapshot_dir), config.snapshot)))
 
 

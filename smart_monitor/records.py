@@ -28,6 +28,7 @@ __all__ = [
     "SummaryRecord",
     "TrainRecord",
     "nesting_depth",
+    "normalise_text",
     "parse_line",
     "to_record",
 ]
@@ -199,7 +200,7 @@ def _example(data: Mapping[str, Any]) -> ExampleRecord:
     golden, answer = str(data["golden_answer"]), str(data["model_answer"])
     matches = data.get("matches")
     if matches is None:
-        matches = _normalise(golden) == _normalise(answer)
+        matches = normalise_text(golden) == normalise_text(answer)
     elif not isinstance(matches, bool):
         raise MalformedLine("bad_type", "matches")
     return ExampleRecord(
@@ -213,7 +214,8 @@ def _example(data: Mapping[str, Any]) -> ExampleRecord:
     )
 
 
-def _normalise(text: str) -> str:
+def normalise_text(text: str) -> str:
+    """An answer or prompt as compared: whitespace folded, case folded."""
     return " ".join(text.split()).casefold()
 
 

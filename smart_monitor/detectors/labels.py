@@ -8,7 +8,7 @@ from typing import Any
 
 from smart_monitor.config import ConflictingLabelsConfig
 from smart_monitor.detectors.base import NotesTrainSteps
-from smart_monitor.records import Record
+from smart_monitor.records import Record, normalise_text
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["ConflictingLabels"]
@@ -16,10 +16,6 @@ __all__ = ["ConflictingLabels"]
 
 _SHOWN = 200  # characters of an answer kept to name it in a trigger
 _MAX_ANSWERS = 16  # distinct answers remembered per prompt
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def _hash(text: str) -> str:
@@ -57,7 +53,7 @@ class ConflictingLabels(NotesTrainSteps):
             return []
         record, step = found
         key = _hash(record.prompt)
-        answer = [_hash(_normalise(record.golden_answer)), record.golden_answer[:_SHOWN]]
+        answer = [_hash(normalise_text(record.golden_answer)), record.golden_answer[:_SHOWN]]
         seen = self.prompts.get(key)
         if seen is None:
             self.prompts[key] = (step, [answer])
@@ -94,6 +90,6 @@ class ConflictingLabels(NotesTrainSteps):
             for p, s, a in state.get("prompt_hashes", [])
         )
         for prompt, s, answers in state.get("prompts", []):
-            old = [[_hash(_normalise(str(a))), str(a)[:_SHOWN]] for a in answers]
+            old = [[_hash(normalise_text(str(a))), str(a)[:_SHOWN]] for a in answers]
             self.prompts[_hash(str(prompt))] = (int(s), old)
         self.last_step = int(state.get("last_step", 0))

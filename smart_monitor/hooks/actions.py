@@ -47,9 +47,8 @@ from smart_monitor.config import (
 from smart_monitor.runtime.events import Event, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity
 
-__all__ = ["ActionError", "Actions", "Incident", "Worker"]
+__all__ = ["ActionError", "Actions", "Notice", "Worker"]
 
-_RANK = {"info": 0, "warning": 1, "critical": 2}
 _OUTPUT_TAIL = 300  # characters of a failed command's output kept in the log line
 _STOP_SECONDS = 1.5  # at stop: the deadline of a last attempt, and the wait for workers
 
@@ -64,8 +63,9 @@ class ActionError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Incident:
-    """A snapshot decision, flattened to plain values for every action."""
+class Notice:
+    """What every action is told of a snapshot decision, flattened to plain values (not
+    the policy's ``Incident``, which groups detections)."""
 
     event: str  # "snapshot" or "snapshot_failed"
     step: int
@@ -76,7 +76,7 @@ class Incident:
     reason: str | None
 
     @classmethod
-    def from_event(cls, event: Event) -> Incident | None:
+    def from_event(cls, event: Event) -> Notice | None:
         if not isinstance(event, SnapshotMade | SnapshotFailed):
             return None
         request = event.request
@@ -118,17 +118,18 @@ class Incident:
         }
 
 
-def matches(config: ActionConfig, incident: Incident) -> bool:
+def matches(config: ActionConfig, incident: Notice) -> bool:
     """``on_triggers`` names kinds (``loss_nonfinite``) or full names (``loss_zscore_7.10``)."""
     wanted = set(config.on_triggers)
     if wanted & (set(incident.kinds) | set(incident.triggers)):
         return True
-    floor = _RANK.get(config.on_severity)
-    return floor is not None and _RANK[incident.severity] >= floor
+    if config.on_severity == "never":
+        return False
+    return Severity(incident.severity).rank >= Severity(config.on_severity).rank
 
 
 # -- the four actions: each returns a short detail or raises --------------------------
-def write_stop_file(path: Path, incident: Incident) -> str:
+def write_stop_file(path: Path, incident: Notice) -> str:
     """Atomically, so a trainer polling for the file never reads half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -140,7 +141,7 @@ def write_stop_file(path: Path, incident: Incident) -> str:
     return str(path)
 
 
-def send_signal(config: SignalActionConfig, incident: Incident) -> str:
+def send_signal(config: SignalActionConfig, incident: Notice) -> str:
     assert config.pidfile is not None
     try:
         text = config.pidfile.read_text(encoding="utf-8").split()
@@ -156,7 +157,7 @@ def send_signal(config: SignalActionConfig, incident: Incident) -> str:
     return f"{config.signal} {pid}"
 
 
-def run_command(config: CommandActionConfig, incident: Incident, timeout: float) -> str:
+def run_command(config: CommandActionConfig, incident: Notice, timeout: float) -> str:
     """An argument list, never a shell: trigger names cannot inject anything."""
     try:
         done = subprocess.run(
@@ -173,7 +174,7 @@ def run_command(config: CommandActionConfig, incident: Incident, timeout: float)
     return f"exit status 0 ({config.argv[0]})"
 
 
-def post_webhook(config: WebhookActionConfig, incident: Incident, timeout: float) -> str:
+def post_webhook(config: WebhookActionConfig, incident: Notice, timeout: float) -> str:
     """POST the payload, all of it (connect, send, answer) within ``timeout`` seconds: a
     timer shuts the socket down at the deadline, which ends any read in progress. The
     URL is a secret (a Slack hook's path is its key): no message here contains it."""
@@ -263,7 +264,7 @@ class Worker:
         return not self._thread.is_alive()
 
 
-Run = Callable[[Incident, float], str]  # an action: the incident and a deadline
+Run = Callable[[Notice, float], str]  # an action: the incident and a deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +274,7 @@ class _Queued:
     actions: Actions
     name: str
     run: Run
-    incident: Incident
+    incident: Notice
 
     def __call__(self) -> None:
         self.actions.attempt(self.name, self.run, self.incident, self.actions.config.retries)
@@ -311,7 +312,7 @@ class Actions:
         }
 
     def __call__(self, event: Event) -> None:
-        incident = Incident.from_event(event)
+        incident = Notice.from_event(event)
         if incident is None:
             return
         for name, cfg, run in self.actions:
@@ -322,7 +323,7 @@ class Actions:
                                triggers=list(incident.triggers), reason="queue_full")
 
     def attempt(
-        self, name: str, run: Run, incident: Incident, retries: int,
+        self, name: str, run: Run, incident: Notice, retries: int,
         timeout: float | None = None,
     ) -> bool:
         """Run one action, retrying what may pass with a doubling backoff; every

@@ -174,18 +174,10 @@ def make_logger(
 
         outputs.append(to_stderr)
     renderer = render_text if log_format == "text" else render_json
-    minimum = _LEVELS[level]
-
-    def filter_level(
-        _: Any, method: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        if _LEVELS.get(method, 20) < minimum:
-            raise structlog.DropEvent
-        return event
-
     logger = structlog.wrap_logger(
         _Sink(outputs),
-        processors=[filter_level, _timestamp(clock), _add_level, lambda _, __, e: renderer(e)],
+        processors=[_timestamp(clock), _add_level, lambda _, __, e: renderer(e)],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,
     )
     return logger, daily

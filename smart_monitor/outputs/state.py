@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STATE_VERSION", "StateStore"]
+from smart_monitor.pipeline import STATE_VERSION  # one version for the whole state
 
-STATE_VERSION = 1
+__all__ = ["STATE_VERSION", "StateStore"]
 
 
 def _digest(data: Mapping[str, Any]) -> str:

@@ -13,7 +13,8 @@ from smart_monitor.outputs.retention import DiskBudget
 from smart_monitor.outputs.snapshot import SnapshotWriter
 
 __all__ = [
-    "SnapshotInfo", "format_budget", "format_metadata", "format_table", "read_snapshots", "resolve",
+    "SnapshotInfo", "format_budget", "format_metadata", "format_snapshots", "read_snapshots",
+    "resolve",
 ]
 
 _HISTORY_SHOWN = 5  # last [step, value] pairs that ``show`` prints of each history
@@ -80,7 +81,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def format_table(infos: Sequence[SnapshotInfo]) -> str:
+def format_snapshots(infos: Sequence[SnapshotInfo]) -> str:
     header = ("time", "step", "severity", "size", "checkpoint", "triggers", "snapshot")
     rows = [
         (

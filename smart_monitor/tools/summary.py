@@ -9,7 +9,7 @@ from pathlib import Path
 
 from smart_monitor.triggers import CRITICAL_KINDS, kind_of, stats_label
 
-__all__ = ["count_snapshots", "format_table", "read_logs"]
+__all__ = ["count_snapshots", "format_counts", "read_logs"]
 
 _TRIGGERS = re.compile(r" Created snapshot .*?\btriggers=([^ ]+)")
 
@@ -35,7 +35,7 @@ def read_logs(log_dir: Path) -> Iterable[str]:
             yield from fh
 
 
-def format_table(snapshots: int, kinds: Counter[str]) -> str:
+def format_counts(snapshots: int, kinds: Counter[str]) -> str:
     """Most frequent first; the critical kinds always shown, ``(good!)`` at zero."""
     rows = [f"{n:>7} {stats_label(k)}" for k, n in kinds.most_common()]
     rows += [f"{0:>7} {k} (good!)" for k in CRITICAL_KINDS if kinds[k] == 0]
