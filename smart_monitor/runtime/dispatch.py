@@ -115,7 +115,7 @@ class Dispatch:
         log line, its snapshots' metadata, the event an alert resolves on, or not."""
         settled = incident.status == "settled"
         getattr(self.log, "warning" if settled else "info")(
-            f"Incident {incident.status}",
+            "Incident settled" if settled else "Incident recovered",
             step=step, incident=incident.id, problem=incident.problem,
             started=incident.started, peak_step=incident.peak_step,
             peak_trigger=incident.peak_trigger, last_detection=incident.last,
