@@ -44,7 +44,8 @@ class SnapshotRequest:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Everything one record caused; ``None`` from ``process`` means nothing did."""
+    """Everything one record caused; ``None`` from ``process`` means nothing did.
+    ``extra``: the incidents it ended, by their status (``recovered``, ``settled``)."""
 
     step: int
     triggers: tuple[Trigger, ...] = ()
@@ -108,13 +109,18 @@ class Pipeline:
             if said:
                 notes.extend(said)
                 said.clear()
-        recovered = self.policy.observe(step)
-        extra = {"recovered": tuple(recovered)} if recovered else {}
-        if not triggers:
-            if restarted_after is None and not recovered and not notes:
+        ended = self.policy.observe(step)
+        decision = self.policy.decide(step, triggers) if triggers else None
+        if isinstance(record, TrainRecord):
+            self.policy.learn(record.step, record.loss, record.grad_norm)
+        extra = {
+            status: tuple(i for i in ended if i.status == status)
+            for status in {i.status for i in ended}
+        }
+        if decision is None:
+            if restarted_after is None and not ended and not notes:
                 return None
             return Outcome(step, restarted_after=restarted_after, extra=extra, notes=tuple(notes))
-        decision = self.policy.decide(step, triggers)
         request = self._request(step, decision, record) if decision.snapshot else None
         return Outcome(
             step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra,
@@ -243,7 +249,7 @@ class Pipeline:
     def _absorb(self, block: TrainBlock, start: int, end: int) -> None:
         for detector in self.detectors.values():
             detector.absorb(block, start, end)
-        self.policy.skip(end - start)
+        self.policy.absorb(block, start, end)
         rows = block.rows
         before = rows[end - 2][0] if end - start >= 2 else self.last_step
         if before is not None:

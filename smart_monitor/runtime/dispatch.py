@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
-from smart_monitor.outputs.incident import record_recovery
+from smart_monitor.outputs.incident import record_end
 from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
+from smart_monitor.policy import Incident
 from smart_monitor.runtime.events import (
     Detected,
     Event,
+    IncidentRecovered,
+    IncidentSettled,
     Listener,
     Restarted,
     SnapshotFailed,
@@ -62,7 +65,7 @@ class Dispatch:
         self.listeners: list[Listener] = []
         self.done_keys: set[str] = set()
         self._waiting: list[_Waiting] = []
-        self._incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
+        self._incident_snapshots: dict[str, list[Path]] = {}  # open incident id -> snapshots
         self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
 
     # -- what the daemon asks -------------------------------------------------------
@@ -103,20 +106,34 @@ class Dispatch:
             )
         if outcome.snapshot is not None:
             self._request(outcome.snapshot)
-        for incident in outcome.extra.get("recovered", ()):
-            self.log.info(
-                "Incident recovered",
-                step=outcome.step, incident=incident.id, problem=incident.problem,
-                started=incident.started, peak_step=incident.peak_step,
-                peak_trigger=incident.peak_trigger, last_detection=incident.last,
-                detections=incident.detections, severity=incident.severity,
-            )
-            path = self._incident_snapshots.pop(incident.id, None)
-            if path is not None:
-                try:
-                    record_recovery(path, incident.block(), outcome.step)
-                except (OSError, ValueError) as exc:  # deleted by retention, or by hand
-                    self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
+        for status in ("recovered", "settled"):
+            for incident in outcome.extra.get(status, ()):
+                self._ended(incident, outcome.step)
+
+    def _ended(self, incident: Incident, step: int) -> None:
+        """An incident recovered (info) or settled at a worse loss level (warning): the
+        log line, its snapshots' metadata, the event an alert resolves on, or not."""
+        settled = incident.status == "settled"
+        getattr(self.log, "warning" if settled else "info")(
+            "Incident settled" if settled else "Incident recovered",
+            step=step, incident=incident.id, problem=incident.problem,
+            started=incident.started, peak_step=incident.peak_step,
+            peak_trigger=incident.peak_trigger, last_detection=incident.last,
+            detections=incident.detections, severity=incident.severity, **incident.levels(),
+        )
+        for path in self._incident_snapshots.pop(incident.id, []):
+            try:
+                record_end(path, incident.block(), step)
+            except (OSError, ValueError) as exc:  # deleted by retention, or by hand
+                self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
+        common = (incident.id, incident.problem, incident.started, step, incident.severity)
+        if settled:
+            assert incident.level_before is not None and incident.level_now is not None
+            self.emit(IncidentSettled(
+                *common, incident.level_before, incident.level_now, incident.ratio
+            ))
+        else:
+            self.emit(IncidentRecovered(*common, incident.level_before, incident.level_now))
 
     def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
@@ -245,7 +262,9 @@ class Dispatch:
         self.done_keys.add(request.key)
         self.counts["snapshots"] += 1
         if "incident" in metadata:
-            self._incident_snapshots[metadata["incident"]["id"]] = result.path
+            self._incident_snapshots.setdefault(metadata["incident"]["id"], []).append(
+                result.path
+            )
         getattr(self.log, request.severity.value)(
             "Created snapshot",
             step=request.step, triggers=[t.name for t in request.triggers],
