@@ -1,0 +1,412 @@
+"""A snapshot's explanation: its trigger's entry (``meanings.py``) made specific with the
+snapshot's own figures and, when a checkpoint was pinned, the exact rollback.
+
+Pure: ``explain`` reads a ``metadata.json`` mapping and the snapshot's folder name and
+touches no file, so the writer stores its result as the ``explanation`` block, and
+``show`` and ``report`` compute it again from the metadata as it is now (weights
+released since, the folder moved) with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from smart_monitor.meanings import ENTRIES, Entry, family_of
+
+__all__ = ["Explanation", "describe", "explain", "format_explanation"]
+
+_SHOWN_CAUSES = 3
+_ORDER = {e.family: i for i, e in enumerate(ENTRIES)}
+_MULTIPLE = next(e for e in ENTRIES if e.family == "MULTIPLE_TRIGGERS")
+_UNKNOWN = Entry(
+    "unknown", "No entry for this trigger in smart_monitor/meanings.py.", ("unknown",),
+    ("Read the trigger's details in `show --json`.",), "watch: look at the figures.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """``trigger``: the snapshot's most serious trigger; ``evidence``: the snapshot's
+    figures in one sentence; the rest from that trigger's entry, its action chosen by the
+    snapshot's severity."""
+
+    trigger: str
+    evidence: str
+    what: str
+    causes: tuple[str, ...]
+    checks: tuple[str, ...]
+    action: str
+    rollback: str
+
+    @property
+    def meaning(self) -> str:
+        return f"{self.evidence}. {self.what} {_causes(self.causes)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``explanation`` block of ``metadata.json``."""
+        return {
+            "meaning": self.meaning,
+            "checks": list(self.checks),
+            "action": self.action,
+            "rollback": self.rollback,
+        }
+
+
+def explain(meta: Mapping[str, Any], snapshot: str) -> Explanation:
+    """The explanation of the snapshot at ``snapshot`` whose metadata is ``meta``.
+    Never raises on odd metadata: a figure that is missing is said to be."""
+    names = [str(n) for n in meta.get("triggers") or ()]
+    found = sorted(
+        ((family_of(n), n) for n in names), key=lambda fn: _ORDER.get(fn[0] or "", len(_ORDER))
+    )
+    family, name = found[0] if found else (None, "")
+    entry = next((e for e in ENTRIES if e.family == family), _UNKNOWN)
+    critical = meta.get("severity") == "critical"
+    if len(names) >= 3:
+        entry_action = _MULTIPLE.if_critical
+    else:
+        entry_action = entry.if_critical if critical and entry.if_critical else entry.action
+    what = entry.what if len(names) < 2 else f"{_MULTIPLE.what} {entry.what}"
+    evidence = "; ".join(_evidence(f, n, meta) for f, n in found) or "no trigger recorded"
+    rollback = _rollback(family, name, meta, snapshot)
+    return Explanation(name, evidence, what, entry.causes, entry.checks, entry_action, rollback)
+
+
+def describe(entry: Entry, name: str = "") -> str:
+    """An entry as ``smart-monitor explain`` prints it, headed by the trigger ``name``
+    asked for and its family."""
+    title = entry.family if name in ("", entry.family) else f"{name} ({entry.family})"
+    critical = [f"If critical: {entry.if_critical}"] if entry.if_critical else []
+    return _sections(
+        title, [entry.what, "Likely causes, most likely first:",
+                *(f"- {c}" for c in entry.causes)],
+        [*_numbered(entry.checks), f"Action: {entry.action}", *critical],
+    )
+
+
+def format_explanation(ex: Explanation) -> str:
+    """The two sections ``show`` prints under the metadata: short, so the likely causes
+    are the first few (``explain`` and the metadata have them all)."""
+    causes = ex.causes[:_SHOWN_CAUSES]
+    more = [f"more: smart-monitor explain {ex.trigger}"] if len(ex.causes) > len(causes) else []
+    return _sections(
+        None, [f"{ex.evidence}.", ex.what, _causes((*causes, *more))],
+        [*_numbered(ex.checks), f"Action: {ex.action}", f"Rollback: {ex.rollback}"],
+    )
+
+
+def _sections(title: str | None, meaning: Sequence[str], todo: Sequence[str]) -> str:
+    out = [title] if title else []
+    for head, paragraphs in (("What it means:", meaning), ("What to do:", todo)):
+        out.append(head)
+        for p in paragraphs:
+            hang = "     " if p[:1].isdigit() else "    "  # under a check's text
+            out.append(textwrap.fill(p, 88, initial_indent="  ", subsequent_indent=hang,
+                                     break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)
+
+
+def _causes(causes: Sequence[str]) -> str:
+    return "Likely causes, most likely first: " + "; ".join(causes) + "."
+
+
+def _numbered(checks: Sequence[str]) -> list[str]:
+    return [f"{i}. {c}" for i, c in enumerate(checks, 1)]
+
+
+# -- the figures ----------------------------------------------------------------------
+def _float(value: Any) -> float | None:
+    """A figure as metadata holds it: a number, or "NaN"/"Infinity" (``json_safe``)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(value: Any) -> str:
+    """Four significant digits, an integral float with its ``.0`` (an LR of 20.0).
+
+    >>> _num(20.0), _num(5.225999), _num(3e-06), _num(float("nan")), _num(None)
+    ('20.0', '5.226', '3e-06', 'NaN', 'not logged')
+    """
+    v = _float(value)
+    if v is None:
+        return "not logged"
+    if not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if v.is_integer() and abs(v) < 1e6:
+        return f"{v:.1f}"
+    return f"{v:.4g}"
+
+
+def _ratio(value: Any, base: Any) -> str:
+    v, b = _float(value), _float(base)
+    if v is None or b is None or b == 0 or not math.isfinite(v / b):
+        return ""
+    return f"{v / b:.2f}x "
+
+
+def _points(meta: Mapping[str, Any], key: str) -> list[tuple[int, float]]:
+    out = []
+    for point in meta.get(key) or ():
+        if isinstance(point, Sequence) and len(point) == 2:
+            step, value = _float(point[0]), _float(point[1])
+            if step is not None and value is not None:
+                out.append((int(step), value))
+    return out
+
+
+def _lr_context(meta: Mapping[str, Any], step: int) -> str:
+    """"LR unchanged at 20.0", or where it changed last within the recent history."""
+    lrs = [(s, v) for s, v in _points(meta, "lr_history") if s <= step]
+    if not lrs:
+        return f"LR {_num((meta.get('metrics') or {}).get('learning_rate'))}"
+    now = lrs[-1][1]
+    before = [(s, v) for s, v in lrs if v != now]
+    if not before:
+        return f"LR unchanged at {_num(now)}"
+    since = next(s for s, v in reversed(lrs) if v != now)
+    after = next(s for s, _ in lrs if s > since)
+    return f"LR {_num(now)}, changed from {_num(before[-1][1])} at step {after}"
+
+
+def _context(meta: Mapping[str, Any], step: int) -> str:
+    metrics = meta.get("metrics") or {}
+    grad = metrics.get("grad_norm")
+    return f"{_lr_context(meta, step)}; grad norm {_num(grad)}"
+
+
+def _last_finite(meta: Mapping[str, Any], step: int) -> str:
+    finite = [(s, v) for s, v in _points(meta, "loss_history") if s < step and math.isfinite(v)]
+    if not finite:
+        return "no finite loss logged before it"
+    s, v = finite[-1]
+    return f"last finite loss {_num(v)} at step {s}"
+
+
+Figures = Callable[[Mapping[str, Any], Mapping[str, Any], int], str]
+
+
+def _z(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"loss {_num(d.get('value'))} at step {step}, {_ratio(d.get('value'), d.get('mean'))}"
+        f"its recent mean {_num(d.get('mean'))} (z {_num(d.get('z'))}); {_context(meta, step)}"
+    )
+
+
+def _spike(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"loss {_num(d.get('value'))} at step {step}, "
+        f"{_ratio(d.get('value'), d.get('baseline'))}its recent median "
+        f"{_num(d.get('baseline'))}; {_context(meta, step)}"
+    )
+
+
+def _divergence(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"smoothed loss {_num(d.get('smoothed'))} at step {step}, "
+        f"{_ratio(d.get('smoothed'), d.get('best'))}its best {_num(d.get('best'))}; "
+        f"{_context(meta, step)}"
+    )
+
+
+def _nonfinite(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"loss {_num(d.get('value'))} at step {step}, {_last_finite(meta, step)}; "
+        f"{_context(meta, step)}"
+    )
+
+
+def _grad(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    before = d.get("previous_nonfinite_step")
+    again = "isolated" if before is None else f"previous non-finite grad norm at step {before}"
+    loss = (meta.get("metrics") or {}).get("loss")
+    return f"grad norm {_num(d.get('value'))} at step {step} ({again}); loss {_num(loss)}; " + (
+        _lr_context(meta, step)
+    )
+
+
+def _lr(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    lrs = [v for s, v in _points(meta, "lr_history") if s < step]
+    before = f", after {_num(lrs[-1])}" if lrs else ""
+    loss = (meta.get("metrics") or {}).get("loss")
+    return (
+        f"LR {_num(d.get('value'))} at step {step}{before}, where its schedule gave about "
+        f"{_num(d.get('expected'))} (z {_num(d.get('z'))}); loss {_num(loss)}"
+    )
+
+
+_SOURCES = {"eval_loss": "eval loss", "train_loss_smoothed": "smoothed train loss"}
+
+
+def _best(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    source = _SOURCES.get(str(d.get("source")), "loss")
+    return f"{source} {_num(d.get('value'))} at step {step}, the best so far"
+
+
+def _accuracy(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    metrics = meta.get("metrics") or {}
+    now = metrics.get("eval_accuracy", metrics.get("accuracy"))
+    return (
+        f"accuracy {_num(now)} at step {step}, {_num(d.get('value'))} points below its best "
+        f"{_num(d.get('best'))} at step {d.get('best_step')}"
+    )
+
+
+def _example(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"example at step {step} with loss {_num(d.get('loss'))}: prompt "
+        f"{_quote(d.get('prompt'))}, golden {_quote(d.get('golden_answer'))}, model "
+        f"{_quote(d.get('model_answer'))}"
+    )
+
+
+def _inverted(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"at step {step}, {d.get('n_correct')} right answers cost "
+        f"{_num(d.get('correct_mean_loss'))} on average against "
+        f"{_num(d.get('wrong_mean_loss'))} for {d.get('n_wrong')} wrong ones "
+        f"(p {_num(d.get('p_value'))})"
+    )
+
+
+def _labels(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    answers = ", ".join(_quote(a) for a in d.get("answers") or ())
+    return (
+        f"prompt {_quote(d.get('prompt'))} at step {step} has golden answers {answers} "
+        f"(first seen at step {d.get('first_step')})"
+    )
+
+
+def _weights(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return f"checkpoint at step {step}: {d.get('tensors', d.get('value'))} tensors with NaN/Inf"
+
+
+def _norm(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return (
+        f"weight norm {_num(d.get('value'))} at step {step}, after {_num(d.get('previous'))} "
+        f"(z {_num(d.get('z'))})"
+    )
+
+
+def _overfitting(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    best = _conclusion(meta, "overfitting", d)
+    rest = _figures(best, skip=("best_value", "best_step", "best_snapshot", "snapshot"))
+    return (
+        f"eval at step {step} worse than its best {_num(best.get('best_value'))} at step "
+        f"{best.get('best_step')}: {rest}"
+    ).removesuffix(": ")
+
+
+def _generic(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
+    return f"at step {step}: {_figures(d)}".removesuffix(": ")
+
+
+_FIGURES: dict[str, Figures] = {
+    "loss_zscore": _z,
+    "loss_spike": _spike,
+    "divergence_detected": _divergence,
+    "loss_nonfinite": _nonfinite,
+    "grad_norm_nonfinite": _grad,
+    "lr_zscore": _lr,
+    "best_model_loss": _best,
+    "accuracy_drop": _accuracy,
+    "perfect_answer_high_loss": _example,
+    "wrong_answer_low_loss": _example,
+    "inverted_loss_pattern": _inverted,
+    "conflicting_labels": _labels,
+    "weights_nonfinite": _weights,
+    "weight_norm_zscore": _norm,
+    "overfitting": _overfitting,
+}
+
+
+def _evidence(family: str | None, name: str, meta: Mapping[str, Any]) -> str:
+    details = (meta.get("details") or {}).get(name) or {}
+    step_value = _float(meta.get("step"))
+    step = int(step_value) if step_value is not None and math.isfinite(step_value) else 0
+    figures = _FIGURES.get(family or "", _generic)
+    text = figures(details, meta, step)
+    # a trigger on another series (``val_cls_loss_nonfinite``) names it; so does a
+    # family without a sentence of its own
+    named = family is None or not name.startswith(family) or figures is _generic
+    return f"{name}: {text}" if named else text
+
+
+def _conclusion(meta: Mapping[str, Any], key: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """A conclusion's evidence: its metadata block (DESIGN.md), over its trigger's details."""
+    block = meta.get(key)
+    return {**details, **(block if isinstance(block, Mapping) else {})}
+
+
+def _figures(values: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+    return ", ".join(
+        f"{k.replace('_', ' ')} {_num(v) if _float(v) is not None else v}"
+        for k, v in values.items() if k not in skip and not isinstance(v, Mapping | list)
+    )
+
+
+def _quote(text: Any, limit: int = 60) -> str:
+    s = str(text)
+    return repr(s if len(s) <= limit else s[: limit - 3] + "...")
+
+
+# -- the rollback ---------------------------------------------------------------------
+def _rollback(family: str | None, name: str, meta: Mapping[str, Any], snapshot: str) -> str:
+    step = meta.get("step")
+    if family == "overfitting":
+        return _best_snapshot(meta, name)
+    ck = meta.get("checkpoint")
+    if not isinstance(ck, Mapping):
+        note = str(meta.get("note") or "")
+        if note and not note.startswith("no complete checkpoint"):  # vanished, abandoned
+            return f"nothing pinned: {note}."
+        return (
+            "no checkpoint existed before this step: nothing to roll back to (have the "
+            "trainer save checkpoints, e.g. HF save_steps, so that the next one has one)."
+        )
+    released = meta.get("released")
+    if isinstance(released, Mapping):
+        return (
+            f"this snapshot's weights were released by the disk budget at "
+            f"{released.get('at')}; the trainer's own {ck.get('name')} ({ck.get('path')}) "
+            "may still exist."
+        )
+    model = str(PurePath(snapshot) / "model")
+    how = _resume(str(ck.get("name")), model)
+    if family == "best_model_loss":
+        return f"{ck.get('name')} (step {ck.get('step')}) is pinned in this snapshot: {how}."
+    when = (
+        f"saved at step {step} itself, so it may hold that step's update already"
+        if ck.get("step") == step else f"the last checkpoint before step {step}"
+    )
+    return f"roll back to {ck.get('name')} (step {ck.get('step')}, {when}), pinned in this " + (
+        f"snapshot: {how}."
+    )
+
+
+def _resume(name: str, model: str) -> str:
+    """The trainer's option that resumes from the pinned copy: a folder is HF's, a
+    ``.ckpt`` file Lightning's."""
+    if name.endswith(".ckpt"):
+        return f'Lightning trainer.fit(model, ckpt_path="{model}/{name}")'
+    if PurePath(name).suffix:
+        return f"load {model}/{name} with your trainer's resume option"
+    return f'HF trainer.train(resume_from_checkpoint="{model}")'
+
+
+def _best_snapshot(meta: Mapping[str, Any], name: str) -> str:
+    block = _conclusion(meta, "overfitting", (meta.get("details") or {}).get(name) or {})
+    best = block.get("best_snapshot", block.get("snapshot"))
+    where = f"step {block.get('best_step')}"
+    if not best:
+        return f"the best model ({where}) has no snapshot: keep its checkpoint if it still exists."
+    model = PurePath(str(best)) / "model"
+    return f"use the best model ({where}), kept in {model}, not the latest weights."
