@@ -226,8 +226,8 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
     snapshot folder of --output/--config."""
     import json
 
-    from smart_monitor.explain import explain, format_explanation
-    from smart_monitor.tools.listing import format_metadata, resolve
+    from smart_monitor.explain import explain
+    from smart_monitor.tools.listing import format_explanation, format_metadata, resolve
 
     path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
     try:
@@ -252,8 +252,8 @@ def explain_trigger(trigger: str | None) -> None:
     """What TRIGGER means and what to do: a trigger name as the log writes it
     (loss_zscore_43.20, val_cls_loss_nonfinite) or a family (loss_zscore); without
     TRIGGER, every family."""
-    from smart_monitor.explain import describe
     from smart_monitor.meanings import ENTRIES, lookup
+    from smart_monitor.tools.listing import format_entry
 
     if trigger is None:
         for e in ENTRIES:
@@ -264,7 +264,7 @@ def explain_trigger(trigger: str | None) -> None:
         families = ", ".join(e.family for e in ENTRIES)
         click.echo(f"smart-monitor: no trigger family matches {trigger!r} ({families})", err=True)
         sys.exit(1)
-    click.echo(describe(entry, trigger))
+    click.echo(format_entry(entry, trigger))
 
 
 @main.command()

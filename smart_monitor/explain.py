@@ -10,7 +10,6 @@ released since, the folder moved) with the same words.
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -18,9 +17,8 @@ from typing import Any
 
 from smart_monitor.meanings import ENTRIES, Entry, family_of
 
-__all__ = ["Explanation", "describe", "explain", "format_explanation"]
+__all__ = ["Explanation", "causes_sentence", "explain"]
 
-_SHOWN_CAUSES = 3
 _ORDER = {e.family: i for i, e in enumerate(ENTRIES)}
 _MULTIPLE = next(e for e in ENTRIES if e.family == "MULTIPLE_TRIGGERS")
 _UNKNOWN = Entry(
@@ -45,7 +43,7 @@ class Explanation:
 
     @property
     def meaning(self) -> str:
-        return f"{self.evidence}. {self.what} {_causes(self.causes)}"
+        return f"{self.evidence}. {self.what} {causes_sentence(self.causes)}"
 
     def to_dict(self) -> dict[str, Any]:
         """The ``explanation`` block of ``metadata.json``."""
@@ -73,50 +71,13 @@ def explain(meta: Mapping[str, Any], snapshot: str) -> Explanation:
         entry_action = entry.if_critical if critical and entry.if_critical else entry.action
     what = entry.what if len(names) < 2 else f"{_MULTIPLE.what} {entry.what}"
     evidence = "; ".join(_evidence(f, n, meta) for f, n in found) or "no trigger recorded"
+    causes = entry.critical_causes if critical and entry.critical_causes else entry.causes
     rollback = _rollback(family, name, meta, snapshot)
-    return Explanation(name, evidence, what, entry.causes, entry.checks, entry_action, rollback)
+    return Explanation(name, evidence, what, causes, entry.checks, entry_action, rollback)
 
 
-def describe(entry: Entry, name: str = "") -> str:
-    """An entry as ``smart-monitor explain`` prints it, headed by the trigger ``name``
-    asked for and its family."""
-    title = entry.family if name in ("", entry.family) else f"{name} ({entry.family})"
-    critical = [f"If critical: {entry.if_critical}"] if entry.if_critical else []
-    return _sections(
-        title, [entry.what, "Likely causes, most likely first:",
-                *(f"- {c}" for c in entry.causes)],
-        [*_numbered(entry.checks), f"Action: {entry.action}", *critical],
-    )
-
-
-def format_explanation(ex: Explanation) -> str:
-    """The two sections ``show`` prints under the metadata: short, so the likely causes
-    are the first few (``explain`` and the metadata have them all)."""
-    causes = ex.causes[:_SHOWN_CAUSES]
-    more = [f"more: smart-monitor explain {ex.trigger}"] if len(ex.causes) > len(causes) else []
-    return _sections(
-        None, [f"{ex.evidence}.", ex.what, _causes((*causes, *more))],
-        [*_numbered(ex.checks), f"Action: {ex.action}", f"Rollback: {ex.rollback}"],
-    )
-
-
-def _sections(title: str | None, meaning: Sequence[str], todo: Sequence[str]) -> str:
-    out = [title] if title else []
-    for head, paragraphs in (("What it means:", meaning), ("What to do:", todo)):
-        out.append(head)
-        for p in paragraphs:
-            hang = "     " if p[:1].isdigit() else "    "  # under a check's text
-            out.append(textwrap.fill(p, 88, initial_indent="  ", subsequent_indent=hang,
-                                     break_long_words=False, break_on_hyphens=False))
-    return "\n".join(out)
-
-
-def _causes(causes: Sequence[str]) -> str:
+def causes_sentence(causes: Sequence[str]) -> str:
     return "Likely causes, most likely first: " + "; ".join(causes) + "."
-
-
-def _numbered(checks: Sequence[str]) -> list[str]:
-    return [f"{i}. {c}" for i, c in enumerate(checks, 1)]
 
 
 # -- the figures ----------------------------------------------------------------------
@@ -368,6 +329,12 @@ def _rollback(family: str | None, name: str, meta: Mapping[str, Any], snapshot: 
         note = str(meta.get("note") or "")
         if note and not note.startswith("no complete checkpoint"):  # vanished, abandoned
             return f"nothing pinned: {note}."
+        if family == "best_model_loss":
+            return (
+                "no checkpoint existed at this step: this best model's weights were not "
+                "kept (have the trainer save at each evaluation, HF save_strategy = "
+                "eval_strategy)."
+            )
         return (
             "no checkpoint existed before this step: nothing to roll back to (have the "
             "trainer save checkpoints, e.g. HF save_steps, so that the next one has one)."

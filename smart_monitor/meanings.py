@@ -24,9 +24,10 @@ __all__ = ["ENTRIES", "Entry", "family_of", "lookup"]
 @dataclass(frozen=True, slots=True)
 class Entry:
     """``action`` starts with its verdict (stop, watch, roll back, keep);
-    ``if_critical`` replaces it when the snapshot is critical (the detector has seen
-    that the problem stays or repeats). ``names``: the name stems of the family's
-    triggers when they differ from the family."""
+    ``if_critical`` replaces it, and ``critical_causes`` the causes, when the snapshot
+    is critical: the detector has seen the problem stay or repeat, which makes a
+    one-off cause unlikely. ``names``: the name stems of the family's triggers when
+    they differ from the family."""
 
     family: str
     what: str
@@ -35,6 +36,7 @@ class Entry:
     action: str
     if_critical: str = ""
     names: tuple[str, ...] = ()
+    critical_causes: tuple[str, ...] = ()
 
 
 _LOSS_SPIKE_CAUSES = (
@@ -51,6 +53,13 @@ _LOSS_SPIKE_CHECKS = (
     "Compare the LR at this step with the LR before it (lr_history).",
     "Look at the grad norm at this step: a spike with the loss means a large update.",
     "Check whether the step is an epoch boundary, a resume or a new data shard.",
+)
+_STAYS_UP_CAUSES = (
+    "learning rate too high: the start of a divergence",
+    "a scheduler reset after a resume (the LR back at its warm-up or peak value)",
+    "a data order or mix change: a new shard, a sampler that started over, a corrupt file",
+    "fp16/bf16 overflow or loss-scale trouble",
+    "optimizer state lost on a resume (Adam's moments reset at a high LR)",
 )
 _ONE_BATCH = (
     "watch: a one-batch spike that comes back on trend needs nothing; look at the "
@@ -131,6 +140,12 @@ ENTRIES: tuple[Entry, ...] = (
         "stays on trend.",
         "stop: repeated non-finite gradients (or a non-finite loss with them) damage the "
         "weights; stop, fix the cause and resume from the pinned checkpoint.",
+        critical_causes=(
+            "gradients exploding under too high an LR",
+            "a run of bad data (a corrupt shard) that makes the backward pass overflow",
+            "fp16 range exhausted: the loss scaler keeps overflowing (bf16 avoids it)",
+            "a numerically unsafe op in the backward pass (a norm or sqrt at 0, log of 0)",
+        ),
     ),
     Entry(
         "inverted_loss_pattern",
@@ -207,6 +222,7 @@ ENTRIES: tuple[Entry, ...] = (
         _LOSS_SPIKE_CHECKS,
         _ONE_BATCH,
         _STAYS_UP,
+        critical_causes=_STAYS_UP_CAUSES,
     ),
     Entry(
         "loss_spike",
@@ -215,6 +231,7 @@ ENTRIES: tuple[Entry, ...] = (
         _LOSS_SPIKE_CHECKS,
         _ONE_BATCH,
         _STAYS_UP,
+        critical_causes=_STAYS_UP_CAUSES,
     ),
     Entry(
         "not_learning",

@@ -180,7 +180,8 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-botto
 text-align:left;white-space:nowrap}td.n{text-align:right}.critical{color:#d62728}.warning{color:#c65f00}
 .info{color:#2ca02c}p.none{color:#777}
 div.snap{display:flex;gap:1em;align-items:flex-start;margin:1em 0;border-top:1px solid #eee}
-img.snap-plot{width:45%;flex:none;border:1px solid #ddd}div.why{font-size:13px}h3{font-size:1em}
+img.snap-plot{width:45%;flex:none;border:1px solid #ddd}h3{font-size:1em}
+div.why{font-size:13px;min-width:0;overflow-wrap:anywhere}
 """
 
 
