@@ -174,6 +174,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[
     return {
         "nan": find(nan, "loss_nonfinite"),
         "divergence": find(gru, "loss_zscore"),
+        "stays_up": find(gru, "loss_zscore", -1),  # the README's example
         "lr": find(lr, "lr_zscore"),
         "best": best,
         "overfitting": overfitting_snapshot(root / "overfit", best[0]),
@@ -254,6 +255,21 @@ def test_metadata_holds_the_explanation_the_writer_made(
     assert set(block) == {"meaning", "checks", "action", "rollback"}
     assert block == explain(meta, str(path.absolute())).to_dict()
     assert f"step {meta['step']}" in block["meaning"] and block["checks"]
+
+
+def test_the_readmes_show_output_is_what_show_prints(
+    dev: dict[str, tuple[Path, dict[str, Any]]],
+) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("$ smart-monitor show ", 1)[1].split("```", 1)[0]
+    path, _meta = dev["stays_up"]
+    printed = sm("show", path).stdout
+
+    def explanation(text: str) -> str:  # the two sections, the snapshot's path left out
+        sections = text[text.index("What it means:"):]
+        return re.sub(r'"/[^"]+/model"', '"SNAPSHOT/model"', " ".join(sections.split()))
+
+    assert explanation(block) == explanation(printed)
 
 
 def test_the_actions_follow_the_run(dev: dict[str, tuple[Path, dict[str, Any]]]) -> None:
