@@ -125,17 +125,19 @@ def _points(meta: Mapping[str, Any], key: str) -> list[tuple[int, float]]:
 
 
 def _lr_context(meta: Mapping[str, Any], step: int) -> str:
-    """"LR unchanged at 20.0", or where it changed last within the recent history."""
+    """"LR unchanged at 20.0"; where it changed, if once within the recent history; else
+    where it stood at the history's start (a schedule that moves every step)."""
     lrs = [(s, v) for s, v in _points(meta, "lr_history") if s <= step]
     if not lrs:
         return f"LR {_num((meta.get('metrics') or {}).get('learning_rate'))}"
     now = lrs[-1][1]
-    before = [(s, v) for s, v in lrs if v != now]
-    if not before:
+    changes = [i for i in range(1, len(lrs)) if lrs[i][1] != lrs[i - 1][1]]
+    if not changes:
         return f"LR unchanged at {_num(now)}"
-    since = next(s for s, v in reversed(lrs) if v != now)
-    after = next(s for s, _ in lrs if s > since)
-    return f"LR {_num(now)}, changed from {_num(before[-1][1])} at step {after}"
+    if len(changes) == 1:
+        i = changes[0]
+        return f"LR {_num(now)}, changed from {_num(lrs[i - 1][1])} at step {lrs[i][0]}"
+    return f"LR {_num(now)}, {_num(lrs[0][1])} at step {lrs[0][0]}"
 
 
 def _context(meta: Mapping[str, Any], step: int) -> str:
@@ -145,11 +147,14 @@ def _context(meta: Mapping[str, Any], step: int) -> str:
 
 
 def _last_finite(meta: Mapping[str, Any], step: int) -> str:
+    """The last finite loss before ``step``; "" without a history of this loss."""
+    if "loss_history" not in meta:
+        return ""
     finite = [(s, v) for s, v in _points(meta, "loss_history") if s < step and math.isfinite(v)]
     if not finite:
-        return "no finite loss logged before it"
+        return ", no finite loss logged before it"
     s, v = finite[-1]
-    return f"last finite loss {_num(v)} at step {s}"
+    return f", last finite loss {_num(v)} at step {s}"
 
 
 Figures = Callable[[Mapping[str, Any], Mapping[str, Any], int], str]
@@ -180,7 +185,7 @@ def _divergence(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str
 
 def _nonfinite(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
     return (
-        f"loss {_num(d.get('value'))} at step {step}, {_last_finite(meta, step)}; "
+        f"loss {_num(d.get('value'))} at step {step}{_last_finite(meta, step)}; "
         f"{_context(meta, step)}"
     )
 
@@ -294,10 +299,11 @@ def _evidence(family: str | None, name: str, meta: Mapping[str, Any]) -> str:
     step_value = _float(meta.get("step"))
     step = int(step_value) if step_value is not None and math.isfinite(step_value) else 0
     figures = _FIGURES.get(family or "", _generic)
+    other_series = family is not None and not name.startswith(family)
+    if other_series:  # ``val_cls_loss_nonfinite``: the loss history is the main loss's
+        meta = {k: v for k, v in meta.items() if k != "loss_history"}
     text = figures(details, meta, step)
-    # a trigger on another series (``val_cls_loss_nonfinite``) names it; so does a
-    # family without a sentence of its own
-    named = family is None or not name.startswith(family) or figures is _generic
+    named = family is None or other_series or figures is _generic
     return f"{name}: {text}" if named else text
 
 
@@ -350,6 +356,12 @@ def _rollback(family: str | None, name: str, meta: Mapping[str, Any], snapshot: 
     how = _resume(str(ck.get("name")), model)
     if family == "best_model_loss":
         return f"{ck.get('name')} (step {ck.get('step')}) is pinned in this snapshot: {how}."
+    if family in _SCANNED and ck.get("step") == step:
+        return (
+            f"this snapshot pins the scanned {ck.get('name')} itself, for inspection "
+            f"(smart-monitor inspect {model}): roll back to an earlier checkpoint whose "
+            "weights inspect finds finite."
+        )
     when = (
         f"saved at step {step} itself, so it may hold that step's update already"
         if ck.get("step") == step else f"the last checkpoint before step {step}"
@@ -357,6 +369,10 @@ def _rollback(family: str | None, name: str, meta: Mapping[str, Any], snapshot: 
     return f"roll back to {ck.get('name')} (step {ck.get('step')}, {when}), pinned in this " + (
         f"snapshot: {how}."
     )
+
+
+# Fired by the checkpoint scan from the weights of checkpoint-S, which the snapshot pins.
+_SCANNED = frozenset({"weights_nonfinite", "weight_norm_zscore"})
 
 
 def _resume(name: str, model: str) -> str:
