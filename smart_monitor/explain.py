@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from smart_monitor.meanings import ENTRIES, Entry, family_of
+from smart_monitor.meanings import ENTRIES, Entry, family_of, lookup
 
 __all__ = ["Explanation", "causes_sentence", "explain"]
 
 _ORDER = {e.family: i for i, e in enumerate(ENTRIES)}
 _MULTIPLE = next(e for e in ENTRIES if e.family == "MULTIPLE_TRIGGERS")
-_UNKNOWN = Entry(
-    "unknown", "No entry for this trigger in smart_monitor/meanings.py.", ("unknown",),
+_UNKNOWN = Entry(  # a trigger of a newer version, read by an older one
+    "unknown", "This version has no entry for this trigger.",
+    ("not known to this version of smart_monitor",),
     ("Read the trigger's details in `show --json`.",), "watch: look at the figures.",
 )
 
@@ -63,7 +64,7 @@ def explain(meta: Mapping[str, Any], snapshot: str) -> Explanation:
         ((family_of(n), n) for n in names), key=lambda fn: _ORDER.get(fn[0] or "", len(_ORDER))
     )
     family, name = found[0] if found else (None, "")
-    entry = next((e for e in ENTRIES if e.family == family), _UNKNOWN)
+    entry = (lookup(family) if family else None) or _UNKNOWN
     critical = meta.get("severity") == "critical"
     if len(names) >= 3:
         entry_action = _MULTIPLE.if_critical
