@@ -93,11 +93,14 @@ def _float(value: Any) -> float | None:
 
 
 def _num(value: Any) -> str:
-    """Four significant digits, an integral float with its ``.0`` (an LR of 20.0).
+    """Four significant digits, an integral float with its ``.0`` (an LR of 20.0), an
+    integer as it is (a count, a step).
 
-    >>> _num(20.0), _num(5.225999), _num(3e-06), _num(float("nan")), _num(None)
-    ('20.0', '5.226', '3e-06', 'NaN', 'not logged')
+    >>> _num(20.0), _num(5.225999), _num(3e-06), _num(float("nan")), _num(None), _num(3)
+    ('20.0', '5.226', '3e-06', 'NaN', 'not logged', '3')
     """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     v = _float(value)
     if v is None:
         return "not logged"
