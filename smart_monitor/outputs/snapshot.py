@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.explain import explain
 from smart_monitor.outputs.atomic import fsync_dir, write_atomic
 from smart_monitor.outputs.manifest import MANIFEST, manifest_data
 from smart_monitor.outputs.pin import Cancelled, Mode, Placed, Placer, checkpoint_files
@@ -123,15 +124,28 @@ class SnapshotWriter:
             )
             if checkpoint is None:
                 meta.setdefault("note", "no complete checkpoint existed at or before this step")
-            _write_synced(tmp / "metadata.json", json.dumps(json_safe(meta), indent=2) + "\n")
-            fsync_dir(tmp)
-            final = self._final_path(now, name)
-            os.rename(tmp, final)
+            final = self._publish(tmp, now, name, meta)
             fsync_dir(self.root)
             return SnapshotResult(final, mode, files, size)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _publish(self, tmp: Path, now: datetime, name: str, meta: Mapping[str, Any]) -> Path:
+        """Write the metadata, whose explanation names the final folder, then rename
+        into place; a name taken meanwhile (a copy finishing on the copier) takes the
+        next suffix."""
+        while True:
+            final = self._final_path(now, name)
+            text = json.dumps(_explained(meta, final), indent=2) + "\n"
+            _write_synced(tmp / "metadata.json", text)
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+                return final
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
 
     def _final_path(self, now: datetime, name: str) -> Path:
         base = f"anomaly_{now.strftime('%Y%m%d_%H%M%S')}_{name}"
@@ -200,8 +214,17 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def write_metadata(folder: Path, meta: Mapping[str, Any]) -> None:
-    """Re-publish a snapshot's ``metadata.json`` (a release, a recovered incident)."""
-    write_atomic(folder / "metadata.json", (json.dumps(json_safe(meta), indent=2) + "\n").encode())
+    """Re-publish a snapshot's ``metadata.json`` (a release, a recovered incident), its
+    explanation made again: a released snapshot has no weights left to roll back to."""
+    text = json.dumps(_explained(meta, folder), indent=2) + "\n"
+    write_atomic(folder / "metadata.json", text.encode())
+
+
+def _explained(meta: Mapping[str, Any], folder: Path) -> Any:
+    """The metadata, JSON-safe, with its ``explanation`` block (``explain.py``)."""
+    safe = json_safe(meta)
+    safe["explanation"] = explain(safe, str(folder.absolute())).to_dict()
+    return safe
 
 
 def json_safe(value: Any) -> Any:
