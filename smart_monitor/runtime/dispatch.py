@@ -21,6 +21,7 @@ from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.runtime.events import (
     Detected,
     Event,
+    IncidentRecovered,
     Listener,
     Restarted,
     SnapshotFailed,
@@ -117,6 +118,10 @@ class Dispatch:
                     record_recovery(path, incident.block(), outcome.step)
                 except (OSError, ValueError) as exc:  # deleted by retention, or by hand
                     self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
+            self.emit(IncidentRecovered(
+                incident.id, incident.problem, outcome.step, incident.severity,
+                incident.peak_trigger, path,
+            ))
 
     def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
@@ -252,7 +257,7 @@ class Dispatch:
             severity=request.severity.value, checkpoint=ck.name if ck else "none",
             mode=result.mode or "none", path=str(result.path),
         )
-        self.emit(SnapshotMade(request, result.path, result.bytes))
+        self.emit(SnapshotMade(request, result.path, result.bytes, result.mode))
 
     def _checkpoint_for(self, request: SnapshotRequest) -> Checkpoint | None:
         if request.exact_checkpoint:

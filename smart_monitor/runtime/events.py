@@ -10,7 +10,10 @@ from typing import ClassVar
 
 from smart_monitor.pipeline import SnapshotRequest
 
-__all__ = ["Detected", "Event", "Listener", "Restarted", "SnapshotFailed", "SnapshotMade"]
+__all__ = [
+    "Detected", "Event", "IncidentRecovered", "Listener", "Restarted", "SnapshotFailed",
+    "SnapshotMade",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,7 @@ class SnapshotMade:
     request: SnapshotRequest
     path: Path
     bytes: int
+    mode: str | None = None  # how its files were pinned: reflink, hardlink, copy (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,5 +50,19 @@ class Restarted:
     step: int
 
 
-Event = Detected | SnapshotMade | SnapshotFailed | Restarted
+@dataclass(frozen=True, slots=True)
+class IncidentRecovered:
+    """An incident closed: its problem stayed quiet long enough (the log's ``Incident
+    recovered`` line). ``snapshot``: the one it made, if any."""
+
+    name: ClassVar[str] = "recovered"
+    incident: str
+    problem: str
+    step: int
+    severity: str
+    peak_trigger: str
+    snapshot: Path | None
+
+
+Event = Detected | SnapshotMade | SnapshotFailed | Restarted | IncidentRecovered
 Listener = Callable[[Event], None]
