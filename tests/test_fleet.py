@@ -23,6 +23,14 @@ from typing import Any
 
 from live_harness import Live, append, config, line, wait_until
 
+from smart_monitor.config import load_config
+from smart_monitor.hooks.actions import Actions, Notice
+from smart_monitor.hooks.alertmanager import Alertmanager
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.pipeline import SnapshotRequest
+from smart_monitor.runtime.events import IncidentRecovered, SnapshotMade
+from smart_monitor.triggers import Severity, Trigger
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "smart_monitor_rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "smart_monitor.json"
@@ -308,3 +316,74 @@ def test_alertmanager_groups_resolves_silences_and_its_absence_harms_nothing(
     log = live.log()
     assert "Action done action=alertmanager" in log
     assert "Traceback" not in log
+
+
+# -- the action's alert lifecycle, against a recording receiver -------------------------
+def incident_event(
+    kind: str, severity: str, step: int, incident: str, problem: str
+) -> SnapshotMade:
+    trigger = Trigger(kind, kind, Severity(severity), step, {"value": 7.5})
+    request = SnapshotRequest(
+        key=f"0:{step}:{kind}", name=kind, step=step, severity=Severity(severity),
+        triggers=(trigger,), exact_checkpoint=False,
+        metadata={"incident": {"id": incident, "problem": problem}},
+    )
+    return SnapshotMade(request, Path(f"/snaps/{kind}_{step}"), 10)
+
+
+def test_escalation_ends_the_warning_alert_and_recoveries_end_only_what_fired(
+    tmp_path: Path,
+) -> None:
+    receiver = Receiver()
+    cfg = load_config(actions={"alertmanager": {"urls": [receiver.url], "resend_seconds": 600}})
+    log, _ = make_logger(tmp_path / "logs", stderr=None)
+    am = Alertmanager(cfg.actions.alertmanager, {"run": "gpt", "host": "n1"}, log, 5.0)
+    actions = Actions(cfg.actions, log, am)
+    try:
+        actions(incident_event("loss_spike", "warning", 100, "loss_spike@100", "loss_spike"))
+        actions(incident_event("loss_zscore", "critical", 104, "loss_spike@100", "loss_spike"))
+        actions(IncidentRecovered("lr_zscore@50", "lr_zscore", 110, "warning", "lr_zscore_7",
+                                  None))  # never fired (no snapshot): ends nothing
+        actions(IncidentRecovered("loss_spike@100", "loss_spike", 300, "critical",
+                                  "loss_zscore_12.5", Path("/snaps/loss_spike_100")))
+        wait_until(lambda: len(receiver.posts) == 3, "three posts")
+        am.resend()  # nothing open any more: nothing to post
+    finally:
+        actions.stop()
+        receiver.shutdown()
+    first, escalated, recovered = (body for _, body in receiver.posts)
+    assert [a["labels"]["severity"] for a in escalated] == ["critical", "warning"]
+    warning_end = datetime.fromisoformat(escalated[1]["endsAt"].replace("Z", "+00:00"))
+    assert warning_end <= datetime.now(UTC)  # the warning alert ends as the critical fires
+    assert first[0]["labels"] == escalated[1]["labels"]
+    assert escalated[0]["startsAt"] == first[0]["startsAt"]  # one incident, one start
+    assert escalated[0]["annotations"]["value"] == "7.5"
+    assert escalated[0]["labels"] == {"alertname": "SmartMonitorLossSpike",
+                                      "severity": "critical", "run": "gpt", "host": "n1"}
+    [ended] = recovered
+    assert ended["labels"] == escalated[0]["labels"]
+    assert ended["annotations"]["recovered_step"] == "300"
+    assert am.open == {}
+
+
+def test_open_alerts_are_re_sent_with_a_fresh_end(tmp_path: Path) -> None:
+    receiver = Receiver()
+    cfg = load_config(actions={"alertmanager": {"urls": [receiver.url], "resend_seconds": 600}})
+    log, _ = make_logger(tmp_path / "logs", stderr=None)
+    clock = [datetime(2026, 1, 1, tzinfo=UTC)]
+    am = Alertmanager(cfg.actions.alertmanager, {"run": "gpt", "host": "n1"}, log, 5.0,
+                      now=lambda: clock[0])
+    try:
+        notice = Notice.from_event(incident_event("loss_nonfinite", "critical", 9, "nonfinite@9",
+                                                  "nonfinite"))
+        assert notice is not None
+        am.send(notice, 5.0)
+        clock[0] += timedelta(minutes=30)
+        am.resend()
+    finally:
+        am.stop(1.0)
+        receiver.shutdown()
+    [fired], [again] = (body for _, body in receiver.posts)
+    assert fired["endsAt"] == "2026-01-01T00:40:00.000Z"  # four re-send intervals ahead
+    assert again["endsAt"] == "2026-01-01T01:10:00.000Z"
+    assert again["startsAt"] == fired["startsAt"] == "2026-01-01T00:00:00.000Z"

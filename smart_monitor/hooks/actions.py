@@ -344,10 +344,14 @@ class Actions:
         if incident is None:
             return
         for name, cfg, run in self.actions:
-            if incident.event == "recovered" and name != "alertmanager":
+            am = self.alertmanager if name == "alertmanager" else None
+            if incident.event == "recovered":  # ends an alert, if one was fired for it
+                if am is None or not am.ending(incident):
+                    continue
+            elif not matches(cfg, incident):
                 continue
-            if not matches(cfg, incident):
-                continue
+            elif am is not None:
+                am.firing(incident)
             if not self.workers[name].submit(name, _Queued(self, name, run, incident)):
                 self.log.error("Action dropped", action=name, step=incident.step,
                                triggers=list(incident.triggers), reason="queue_full")

@@ -10,8 +10,9 @@ expire on their own (and the ``SmartMonitorDown`` rule says why). Several URLs (
 pair) are all posted to, in parallel, each within the action's deadline: Alertmanager
 peers deduplicate what they both receive.
 
-What is open is decided on the worker thread, in the order the engine emitted the
-events (one worker per action kind, FIFO), so a recovery never overtakes its firing.
+Which recoveries are due is decided on the engine's thread as the events come; the
+alerts themselves are built on the worker, in the same order (one worker per action
+kind, FIFO), so a recovery never overtakes its firing.
 """
 
 from __future__ import annotations
@@ -57,12 +58,27 @@ class Alertmanager:
         self.timeout = timeout
         self.now = now
         self.open: dict[str, Alert] = {}
+        self._fired: set[str] = set()  # incidents whose alert is queued or open
         self._lock = threading.Lock()  # the worker changes ``open``, the re-sender reads it
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._resend_loop, name="smart-monitor-alertmanager-resend", daemon=True
         )
         self._thread.start()
+
+    # -- on the engine's thread, as the events come -----------------------------------
+    def firing(self, notice: Notice) -> None:
+        """A notice queued for this action: its incident's recovery will be due."""
+        if notice.incident is not None:
+            self._fired.add(notice.incident)
+
+    def ending(self, notice: Notice) -> bool:
+        """Whether this recovery ends an alert fired for it (an incident below
+        ``on_severity`` recovers without a word)."""
+        if notice.incident not in self._fired:
+            return False
+        self._fired.discard(notice.incident)
+        return True
 
     # -- the action (on its worker) ---------------------------------------------------
     def send(self, notice: Notice, timeout: float) -> str:
