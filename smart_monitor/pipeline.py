@@ -264,7 +264,7 @@ class Pipeline:
             self.loss_history.extend((r[0], r[1]) for r in rows)  # type: ignore[misc]
         if block.learning_rate is not None:
             self.lr_history.extend((r[0], r[2]) for r in rows)  # type: ignore[misc]
-        last = rows[-1]
+        last = rows[-1]  # a block's records all have the same keys (TrainBlock)
         self._latest(loss=last[1], learning_rate=last[2], grad_norm=last[3])
 
     def external(
