@@ -381,7 +381,7 @@ def test_open_alerts_are_re_sent_with_a_fresh_end(tmp_path: Path) -> None:
         clock[0] += timedelta(minutes=30)
         am.resend()
     finally:
-        am.stop(1.0)
+        am.stop()
         receiver.shutdown()
     [fired], [again] = (body for _, body in receiver.posts)
     assert fired["endsAt"] == "2026-01-01T00:40:00.000Z"  # four re-send intervals ahead

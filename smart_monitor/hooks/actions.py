@@ -389,7 +389,7 @@ class Actions:
         self.stopping.set()
         short = min(_STOP_SECONDS, self.config.timeout_seconds)
         if self.alertmanager is not None:
-            self.alertmanager.stop(short)
+            self.alertmanager.stop()
         last: list[threading.Thread] = []
         for worker in self.workers.values():
             for _label, job in worker.drop_queued():

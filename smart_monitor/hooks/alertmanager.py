@@ -182,10 +182,10 @@ class Alertmanager:
             return
         self.log.debug("Action done", action="alertmanager", detail=f"re-sent {detail}")
 
-    def stop(self, timeout: float) -> None:
-        """End the re-sends. The open alerts are left to expire at their ``endsAt``:
-        their incidents did not recover, so no ``endsAt`` = now is due (a monitor that
+    def stop(self) -> None:
+        """End the re-sends, without waiting: a re-send in flight ends at its deadline
+        by itself. The open alerts are left to expire at their ``endsAt``: their
+        incidents did not recover, so no ``endsAt`` = now is due (a monitor that
         restarts does not re-fire them: its next incident will)."""
         self._stopping.set()
-        self._thread.join(timeout)
 
