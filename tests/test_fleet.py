@@ -23,7 +23,7 @@ from typing import Any
 
 from live_harness import Live, append, config, line, wait_until
 
-from smart_monitor.config import load_config
+from smart_monitor.config import load_config, run_name
 from smart_monitor.hooks.actions import Actions, Notice
 from smart_monitor.hooks.alertmanager import Alertmanager
 from smart_monitor.outputs.log import make_logger
@@ -100,6 +100,17 @@ def prometheus_config(tmp_path: Path, targets: list[int]) -> Path:
         }],
     }))
     return path
+
+
+def test_the_run_label_defaults_to_the_run_folder(tmp_path: Path) -> None:
+    """``[metrics] run``, else the checkpoint folder, else the metrics file's folder (a
+    folder of event files: its own name)."""
+    tb = tmp_path / "bert-tb"
+    tb.mkdir()
+    assert run_name(load_config(metrics_file=tmp_path / "exp1" / "metrics.jsonl")) == "exp1"
+    assert run_name(load_config(metrics_file=tb)) == "bert-tb"
+    assert run_name(load_config(metrics_file=tb, checkpoint_dir=tmp_path / "gpt")) == "gpt"
+    assert run_name(load_config(checkpoint_dir=tmp_path / "gpt", metrics={"run": "a"})) == "a"
 
 
 def test_every_rule_has_severity_a_summary_and_a_runbook_in_docs() -> None:
@@ -299,8 +310,9 @@ def test_alertmanager_groups_resolves_silences_and_its_absence_harms_nothing(
             live.wait_log("Action failed action=alertmanager")
     finally:
         live.stop()
-        hook.shutdown()
-        peer.shutdown()
+        for receiver in (hook, peer):
+            receiver.shutdown()
+            receiver.server_close()
     assert len(firing["alerts"]) == 1 and firing["groupLabels"] == {
         "alertname": "SmartMonitorNonfinite", "run": "gpt"}
     alert = firing["alerts"][0]
@@ -351,6 +363,7 @@ def test_escalation_ends_the_warning_alert_and_recoveries_end_only_what_fired(
     finally:
         actions.stop()
         receiver.shutdown()
+        receiver.server_close()
     first, escalated, recovered = (body for _, body in receiver.posts)
     assert [a["labels"]["severity"] for a in escalated] == ["critical", "warning"]
     warning_end = datetime.fromisoformat(escalated[1]["endsAt"].replace("Z", "+00:00"))
@@ -383,6 +396,7 @@ def test_open_alerts_are_re_sent_with_a_fresh_end(tmp_path: Path) -> None:
     finally:
         am.stop()
         receiver.shutdown()
+        receiver.server_close()
     [fired], [again] = (body for _, body in receiver.posts)
     assert fired["endsAt"] == "2026-01-01T00:40:00.000Z"  # four re-send intervals ahead
     assert again["endsAt"] == "2026-01-01T01:10:00.000Z"
