@@ -95,7 +95,7 @@ def prometheus_config(tmp_path: Path, targets: list[int]) -> Path:
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [{
-            "job_name": "smart_monitor",
+            "job_name": "smart_monitor", "honor_labels": True,  # as docs/fleet.md
             "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}],
         }],
     }))
