@@ -15,7 +15,7 @@ from smart_monitor.config import Config, PolicyConfig
 from smart_monitor.detectors import build_detectors
 from smart_monitor.notes import Note
 from smart_monitor.policy import Decision, Policy
-from smart_monitor.records import ExampleRecord, Record, SummaryRecord, TrainRecord
+from smart_monitor.records import EvalRecord, ExampleRecord, Record, SummaryRecord, TrainRecord
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
@@ -71,6 +71,7 @@ class Pipeline:
         self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
+        self.latest: dict[str, float] = {}  # the newest value of each main series (/metrics)
         self._horizon = 256  # records screened at once by process_block (adapts)
 
     def process(self, record: Record) -> Outcome | None:
@@ -94,6 +95,10 @@ class Pipeline:
                 self.loss_history.append((train_step, record.loss))
             if record.learning_rate is not None:
                 self.lr_history.append((train_step, record.learning_rate))
+            self._latest(loss=record.loss, learning_rate=record.learning_rate,
+                         grad_norm=record.grad_norm)
+        elif isinstance(record, EvalRecord):
+            self._latest(eval_loss=record.eval_loss)
         elif isinstance(record, ExampleRecord):
             self.examples.append(record.raw)
         if step is None:
@@ -135,6 +140,9 @@ class Pipeline:
         self.recent_steps.append(step)
         if self.first is None and record.loss is not None and math.isfinite(record.loss):
             self.first = (step, record.loss)
+
+    def _latest(self, **values: float | None) -> None:
+        self.latest.update((k, v) for k, v in values.items() if v is not None)
 
     def _duplicate(self, step: int) -> bool:
         """A step seen a moment ago, a logging interval or two back: a second process
@@ -262,6 +270,8 @@ class Pipeline:
             self.loss_history.extend((r[0], r[1]) for r in rows)  # type: ignore[misc]
         if block.learning_rate is not None:
             self.lr_history.extend((r[0], r[2]) for r in rows)  # type: ignore[misc]
+        last = rows[-1]  # a block's records all have the same keys (TrainBlock)
+        self._latest(loss=last[1], learning_rate=last[2], grad_norm=last[3])
 
     def external(
         self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]

@@ -124,7 +124,8 @@ class Daemon:
             self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
         close_hooks = attach_hooks(
-            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set()
+            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set(),
+            self._status,
         )
         self.watcher.start()
         self.log.info(

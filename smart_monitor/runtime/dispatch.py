@@ -30,7 +30,7 @@ from smart_monitor.runtime.events import (
     SnapshotMade,
 )  # fmt: skip
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
-from smart_monitor.triggers import Trigger
+from smart_monitor.triggers import Trigger, kind_of
 
 __all__ = ["Dispatch"]
 
@@ -121,7 +121,8 @@ class Dispatch:
             peak_trigger=incident.peak_trigger, last_detection=incident.last,
             detections=incident.detections, severity=incident.severity, **incident.levels(),
         )
-        for path in self._incident_snapshots.pop(incident.id, []):
+        paths = self._incident_snapshots.pop(incident.id, [])
+        for path in paths:
             try:
                 record_end(path, incident.block(), step)
             except (OSError, ValueError) as exc:  # deleted by retention, or by hand
@@ -129,11 +130,15 @@ class Dispatch:
         common = (incident.id, incident.problem, incident.started, step, incident.severity)
         if settled:
             assert incident.level_before is not None and incident.level_now is not None
+            first = incident.kinds[0] if incident.kinds else kind_of(incident.peak_trigger)
             self.emit(IncidentSettled(
-                *common, incident.level_before, incident.level_now, incident.ratio
+                *common, incident.level_before, incident.level_now, incident.ratio, first
             ))
         else:
-            self.emit(IncidentRecovered(*common, incident.level_before, incident.level_now))
+            self.emit(IncidentRecovered(
+                *common, incident.peak_trigger, paths[-1] if paths else None,
+                incident.level_before, incident.level_now,
+            ))
 
     def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
@@ -271,7 +276,7 @@ class Dispatch:
             severity=request.severity.value, checkpoint=ck.name if ck else "none",
             mode=result.mode or "none", path=str(result.path),
         )
-        self.emit(SnapshotMade(request, result.path, result.bytes))
+        self.emit(SnapshotMade(request, result.path, result.bytes, result.mode))
 
     def _checkpoint_for(self, request: SnapshotRequest) -> Checkpoint | None:
         if request.exact_checkpoint:

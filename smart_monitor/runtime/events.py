@@ -32,6 +32,7 @@ class SnapshotMade:
     request: SnapshotRequest
     path: Path
     bytes: int
+    mode: str | None = None  # how its files were pinned: reflink, hardlink, copy (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +58,14 @@ class IncidentRecovered:
     event on which an alert may resolve. ``incident``: its id, as in the log and in
     ``metadata.json``; ``severity``: its peak severity."""
 
-    name: ClassVar[str] = "incident_recovered"
+    name: ClassVar[str] = "recovered"
     incident: str
     problem: str
     started: int
     step: int
     severity: str
+    peak_trigger: str
+    snapshot: Path | None  # the newest snapshot of the incident, if it made one
     level_before: float | None = None
     level_now: float | None = None
 
@@ -71,9 +74,10 @@ class IncidentRecovered:
 class IncidentSettled:
     """A loss incident ended without the run coming back: detections stopped because
     the loss stays at a worse level (``level_now``, ``ratio`` times ``level_before``).
-    Not a recovery: an alert must stay firing."""
+    Not a recovery: an alert must stay firing (``trigger``: the kind that opened it, the
+    label its open-incident series had in /metrics)."""
 
-    name: ClassVar[str] = "incident_settled"
+    name: ClassVar[str] = "settled"
     incident: str
     problem: str
     started: int
@@ -82,6 +86,7 @@ class IncidentSettled:
     level_before: float
     level_now: float
     ratio: float | None
+    trigger: str
 
 
 Event = (
