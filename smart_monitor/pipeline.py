@@ -24,7 +24,6 @@ STATE_VERSION = 1
 _MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
 _RECENT_STEPS = 64  # train steps remembered to tell a second writer's records
 _INTERLEAVE_GAPS = 2  # a second writer lags by at most this many logging intervals
-_NEW_RUN_LOSS = 0.1  # a new run's loss is within this share of the first run's first
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +66,8 @@ class Pipeline:
         self.last_step: int | None = None
         self.segment = 0
         self.first: tuple[int, float] | None = None  # the run's first train step and loss
+        self.first_step: int | None = None  # the segment's first train step, whatever its loss
+        self.first_checkpoint: int | None = None  # the segment's earliest checkpoint seen
         self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
@@ -129,6 +130,8 @@ class Pipeline:
         self.recent_steps.append(step)
         if self.first is None and record.loss is not None and math.isfinite(record.loss):
             self.first = (step, record.loss)
+        if self.first_step is None:
+            self.first_step = step
 
     def _duplicate(self, step: int) -> bool:
         """A step seen a moment ago, a logging interval or two back: a second process
@@ -145,14 +148,18 @@ class Pipeline:
         fields = {"step": record.step, "latest_step": self.last_step, "action": "dedup_by_step"}
         return Outcome(record.step, notes=(Note("Interleaved writers", "warning", fields),))
 
+    def checkpoint_seen(self, step: int) -> None:
+        """The trainer saved ``checkpoint-<step>`` (the engine says so when it completes)."""
+        if self.first_checkpoint is None or step < self.first_checkpoint:
+            self.first_checkpoint = step
+
     def _new_run(self, record: TrainRecord) -> bool:
-        """Steps back to the run's first logging interval with the loss back at its
-        first value: a new run from scratch into the same file, not a resume."""
-        if self.first is None or record.loss is None or not math.isfinite(record.loss):
-            return False
-        first_step, first_loss = self.first
-        near_start = record.step - first_step <= _INTERLEAVE_GAPS * max(self.gap, 1)
-        return near_start and abs(record.loss - first_loss) <= _NEW_RUN_LOSS * abs(first_loss)
+        """Steps back to the segment's first logged step, or to before its first
+        checkpoint: a new run from scratch into the same folder, whatever its loss
+        (FAULTS.md #50, #52: another seed or model starts elsewhere). A resume cannot go
+        there: it starts right after the checkpoint it loads, and none came before."""
+        start = max(self.first_step or 0, self.first_checkpoint or 0)
+        return self.first_step is not None and record.step <= start
 
     def _restart(self, record: TrainRecord) -> Note:
         """A new segment with fresh detectors and policy: nothing of the old run is a
@@ -163,7 +170,7 @@ class Pipeline:
         self.policy = Policy(self.config.policy)
         for history in (self.loss_history, self.lr_history):
             history.clear()
-        self.last_step = self.first = None
+        self.last_step = self.first = self.first_step = self.first_checkpoint = None
         self.recent_steps.clear()
         self.gap = 0
         return Note("Run restarted", "warning", {
@@ -328,6 +335,8 @@ class Pipeline:
             "last_step": self.last_step,
             "segment": self.segment,
             "first": list(self.first) if self.first else None,
+            "first_step": self.first_step,
+            "first_checkpoint": self.first_checkpoint,
             "recent_steps": list(self.recent_steps),
             "gap": self.gap,
             "duplicates": self.duplicates,
@@ -345,6 +354,8 @@ class Pipeline:
         self.segment = int(state.get("segment", 0))
         first = state.get("first")
         self.first = (int(first[0]), float(first[1])) if first else None
+        self.first_step = state.get("first_step", self.first[0] if self.first else None)
+        self.first_checkpoint = state.get("first_checkpoint")
         self.recent_steps.extend(int(s) for s in state.get("recent_steps", []))
         self.gap = int(state.get("gap", 0))
         self.duplicates = int(state.get("duplicates", 0))

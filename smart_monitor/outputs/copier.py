@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
@@ -27,13 +28,15 @@ __all__ = ["Copier", "CopyDone", "CopyJob"]
 
 @dataclass(frozen=True, slots=True)
 class CopyJob:
-    """One snapshot to write; ``context`` is the caller's, handed back untouched."""
+    """One snapshot to write, or (``folder``) the ``model/`` of one already published
+    with its metadata alone; ``context`` is the caller's, handed back untouched."""
 
     key: str
     name: str
     metadata: Mapping[str, Any]
     checkpoint: Checkpoint
     context: Any = field(default=None, compare=False)
+    folder: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,11 @@ class Copier:
             try:
                 if self._cancel.is_set():
                     raise SnapshotError("cancelled", "stopped before the copy began")
-                result = self.writer.write(job.name, job.metadata, job.checkpoint, self._cancel)
+                if job.folder is not None:
+                    result = self.writer.pin_into(job.folder, job.checkpoint, self._cancel)
+                else:
+                    result = self.writer.write(job.name, job.metadata, job.checkpoint,
+                                               self._cancel)
                 done = CopyDone(job, result, None)
             except SnapshotError as exc:
                 done = CopyDone(job, None, exc)

@@ -48,10 +48,27 @@ def _probe_writable(key: str, folder: Path) -> None:
         raise ConfigError(f"{key}: {here} is not writable ({ancestor}: {reason})") from None
 
 
+def _check_readable(path: Path) -> None:
+    """Raise ConfigError when the metrics file (or folder), or a folder above it, may
+    not be read: a run folder at 0700 (FAULTS.md #53). Missing is fine: it is awaited."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        elif path.exists():
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        raise ConfigError(
+            f"metrics_file: {path} cannot be read ({os.strerror(exc.errno or 0)})"
+        ) from None
+
+
 def check_paths(config: Config) -> None:
     """Every problem here is a config error: one line naming the key (exit 2)."""
     for key in _OUTPUTS:
         _probe_writable(key, getattr(config, key))
+    if config.metrics_file is not None:
+        _check_readable(config.metrics_file)
     ck = config.checkpoint_dir
     if ck is not None and ck.exists():
         if not ck.is_dir():
