@@ -240,7 +240,8 @@ class Daemon:
         never be silent (FAULTS.md #48). Said once per snapshot."""
         root = self.writer.root
         for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if not path.name.startswith(SNAPSHOT_PREFIX) or path.name in self.changed or not linked(path):
+            ours = path.name.startswith(SNAPSHOT_PREFIX)  # never someone else's (#58)
+            if not ours or path.name in self.changed or not linked(path):
                 continue
             try:
                 found = changes(path)
