@@ -38,6 +38,7 @@ from live_harness import (
 from test_faults_config import NOBODY, cli, one_line_exit_2
 from test_faults_disk import cpu_seconds
 from test_faults_records import GOLF, alarms, anomaly_snapshots, events, records, replay, write
+from test_metrics import free_port, scrape
 
 MIB = 1 << 20
 
@@ -206,6 +207,110 @@ def test_fault_53_run_folder_0700_exits_2_like_check_config(open_root: Path) -> 
     )
     ran = one_line_exit_2(cli("run", "--config", toml, user=NOBODY))
     assert ran == checked
+
+
+# -- 54: the service deployment: the monitor in the trainer's group --------------------
+def service_setup(root: Path, umask: int, port: int = 0) -> Path:
+    """The trainer's run folder as the trainer made it (root's, group nogroup, its
+    mode from ``umask``), empty: the first start of a service, before the trainer."""
+    toml = nobody_config(root)
+    run = root / "run"
+    shutil.rmtree(run)
+    run.mkdir()
+    os.chown(run, 0, 65534)
+    run.chmod(0o777 & ~umask)
+    if port:
+        toml.write_text(toml.read_text() + f"[metrics]\nport = {port}\n")
+    return toml
+
+
+def trainer_saves(root: Path, umask: int) -> None:
+    run = root / "run"
+    append(run / "metrics.jsonl", lines(1, 30))
+    write_checkpoint(run, 10)
+    for p in [*run.rglob("*")]:
+        os.chown(p, 0, 65534)
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def start_and_stop(toml: Path, err: Path, port: int = 0) -> tuple[int, str, dict[Any, float]]:
+    """Run the monitor as nobody (in group nogroup) until it is started, scrape
+    ``/metrics`` when ``port``, then SIGTERM it: the exit code and its stderr."""
+    err.write_bytes(b"")
+    with open(err, "ab") as fh:
+        proc = subprocess.Popen(
+            [*NOBODY, str(SMART_MONITOR), "run", "--config", str(toml)],
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+        )
+    scraped: dict[Any, float] = {}
+    try:
+        wait_until(lambda: proc.poll() is not None or " Started " in err.read_text(), "a start")
+        if port and proc.poll() is None:
+            scraped = scrape(port)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        code = proc.wait(30)
+    return code, err.read_text(), scraped
+
+
+def test_fault_54_umask_022_same_verdict_at_first_start_and_restart(open_root: Path) -> None:
+    """Umask 022 (the default): the trainer's files will not be group-writable, so no
+    link is allowed (fs.protected_hardlinks). The first start, before any checkpoint,
+    refuses as a restart does; the old one started, copied every checkpoint in full,
+    and then every restart exited 2, which systemd does not restart."""
+    assert Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
+    toml = service_setup(open_root, 0o022)
+    first = one_line_exit_2(
+        cli("run", "--config", toml, user=NOBODY),
+        "fs.protected_hardlinks",
+        "trainer's user or group",
+    )
+    assert str(open_root / "run") in first
+    trainer_saves(open_root, 0o022)
+    one_line_exit_2(
+        cli("run", "--config", toml, user=NOBODY),
+        "fs.protected_hardlinks",
+        "trainer's user or group",
+        "mode 644",
+    )
+
+
+def test_fault_54_umask_002_links_at_every_start_and_says_so(open_root: Path) -> None:
+    """The documented deployment (umask 002 on the trainer's side): both starts link,
+    the start says which mode and why, and /metrics shows it."""
+    port = free_port()
+    toml = service_setup(open_root, 0o002, port)
+    code, err, scraped = start_and_stop(toml, open_root / "first.err", port)
+    assert code == 0 and " Snapshot mode mode=hardlink " in err, err
+    assert "group-writable" in err
+    ((mode, why),) = [
+        dict(k[1]).values() for k in scraped if k[0] == "smart_monitor_snapshot_mode_info"
+    ]
+    assert mode == "hardlink" and "group-writable" in why
+    trainer_saves(open_root, 0o002)
+    code, err, _ = start_and_stop(toml, open_root / "second.err")
+    assert code == 0 and " Snapshot mode mode=hardlink " in err and "trial link" in err, err
+
+
+def test_fault_54_signal_refused_by_the_trainers_user_is_said_at_start(open_root: Path) -> None:
+    """In the group deployment the signal action cannot work (a signal needs the same
+    user): said once at start, with the way out, not first when a run diverges."""
+    toml = nobody_config(open_root)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        pidfile = open_root / "trainer.pid"
+        pidfile.write_text(f"{trainer.pid}\n")
+        pidfile.chmod(0o644)
+        toml.write_text(toml.read_text() + f'[actions.signal]\npidfile = "{pidfile}"\n')
+        code, err, _ = start_and_stop(toml, open_root / "err")
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert code == 0, err
+    (said,) = [x for x in err.splitlines() if " Action unavailable " in x]
+    assert "action=signal" in said and "stop file" in said and str(trainer.pid) in said
 
 
 # -- 55: a snapshot that cannot be written ----------------------------------------------

@@ -58,6 +58,14 @@ class _EngineCollector(Collector):
             "Seconds since the last record (since start before the first): a stalled trainer.",
             value=max(since, 0.0),
         )
+        mode, why = self.engine.writer.mode_in_use
+        info = GaugeMetricFamily(
+            "smart_monitor_snapshot_mode_info",
+            "How snapshots hold the checkpoint's files (reflink, hardlink, copy) and why.",
+            labels=["mode", "why"],
+        )
+        info.add_metric([mode, why], 1)
+        yield info
         budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
         for name, text, value in (
             ("held", "Bytes the snapshots add to their file system.", budget.held),

@@ -76,6 +76,8 @@ class SnapshotWriter:
         self.mode = mode
         self.clock = clock
         self.placer = Placer(mode)
+        # what pins are made with and why: decided at start, and said when it changes (#54)
+        self.mode_in_use: tuple[str, str] = (mode, "configured")
         # checkpoint -> (the model/ a copy of it went to, its files then): a second
         # snapshot of the unchanged checkpoint links those files, never copies twice (#57)
         self._copies: dict[Path, tuple[Path, list[Placed]]] = {}

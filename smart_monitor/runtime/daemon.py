@@ -33,6 +33,7 @@ from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.runtime.events import Event, SnapshotMade
 from smart_monitor.runtime.ingest import no_cyclic_gc
+from smart_monitor.runtime.links import decide_links
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
@@ -123,6 +124,10 @@ class Daemon:
         for d in (cfg.state_dir, cfg.snapshot_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.engine.recover()
+        links = decide_links(cfg)  # the verdict `run` checked at start, for the log and /metrics
+        self.writer.mode_in_use = (links.mode, links.why)
+        (self.log.warning if links.problem else self.log.info)(
+            "Snapshot mode", mode=links.mode, why=links.why)
         data, source = self.store.load()
         if data is not None:
             self.engine.load_state_dict(data.get("engine", {}))

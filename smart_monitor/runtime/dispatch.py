@@ -325,6 +325,11 @@ class Dispatch:
     ) -> None:
         """The snapshot is complete (its ``model/`` in place, or never to come)."""
         self._failures.pop(request.key, None)
+        mode, _why = self.writer.mode_in_use
+        if result.mode == "copy" and mode != "copy":  # a link refused since the start (#54)
+            why = f"{ck.name if ck else 'a checkpoint'} could not be linked: copied in full"
+            self.writer.mode_in_use = ("copy", why)
+            self.log.warning("Snapshot mode", mode="copy", why=why, was=mode)
         getattr(self.log, request.severity.value)(
             "Created snapshot",
             step=request.step, triggers=[t.name for t in request.triggers],
