@@ -199,13 +199,9 @@ def test_fault_53_run_folder_0700_exits_2_like_check_config(open_root: Path) -> 
     `run` exited 1 with a traceback)."""
     toml = nobody_config(open_root)
     (open_root / "run").chmod(0o700)
-    checked = one_line_exit_2(
-        cli("check-config", toml, user=NOBODY),
-        "metrics_file",
-        "Permission denied",
-        str(open_root / "run"),
-    )
-    ran = one_line_exit_2(cli("run", "--config", toml, user=NOBODY))
+    run = str(open_root / "run")
+    ran = one_line_exit_2(cli("run", "--config", toml, user=NOBODY), "Permission denied", run)
+    checked = one_line_exit_2(cli("check-config", toml, user=NOBODY))
     assert ran == checked
 
 
@@ -395,7 +391,7 @@ def test_fault_57_actions_never_wait_for_a_copy_and_nothing_is_copied_twice(
         )
         append(cfg.metrics_file, nan_lines(101, 130, at=120))  # type: ignore[arg-type]
         wait_until(stop_file.exists, "the stop file", 60)
-        assert "Created snapshot step=90 " not in live.log(), "the copy ended first: no test"
+        assert "Created snapshot step=90 " not in live.log(), "the stop file waited for the copy"
         assert json.loads(stop_file.read_text())["step"] == 120
         live.wait_log("Created snapshot step=120 ", timeout=300)
     finally:
