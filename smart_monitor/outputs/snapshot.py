@@ -32,7 +32,10 @@ from smart_monitor.outputs.manifest import MANIFEST, manifest_data
 from smart_monitor.outputs.pin import Cancelled, Mode, Placed, Placer, checkpoint_files
 from smart_monitor.sources.checkpoints import Checkpoint
 
-__all__ = ["SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe", "write_metadata"]
+__all__ = [
+    "SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe", "pending_metadata",
+    "update_pin", "write_metadata",
+]
 
 TMP_PREFIX = ".tmp-"
 SNAPSHOT_PREFIX = "anomaly_"
@@ -291,6 +294,25 @@ def _write_synced(path: Path, text: str) -> None:
 def write_metadata(folder: Path, meta: Mapping[str, Any]) -> None:
     """Re-publish a snapshot's ``metadata.json`` (a release, a recovered incident)."""
     write_atomic(folder / "metadata.json", (json.dumps(json_safe(meta), indent=2) + "\n").encode())
+
+
+def pending_metadata(
+    metadata: Mapping[str, Any], checkpoint: str | None, status: str, note: str
+) -> dict[str, Any]:
+    """Metadata for a snapshot whose ``model/`` is not in place yet: ``pin`` says which
+    checkpoint and why (``copying``, or why it failed); ``pin_into`` removes it."""
+    pin = {"checkpoint": checkpoint, "status": status, "note": note}
+    return {**metadata, "pin": pin, "note": note}
+
+
+def update_pin(folder: Path, status: str | None, note: str) -> None:
+    """Say in a pending snapshot's metadata why its pin is not in yet (``status``), or
+    (None) that none will come; raises OSError/ValueError when it cannot be read."""
+    meta = json.loads((folder / "metadata.json").read_bytes())
+    pin = meta.pop("pin", None)
+    if status is not None and isinstance(pin, dict):
+        meta["pin"] = {**pin, "status": status, "note": note}
+    write_metadata(folder, {**meta, "note": note})
 
 
 def json_safe(value: Any) -> Any:

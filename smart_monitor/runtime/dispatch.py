@@ -7,7 +7,7 @@ its metadata alone rather than nothing at all."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +21,8 @@ from smart_monitor.outputs.snapshot import (
     SnapshotError,
     SnapshotResult,
     SnapshotWriter,
-    write_metadata,
+    pending_metadata,
+    update_pin,
 )  # fmt: skip
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.runtime.events import (
@@ -239,7 +240,8 @@ class Dispatch:
         vanished: tuple[str, ...],
     ) -> None:
         assert self.copier is not None
-        pending = _pending(metadata, ck, "copying", f"{ck.name} is being copied into model/")
+        pending = pending_metadata(metadata, ck.name, "copying",
+                                   f"{ck.name} is being copied into model/")
         try:
             result = self.writer.write(request.name, pending, None)
         except (SnapshotError, OSError) as exc:
@@ -340,9 +342,7 @@ class Dispatch:
     def _settle(self, request: SnapshotRequest, folder: Path, note: str) -> None:
         """A metadata-only snapshot stays so: its metadata says why."""
         try:
-            meta = json.loads((folder / "metadata.json").read_bytes())
-            meta.pop("pin", None)
-            write_metadata(folder, {**meta, "note": note})
+            update_pin(folder, None, note)
         except (OSError, ValueError) as exc:  # removed by retention or by hand
             self.log.warning("Snapshot not updated", path=str(folder), error=str(exc))
             return
@@ -376,14 +376,15 @@ class Dispatch:
                 "retried while it exists")
         if folder is None:
             try:
-                result = self.writer.write(request.name, _pending(metadata, ck, reason, note),
-                                           None)
+                pending = pending_metadata(metadata, ck.name if ck else None, reason, note)
+                result = self.writer.write(request.name, pending, None)
                 folder = result.path
                 self._published(request, metadata, result, announce=False)
             except (SnapshotError, OSError):
                 folder = None  # not even the metadata: the whole snapshot is retried
         else:
-            _update_pin(folder, reason, note)
+            with contextlib.suppress(OSError, ValueError):  # the log line says it anyway
+                update_pin(folder, reason, note)
         if tries == 1:
             self.log.error(
                 "Snapshot failed", step=request.step,
@@ -398,24 +399,3 @@ class Dispatch:
 
 def _vanished_note(vanished: tuple[str, ...]) -> str:
     return "every candidate checkpoint vanished before it was pinned: " + ", ".join(vanished)
-
-
-def _pending(
-    metadata: Mapping[str, Any], ck: Checkpoint | None, status: str, note: str
-) -> dict[str, Any]:
-    """Metadata for a snapshot whose ``model/`` is not in place yet: ``pin`` says which
-    checkpoint and why (copying, or the reason it failed); ``pin_into`` removes it."""
-    pin = {"checkpoint": ck.name if ck else None, "status": status, "note": note}
-    return {**metadata, "pin": pin, "note": note}
-
-
-def _update_pin(folder: Path, status: str, note: str) -> None:
-    try:
-        meta = json.loads((folder / "metadata.json").read_bytes())
-        pin = meta.get("pin")
-        if isinstance(pin, dict):
-            meta["pin"] = {**pin, "status": status, "note": note}
-            meta["note"] = note
-            write_metadata(folder, meta)
-    except (OSError, ValueError):
-        pass  # best effort: the log line says it, and the retry tries again
