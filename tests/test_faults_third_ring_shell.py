@@ -205,6 +205,31 @@ def test_fault_53_run_folder_0700_exits_2_like_check_config(open_root: Path) -> 
     assert ran == checked
 
 
+def test_fault_53_a_turn_that_keeps_failing_backs_off(tmp_path: Path) -> None:
+    """Whatever the error (here: every read raises), a trainer appending 200 lines
+    one by one, each an inotify wake-up, makes a handful of failed turns, not one per
+    wake-up: the retries back off. Once the error is gone, the lines are all read."""
+    cfg = config(tmp_path)
+    live = Live(cfg)
+    read = live.daemon._read
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    live.daemon._read = broken  # type: ignore[method-assign]  # the fault itself
+    try:
+        for s in range(1, 201):
+            append(cfg.metrics_file, line(s))  # type: ignore[arg-type]
+            time.sleep(0.01)  # a trainer's pace: each append is a wake-up of its own
+        live.wait_log(" Worker error ")
+        errors = live.daemon.errors
+        assert errors <= 12, f"{errors} failed turns for 200 wake-ups: no backoff"
+        live.daemon._read = read  # type: ignore[method-assign]
+        live.wait_records(200, timeout=120)  # the next retry reads them all
+    finally:
+        live.stop()
+
+
 # -- 54: the service deployment: the monitor in the trainer's group --------------------
 def service_setup(root: Path, umask: int, port: int = 0) -> Path:
     """The trainer's run folder as the trainer made it (root's, group nogroup, its
