@@ -371,6 +371,33 @@ def test_fault_55_full_snapshot_disk_keeps_metadata_and_retries_the_pin(
     assert live.log().count(" Snapshot failed ") == 1
 
 
+def test_fault_55_pin_still_owed_at_stop_is_made_after_a_restart(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """The disk is still full when the monitor stops: the next start finds the snapshot
+    whose pin is owed (its metadata's ``pin`` block) and makes it once there is room."""
+    cfg = config(tmp_path, snapshot_dir=small_disk / "snapshots", snapshot={"mode": "copy"})
+    write_checkpoint(tmp_path / "run", 80, size=MIB)
+    (small_disk / "snapshots").mkdir()
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\1" * (63 * MIB))
+    live = Live(cfg)
+    try:
+        append(cfg.metrics_file, lines(1, 100, spikes=(90,)))  # type: ignore[arg-type]
+        live.wait_log(" Snapshot failed ", timeout=60)
+    finally:
+        live.stop()
+    filler.unlink()
+    again = Live(cfg)
+    try:
+        again.wait_log("Created snapshot step=90 ", timeout=90)
+    finally:
+        again.stop()
+    [snap] = own_snapshots(cfg.snapshot_dir)
+    assert snap["checkpoint"]["name"] == "checkpoint-80" and "pin" not in snap
+    assert (snap["_path"] / "model" / "model.safetensors").stat().st_size == MIB
+
+
 # -- 56: an anomaly at a save step ------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fault_56_anomaly_at_a_save_step_pins_the_checkpoint_before(

@@ -33,6 +33,7 @@ from smart_monitor.runtime.events import (
     SnapshotFailed,
     SnapshotMade,
 )  # fmt: skip
+from smart_monitor.runtime.pins import owed_pins
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger
 
@@ -97,6 +98,11 @@ class Dispatch:
     def next_deadline(self) -> float | None:
         times = [w.deadline for w in self._waiting] + [r.at for r in self._retries.values()]
         return min(times, default=None)
+
+    def resume_pins(self) -> None:
+        """At start: retry the pins a SIGKILL or a failure left owed (``pins.py``)."""
+        for request, folder in owed_pins(self.writer):
+            self._retries[request.key] = _Retry(request, folder, self.clock())
 
     def remember(self, keys: Iterable[str]) -> None:
         """Keys of snapshots made before (found on disk, or removed by retention)."""

@@ -64,6 +64,7 @@ class Engine:
         for tmp in self.writer.remove_temporaries():
             self.log.warning("Removed unfinished snapshot", path=str(tmp))
         self.dispatch.remember(str(m["key"]) for _, m in self.writer.published() if "key" in m)
+        self.dispatch.resume_pins()
 
     # -- checkpoints ----------------------------------------------------------------
     def scan_checkpoints(self) -> list[Checkpoint]:
