@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smart_monitor import __version__
@@ -269,10 +269,13 @@ class Pipeline:
     ) -> Outcome:
         """Triggers found outside the record stream (the checkpoint scan) take the same
         policy path: cooldown, MULTIPLE_TRIGGERS, the same metadata; ``metrics`` stands
-        in for the triggering record."""
+        in for the triggering record. The snapshot keeps ``checkpoint-<step>`` itself:
+        its own weights are the finding (not the state before it, as for a loss)."""
         decision = self.policy.decide(step, triggers)
         record = SummaryRecord(step, metrics)
         request = self._request(step, decision, record) if decision.snapshot else None
+        if request is not None:
+            request = replace(request, exact_checkpoint=True)
         return Outcome(step, triggers, decision.suppressed, request)
 
     def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
