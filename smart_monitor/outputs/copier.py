@@ -4,9 +4,10 @@ A hard link or a reflink pins a checkpoint in milliseconds and stays on the work
 copy (``snapshot.mode = "copy"``, or another file system) of a multi-GB checkpoint takes
 minutes: on the worker it would stop the watchdog pings (systemd's ``WatchdogSec``
 would kill the daemon, which would retry the same copy on restart) and detection. So
-the worker ``submit``s it here and goes on; the copy is built under ``.tmp-*`` and
-published by the writer as usual, and the worker ``collect``s the outcome on a later
-turn (``on_done`` wakes it) to log it and run the actions. ``close`` at stop lets a
+the worker publishes the snapshot with its metadata alone (the actions run then, never
+behind a copy: #57), ``submit``s its ``model/`` here and goes on; the copy is built
+under ``.tmp-*`` and renamed into the snapshot by the writer (``pin_into``), and the
+worker ``collect``s the outcome on a later turn (``on_done`` wakes it) to log it. ``close`` at stop lets a
 nearly finished copy end, then cancels the rest between two chunks: their temporaries
 are removed and they come back as ``cancelled``.
 """
