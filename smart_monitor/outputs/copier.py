@@ -7,9 +7,9 @@ would kill the daemon, which would retry the same copy on restart) and detection
 the worker publishes the snapshot with its metadata alone (the actions run then, never
 behind a copy: #57), ``submit``s its ``model/`` here and goes on; the copy is built
 under ``.tmp-*`` and renamed into the snapshot by the writer (``pin_into``), and the
-worker ``collect``s the outcome on a later turn (``on_done`` wakes it) to log it. ``close`` at stop lets a
-nearly finished copy end, then cancels the rest between two chunks: their temporaries
-are removed and they come back as ``cancelled``.
+worker ``collect``s the outcome on a later turn (``on_done`` wakes it) to log it.
+``close`` at stop lets a nearly finished copy end, then cancels the rest between two
+chunks: their temporaries are removed and they come back as ``cancelled``.
 """
 
 from __future__ import annotations
