@@ -334,6 +334,29 @@ def test_fault_54_signal_refused_by_the_trainers_user_is_said_at_start(open_root
     assert "action=signal" in said and "stop file" in said and str(trainer.pid) in said
 
 
+def test_fault_54_a_link_refused_later_is_said_once_and_shown(tmp_path: Path) -> None:
+    """Links work at start; later a checkpoint lands where no link can reach (here a
+    file system mounted at checkpoint-80, as an EXDEV): the snapshot is a copy, and the
+    change is one `Snapshot mode` warning and the /metrics mode, never silent."""
+    port = free_port()
+    cfg = config(tmp_path, metrics={"port": port})
+    append(cfg.metrics_file, lines(1, 10))  # type: ignore[arg-type]
+    with tmpfs_mount(tmp_path / "run" / "checkpoint-80", "16m"):
+        write_checkpoint(tmp_path / "run", 80)
+        live = Live(cfg)
+        try:
+            assert " Snapshot mode mode=hardlink " in live.log()
+            append(cfg.metrics_file, lines(11, 100, spikes=(90,)))  # type: ignore[arg-type]
+            live.wait_log("Created snapshot step=90 ", timeout=60)
+            scraped = scrape(port)
+        finally:
+            live.stop()
+    (said,) = [x for x in live.log().splitlines() if " Snapshot mode mode=copy " in x]
+    assert "was=hardlink" in said and "checkpoint-80" in said
+    modes = [dict(k[1]) for k in scraped if k[0] == "smart_monitor_snapshot_mode_info"]
+    assert [m["mode"] for m in modes] == ["copy"]
+
+
 # -- 55: a snapshot that cannot be written ----------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
