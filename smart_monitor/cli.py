@@ -171,8 +171,8 @@ def run(
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
-    _check_reader(config)
     _prepare(config, ("state_dir", "snapshot_dir"))  # held until the process ends
+    _check_reader(config)  # after the paths: check-config's verdict comes first (#53)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     daemon = Daemon(config, log, daily, Notifier())
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())

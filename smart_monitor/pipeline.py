@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smart_monitor import __version__
@@ -24,7 +24,6 @@ STATE_VERSION = 1
 _MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
 _RECENT_STEPS = 64  # train steps remembered to tell a second writer's records
 _INTERLEAVE_GAPS = 2  # a second writer lags by at most this many logging intervals
-_NEW_RUN_LOSS = 0.1  # a new run's loss is within this share of the first run's first
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +67,8 @@ class Pipeline:
         self.last_step: int | None = None
         self.segment = 0
         self.first: tuple[int, float] | None = None  # the run's first train step and loss
+        self.first_step: int | None = None  # the segment's first train step, whatever its loss
+        self.first_checkpoint: int | None = None  # the segment's earliest checkpoint seen
         self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
@@ -140,6 +141,8 @@ class Pipeline:
         self.recent_steps.append(step)
         if self.first is None and record.loss is not None and math.isfinite(record.loss):
             self.first = (step, record.loss)
+        if self.first_step is None:
+            self.first_step = step
 
     def _latest(self, **values: float | None) -> None:
         self.latest.update((k, v) for k, v in values.items() if v is not None)
@@ -159,14 +162,18 @@ class Pipeline:
         fields = {"step": record.step, "latest_step": self.last_step, "action": "dedup_by_step"}
         return Outcome(record.step, notes=(Note("Interleaved writers", "warning", fields),))
 
+    def checkpoint_seen(self, step: int) -> None:
+        """The trainer saved ``checkpoint-<step>`` (the engine says so when it completes)."""
+        if self.first_checkpoint is None or step < self.first_checkpoint:
+            self.first_checkpoint = step
+
     def _new_run(self, record: TrainRecord) -> bool:
-        """Steps back to the run's first logging interval with the loss back at its
-        first value: a new run from scratch into the same file, not a resume."""
-        if self.first is None or record.loss is None or not math.isfinite(record.loss):
-            return False
-        first_step, first_loss = self.first
-        near_start = record.step - first_step <= _INTERLEAVE_GAPS * max(self.gap, 1)
-        return near_start and abs(record.loss - first_loss) <= _NEW_RUN_LOSS * abs(first_loss)
+        """Steps back to the segment's first logged step, or to before its first
+        checkpoint: a new run from scratch into the same folder, whatever its loss
+        (FAULTS.md #50, #52: another seed or model starts elsewhere). A resume cannot go
+        there: it starts right after the checkpoint it loads, and none came before."""
+        start = max(self.first_step or 0, self.first_checkpoint or 0)
+        return self.first_step is not None and record.step <= start
 
     def _restart(self, record: TrainRecord) -> Note:
         """A new segment with fresh detectors and policy: nothing of the old run is a
@@ -177,7 +184,7 @@ class Pipeline:
         self.policy = Policy(self.config.policy)
         for history in (self.loss_history, self.lr_history):
             history.clear()
-        self.last_step = self.first = None
+        self.last_step = self.first = self.first_step = self.first_checkpoint = None
         self.recent_steps.clear()
         self.gap = 0
         return Note("Run restarted", "warning", {
@@ -278,10 +285,13 @@ class Pipeline:
     ) -> Outcome:
         """Triggers found outside the record stream (the checkpoint scan) take the same
         policy path: cooldown, MULTIPLE_TRIGGERS, the same metadata; ``metrics`` stands
-        in for the triggering record."""
+        in for the triggering record. The snapshot keeps ``checkpoint-<step>`` itself:
+        its own weights are the finding (not the state before it, as for a loss)."""
         decision = self.policy.decide(step, triggers)
         record = SummaryRecord(step, metrics)
         request = self._request(step, decision, record) if decision.snapshot else None
+        if request is not None:
+            request = replace(request, exact_checkpoint=True)
         return Outcome(step, triggers, decision.suppressed, request)
 
     def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
@@ -344,6 +354,8 @@ class Pipeline:
             "last_step": self.last_step,
             "segment": self.segment,
             "first": list(self.first) if self.first else None,
+            "first_step": self.first_step,
+            "first_checkpoint": self.first_checkpoint,
             "recent_steps": list(self.recent_steps),
             "gap": self.gap,
             "duplicates": self.duplicates,
@@ -361,6 +373,8 @@ class Pipeline:
         self.segment = int(state.get("segment", 0))
         first = state.get("first")
         self.first = (int(first[0]), float(first[1])) if first else None
+        self.first_step = state.get("first_step", self.first[0] if self.first else None)
+        self.first_checkpoint = state.get("first_checkpoint")
         self.recent_steps.extend(int(s) for s in state.get("recent_steps", []))
         self.gap = int(state.get("gap", 0))
         self.duplicates = int(state.get("duplicates", 0))

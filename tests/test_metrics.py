@@ -189,8 +189,8 @@ def test_series_incidents_and_state_carry_the_run(tmp_path: Path) -> None:
     assert well[("smart_monitor_degraded", ())] == 1
     assert well[("smart_monitor_train_loss", ())] == 1.9
     assert opened not in well  # recovered: the series is gone, and an alert on it ends
-    modes = {dict(k[1])["mode"]: v for k, v in well.items() if k[0] == "smart_monitor_pin_mode"}
-    assert sum(modes.values()) == 1 and modes["none"] == 0  # the NaN's snapshot pinned files
+    (mode,) = [dict(k[1]) for k in well if k[0] == "smart_monitor_snapshot_mode_info"]
+    assert (mode["mode"], mode["why"]) == engine.writer.mode_in_use  # set at a daemon's start
 
 
 def test_a_settled_incident_stays_open_in_metrics(tmp_path: Path) -> None:

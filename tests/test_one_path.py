@@ -15,7 +15,9 @@ from synthetic import Anomaly, RunSpec, simulate
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.replay import replay
 
-_OWN = re.compile(r" (Started|Stopped|Opened metrics file|Plots not drawn) ")  # not shared
+_OWN = re.compile(  # not shared
+    r" (Started|Stopped|Opened metrics file|Plots not drawn|Snapshot mode) "
+)
 
 
 def events(out: Path) -> list[str]:

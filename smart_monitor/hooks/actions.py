@@ -171,9 +171,36 @@ def send_signal(config: SignalActionConfig, incident: Notice) -> str:
         raise ActionError(f"refusing PID {pid} from {config.pidfile}")
     try:
         os.kill(pid, getattr(signal, config.signal))
+    except PermissionError:
+        raise ActionError(f"kill {config.signal} {pid}: {_SIGNAL_EPERM}") from None
     except OSError as exc:
         raise ActionError(f"kill {config.signal} {pid}: {exc.strerror or exc}") from None
     return f"{config.signal} {pid}"
+
+
+_SIGNAL_EPERM = (
+    "Operation not permitted: a process may signal only its own user's processes (a "
+    "monitor in the trainer's group is not enough; see docs/operations.md): run the "
+    "monitor as the trainer's user, or use the stop file action"
+)
+
+
+def signal_refused(config: SignalActionConfig) -> str | None:
+    """Whether the process the PID file names exists and refuses our signals (EPERM):
+    said once at start, not first when a run is diverging (FAULTS.md #54)."""
+    assert config.pidfile is not None
+    try:
+        pid = int(config.pidfile.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # not written yet: the action says what it finds when it runs
+    try:
+        if pid > 1:
+            os.kill(pid, 0)  # signal 0: the permission check alone
+    except PermissionError:
+        return f"{config.pidfile}: PID {pid}: {_SIGNAL_EPERM}"
+    except OSError:
+        pass  # gone: likewise
+    return None
 
 
 def run_command(config: CommandActionConfig, incident: Notice, timeout: float) -> str:
@@ -324,6 +351,9 @@ class Actions:
             self.actions.append(
                 ("signal", config.signal, lambda i, _t: send_signal(config.signal, i))
             )
+            refused = signal_refused(config.signal)
+            if refused is not None:
+                log.warning("Action unavailable", action="signal", error=refused)
         if config.command.argv:
             self.actions.append(
                 ("command", config.command, lambda i, t: run_command(config.command, i, t))

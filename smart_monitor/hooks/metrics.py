@@ -49,7 +49,6 @@ _SERIES = (  # the newest value of each main series, as the pipeline keeps it
     ("learning_rate", "smart_monitor_learning_rate", "Newest learning rate."),
     ("grad_norm", "smart_monitor_grad_norm", "Newest gradient norm."),
 )
-PIN_MODES = ("reflink", "hardlink", "copy", "none")
 
 
 class _EngineCollector(Collector):
@@ -57,7 +56,7 @@ class _EngineCollector(Collector):
 
     def __init__(
         self, engine: Engine, started_at: float, identity: tuple[str, str],
-        status: Callable[[], str], pinned: Callable[[], str],
+        status: Callable[[], str],
         settled: Mapping[str, tuple[str, str, str, int]],
     ) -> None:
         self.engine = engine
@@ -65,7 +64,6 @@ class _EngineCollector(Collector):
         self.started_at = started_at
         self.identity = list(identity)
         self.status = status
-        self.pinned = pinned
 
     def _one(
         self, family: type[CounterMetricFamily | GaugeMetricFamily], name: str, text: str,
@@ -100,12 +98,14 @@ class _EngineCollector(Collector):
         yield self._one(GaugeMetricFamily, "smart_monitor_degraded",
                         "1 while the monitor runs degraded (its log, state or watcher).",
                         1.0 if self.status().startswith("degraded") else 0.0)
-        pin = GaugeMetricFamily("smart_monitor_pin_mode",
-                                "1 for how the newest snapshot pinned its files.",
-                                labels=[*IDENTITY, "mode"])
-        for mode in PIN_MODES:
-            pin.add_metric([*self.identity, mode], 1.0 if mode == self.pinned() else 0.0)
-        yield pin
+        mode, why = self.engine.writer.mode_in_use
+        info = GaugeMetricFamily(
+            "smart_monitor_snapshot_mode_info",
+            "How snapshots hold the checkpoint's files (reflink, hardlink, copy) and why.",
+            labels=[*IDENTITY, "mode", "why"],
+        )
+        info.add_metric([*self.identity, mode, why], 1)
+        yield info
         budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
         for name, text, value in (
             ("held", "Bytes the snapshots add to their file system.", budget.held),
@@ -144,7 +144,6 @@ class MetricsServer:
     ) -> None:
         self.config = config.metrics
         self.identity = (run_name(config), socket.gethostname())
-        self.pinned = "none"  # the newest snapshot's pin mode
         # incidents that ended with the loss at a worse level: id -> their gauge's labels
         self.settled: dict[str, tuple[str, str, str, int]] = {}
         self.registry = CollectorRegistry()
@@ -171,8 +170,7 @@ class MetricsServer:
             IDENTITY, registry=self.registry,
         ).labels(*self.identity)
         self.registry.register(
-            _EngineCollector(engine, engine.clock(), self.identity, status, lambda: self.pinned,
-                             self.settled)
+            _EngineCollector(engine, engine.clock(), self.identity, status, self.settled)
         )
         self._server: WSGIServer | None = None
         self._thread: Thread | None = None
@@ -186,7 +184,6 @@ class MetricsServer:
             for t in request.triggers:
                 self.snapshots.labels(run, host, t.kind, request.severity.value).inc()
             self.snapshot_bytes.inc(event.bytes)
-            self.pinned = event.mode or "none"
         elif isinstance(event, SnapshotFailed):
             self.failures.labels(run, host, event.reason).inc()
         elif isinstance(event, Restarted):

@@ -32,7 +32,6 @@ class SnapshotMade:
     request: SnapshotRequest
     path: Path
     bytes: int
-    mode: str | None = None  # how its files were pinned: reflink, hardlink, copy (None: none)
 
 
 @dataclass(frozen=True, slots=True)
