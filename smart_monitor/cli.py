@@ -297,6 +297,7 @@ def check_config(file: Path) -> None:
     from smart_monitor.runtime.preflight import check_paths
 
     config = _load(file, None, None, None)
+    _check_reader(config)  # the same verdict as ``run`` gives
     try:
         check_paths(config)
     except ConfigError as exc:

@@ -7,11 +7,28 @@ matters (../shared/real-runs/dev)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from live_harness import SMART_MONITOR, log_text, snapshots
+import pytest
+from live_harness import (
+    SMART_MONITOR,
+    append,
+    config,
+    line,
+    lines,
+    log_text,
+    snapshots,
+    spawn,
+    terminate,
+    wait_until,
+    write_config_file,
+)
 
 DEV = Path(__file__).parents[1].parent / "shared" / "real-runs" / "dev"
 LSTM = DEV / "pypi-data__pypi-mirror-359__nlpia2_LSTM_2l_12ep.jsonl"
@@ -84,3 +101,130 @@ def test_fault_60_bad_crc_resyncs_and_a_later_nan_is_caught(tmp_path: Path) -> N
     assert f"step={nan_step} " in nan
     (snap,) = [m for m in snapshots(tmp_path / "out") if m["triggers"] == ["loss_nonfinite"]]
     assert snap["step"] == nan_step
+
+
+# -- 62: config values at the edge -----------------------------------------------------
+def cli(*args: str | Path, user: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*user, str(SMART_MONITOR), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def one_line_exit_2(res: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    err = res.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+def _paths(tmp_path: Path) -> str:
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    append(metrics, lines(1, 5))
+    out = tmp_path / "out"
+    return f'metrics_file = "{metrics}"\n' + "".join(
+        f'{k} = "{out / k}"\n' for k in ("snapshot_dir", "log_dir", "state_dir"))
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "allowed"),
+    [
+        ("[policy]\nhistory = 1e20\n", "policy.history", "1 <= history <= 100000"),
+        ("[policy]\nrecent_examples = 1e20\n", "policy.recent_examples",
+         "0 <= recent_examples <= 1000"),
+        ("[detectors.loss_zscore]\nwindow = 1e20\n", "detectors.loss_zscore.window",
+         "2 <= window <= 100000"),
+        ("[watch]\npoll_interval = 1e-9\n", "watch.poll_interval",
+         "0.01 <= poll_interval <= 86400"),
+        ("[snapshot]\nmax_bytes = 1e300\n", "snapshot.max_bytes", "0 <= max_bytes <= "),
+    ],
+)
+def test_fault_62_numbers_out_of_range_exit_2_naming_key_and_range(
+    tmp_path: Path, toml: str, key: str, allowed: str
+) -> None:
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(_paths(tmp_path) + toml)
+    for args in (("check-config", cfg), ("run", "--config", cfg)):
+        one_line_exit_2(cli(*args), key, f"allowed: {allowed}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fault_62_utf8_bom_is_accepted_by_check_config_and_run(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    append(cfg.metrics_file, lines(1, 30) + line(31, float("nan")))  # type: ignore[arg-type]
+    path = write_config_file(cfg, tmp_path / "bom.toml")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Notepad saves UTF-8
+    res = cli("check-config", path)
+    assert res.returncode == 0 and ": ok " in res.stdout, res.stderr
+    proc = spawn(path, tmp_path / "stderr")
+    try:
+        wait_until(lambda: "trigger=loss_nonfinite" in log_text(tmp_path / "out")
+                   or proc.poll() is not None, "the NaN detected by run")
+    finally:
+        assert terminate(proc) == 0, (tmp_path / "stderr").read_text()
+
+
+def test_fault_62_metrics_file_a_folder_is_read(tmp_path: Path) -> None:
+    """A folder holding the trainer's JSONL (LLaMA-Factory writes trainer_log.jsonl in
+    its output folder): run and replay both read it, and its NaN is caught."""
+    folder = tmp_path / "run"
+    append(folder / "trainer_log.jsonl", lines(1, 30) + line(31, float("nan")))
+    cfg = config(tmp_path, metrics_file=folder)
+    res = cli("check-config", write_config_file(cfg, tmp_path / "c.toml"))
+    assert res.returncode == 0, res.stderr
+    log = replay(folder, tmp_path / "replayed")
+    assert "step=31 trigger=loss_nonfinite" in log, log
+    proc = spawn(tmp_path / "c.toml", tmp_path / "stderr")
+    try:
+        wait_until(lambda: "step=31 trigger=loss_nonfinite" in log_text(tmp_path / "out")
+                   or proc.poll() is not None, "the NaN detected by run")
+    finally:
+        assert terminate(proc) == 0, (tmp_path / "stderr").read_text()
+
+
+def test_fault_62_an_empty_config_file_is_the_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_bytes(b"")
+    res = subprocess.run([str(SMART_MONITOR), "check-config", str(empty)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0 and "metrics_file=None" in res.stdout, res.stderr
+    one_line_exit_2(subprocess.run(
+        [str(SMART_MONITOR), "run", "--config", str(empty)], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False), "metrics_file: required")
+
+
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+@pytest.fixture
+def shared_root() -> Iterator[Path]:
+    """A folder ``nobody`` can reach (pytest's tmp_path is root's, mode 0700)."""
+    assert shutil.which("setpriv") and os.geteuid() == 0, "a second user needs root"
+    root = Path(tempfile.mkdtemp(prefix="smart-monitor-edges-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_fault_62_unreadable_metrics_same_verdict_from_check_config_and_run(
+    shared_root: Path, what: str
+) -> None:
+    run = shared_root / "run"
+    metrics = run / "metrics.jsonl"
+    append(metrics, lines(1, 5))
+    out = shared_root / "out"
+    out.mkdir()
+    os.chown(out, 65534, 65534)
+    run.chmod(0o755)
+    target = metrics if what == "file" else run
+    target.chmod(0o600 if what == "file" else 0o700)  # a trainer with umask 077
+    cfg = shared_root / "c.toml"
+    cfg.write_text(f'metrics_file = "{target}"\n' + "".join(
+        f'{k} = "{out / k}"\n' for k in ("snapshot_dir", "log_dir", "state_dir")))
+    cfg.chmod(0o644)
+    why = "cannot be read" if what == "file" else "cannot be listed"
+    for args in (("check-config", cfg), ("run", "--config", cfg)):
+        one_line_exit_2(cli(*args, user=NOBODY), "metrics_file", str(target), why)

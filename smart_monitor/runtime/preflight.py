@@ -52,6 +52,7 @@ def check_paths(config: Config) -> None:
     """Every problem here is a config error: one line naming the key (exit 2)."""
     for key in _OUTPUTS:
         _probe_writable(key, getattr(config, key))
+    _check_metrics_readable(config.metrics_file)
     ck = config.checkpoint_dir
     if ck is not None and ck.exists():
         if not ck.is_dir():
@@ -62,6 +63,24 @@ def check_paths(config: Config) -> None:
             raise ConfigError(
                 f"checkpoint_dir: {ck} cannot be listed ({os.strerror(exc.errno or 0)})"
             ) from None
+
+
+def _check_metrics_readable(path: Path | None) -> None:
+    """A metrics file (or folder) that exists must be readable (listable) by this user:
+    otherwise the monitor would follow nothing and say so only in its log (FAULTS.md
+    #62). A path not there yet is waited for (#1)."""
+    if path is None or not path.exists():
+        return
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        what = "cannot be listed" if path.is_dir() else "cannot be read"
+        raise ConfigError(
+            f"metrics_file: {path} {what} ({os.strerror(exc.errno or 0)})"
+        ) from None
 
 
 def _trainer_file(config: Config) -> Path | None:

@@ -99,8 +99,9 @@ def replay(
                 engine.ingest.handle_entries(entries)
             engine.ingest.handle_entries(source.finish())
             source.close()
-        else:
-            _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
+        else:  # a folder given: the JSONL file the tailer would follow
+            path = source.path if source is not None else metrics
+            _replay_jsonl(engine, path, config.records.max_line_bytes, progress)
     engine.finish()
     stop_plots()  # every snapshot's loss_history.png is drawn before replay returns
     log.info("Stopped", mode="replay", **{k: v for k, v in sorted(engine.counts.items())})

@@ -21,7 +21,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
@@ -112,7 +112,7 @@ class EventFileReader:
             self._buf_at, lo = at, 0
         return self._buf[lo:lo + n]
 
-    def _record_at(self, at: int) -> bytes | bool | None:
+    def _record_at(self, at: int) -> bytes | Literal[False] | None:
         """The data of the record at ``at``; False when its framing fails, None when
         the file ends before the record does."""
         head = self._bytes(at, 12)
