@@ -48,6 +48,11 @@ _BOM = b"\xef\xbb\xbf"
 # a trainer logs, and do not fit the batch path's arrays (#44).
 MAX_DEPTH = 64
 MAX_STEP = 2**63 - 1
+# A metric beyond float32's range (3.4e38) is no number the trainer's float32, bf16 or
+# fp16 arithmetic holds: in its own dtype it is infinity, and it is read as one
+# (FAULTS.md #59). Kept finite, -1e308 would be a best model no later loss beats, and
+# its square overflows every window it enters.
+MAX_METRIC = 3.4028234663852886e38
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(rb"[\[\]{}]")
 
@@ -255,13 +260,19 @@ _NONFINITE_STRINGS = {
 def _as_float(key: str, value: Any) -> float | None:
     """A metric's number; a quoted non-finite token is that number.
 
-    >>> _as_float("loss", "NaN"), _as_float("loss", "-Infinity")
-    (nan, -inf)
+    >>> _as_float("loss", "NaN"), _as_float("loss", "-Infinity"), _as_float("loss", -1e308)
+    (nan, -inf, -inf)
     """
-    if value is None or type(value) is float:
-        return value
+    if value is None:
+        return None
+    if type(value) is float:
+        if -MAX_METRIC <= value <= MAX_METRIC or value != value:
+            return value
+        return math.copysign(math.inf, value)
     if isinstance(value, str) and value.strip().lower() in _NONFINITE_STRINGS:
         return _NONFINITE_STRINGS[value.strip().lower()]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedLine("bad_type", key)
+    if abs(value) > MAX_METRIC:  # an int of 400 digits: float() would raise
+        return math.copysign(math.inf, value)
     return float(value)

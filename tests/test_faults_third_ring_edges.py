@@ -53,6 +53,44 @@ def events(log: str, text: str) -> list[str]:
     return [x for x in log.splitlines() if f" {text} " in x]
 
 
+def write(path: Path, recs: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def triggers(log: str) -> list[str]:
+    """``step=S trigger=T`` of every detection."""
+    return [" ".join(x.split(" Detected anomaly ")[1].split()[:2])
+            for x in events(log, "Detected anomaly")]
+
+
+# -- 59: finite extremes ----------------------------------------------------------------
+def test_fault_59_finite_extremes_poison_no_window(tmp_path: Path) -> None:
+    """loss -1e308 and +1e308, eval_loss -1e308, and a step jump of 1e18 in a real run:
+    each extreme loss is a critical anomaly of its own, and every other detection is
+    the one the unmodified run gives: no window poisoned (no nan z, no numpy overflow
+    warning), best-model tracking goes on past the absurd eval loss."""
+    recs = records(LSTM)
+    train = [i for i, r in enumerate(recs) if "loss" in r]
+    evals = [i for i, r in enumerate(recs) if "eval_loss" in r]
+    neg, pos, ev = train[60], train[100], evals[4]
+    base = triggers(replay(LSTM, tmp_path / "base"))
+    edited = [dict(r) for r in recs]
+    edited[neg]["loss"], edited[pos]["loss"] = -1e308, 1e308
+    edited[ev]["eval_loss"] = -1e308
+    got = triggers(replay(write(tmp_path / "extremes.jsonl", edited), tmp_path / "out"))
+    bad = [f"step={recs[i]['step']} trigger=loss_nonfinite" for i in (neg, pos)]
+    assert [t for t in got if t not in bad] == base
+    assert all(got.count(t) == 1 for t in bad)
+    assert any(f"step={r['step']} trigger=best_model" in t
+               for r in recs[ev + 1:] for t in base), "a best model after the bad eval"
+    jump = [dict(r, step=r["step"] + (10**18 if i >= train[80] else 0))
+            for i, r in enumerate(recs)]
+    moved = triggers(replay(write(tmp_path / "jump.jsonl", jump), tmp_path / "jumped"))
+    assert [t.split()[1] for t in moved] == [t.split()[1] for t in base]
+    assert not any("nan" in t for t in got + moved)
+
+
 def write_events(folder: Path, recs: list[dict[str, Any]]) -> Path:
     """``recs`` as one event file, as HF's TensorBoard callback names the keys."""
     from torch.utils.tensorboard import SummaryWriter
