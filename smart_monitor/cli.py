@@ -245,13 +245,17 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
 @_output_opt
 @_config_opt
 def verify(snapshot: str, output: Path | None, config_file: Path | None) -> None:
-    """Check that a snapshot's model/ is as it was pinned (sizes and modification times
-    against its manifest.json): a hard-linked file rewritten in place by the trainer
-    shows here. Exit 0: intact; 1: changed or unreadable."""
+    """Check that a snapshot's model/ is as it was pinned (sizes, modification and inode
+    change times, a content sample, against its manifest.json): a hard-linked file
+    rewritten in place by the trainer shows here, even with its mtime put back.
+    Exit 0: intact; 1: changed or unreadable; 2: no such snapshot."""
     from smart_monitor.outputs.manifest import changes
     from smart_monitor.tools.listing import resolve
 
     path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
+    if not (path / "metadata.json").is_file():
+        click.echo(f"smart-monitor: no such snapshot: {path}", err=True)
+        sys.exit(EXIT_CONFIG)
     if not (path / "model").exists():
         click.echo(f"{path}: no model/ (metadata only, or weights released): nothing to verify")
         return

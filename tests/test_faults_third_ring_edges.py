@@ -27,6 +27,7 @@ from live_harness import (
     spawn,
     terminate,
     wait_until,
+    write_checkpoint,
     write_config_file,
 )
 
@@ -266,3 +267,38 @@ def test_fault_62_unreadable_metrics_same_verdict_from_check_config_and_run(
     why = "cannot be read" if what == "file" else "cannot be listed"
     for args in (("check-config", cfg), ("run", "--config", cfg)):
         one_line_exit_2(cli(*args, user=NOBODY), "metrics_file", str(target), why)
+
+
+# -- 66: a published snapshot rewritten with its mtime put back -------------------------
+def test_fault_66_rewrite_with_mtime_restored_is_caught_and_missing_exits_2(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    ck = write_checkpoint(run, 80, size=1 << 20)
+    append(run / "metrics.jsonl", lines(1, 100, spikes=(90,)))
+    res = subprocess.run([str(SMART_MONITOR), "replay", "--metrics", str(run / "metrics.jsonl"),
+                          "--checkpoints", str(run), "--output", str(tmp_path / "out"),
+                          "--no-plots"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    [snap] = [m for m in snapshots(tmp_path / "out") if m["step"] == 90]
+    assert snap["checkpoint"]["mode"] == "hardlink"
+
+    def verify(name: str | Path) -> subprocess.CompletedProcess[str]:
+        return cli("verify", name, "--output", tmp_path / "out")
+
+    weights = ck / "model.safetensors"
+    os.link(weights, run / "extra-link")  # the inode's ctime moves, its bytes do not:
+    (run / "extra-link").unlink()  # as when the trainer's rotation unlinks its copy
+    ok = verify(snap["_path"])
+    assert ok.returncode == 0 and "intact" in ok.stdout, ok.stdout + ok.stderr
+    st = weights.stat()
+    with open(weights, "r+b") as fh:  # new weights into the same file, mid-file
+        fh.seek(st.st_size // 2)
+        fh.write(os.urandom(1 << 16))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: mtime put back
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns
+    bad = verify(snap["_path"].name)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "changed model.safetensors: rewritten (content changed, mtime put back)" in bad.stdout
+    missing = verify("anomaly_20260101_000000_loss_nonfinite")
+    one_line_exit_2(missing, "no such snapshot", "anomaly_20260101_000000_loss_nonfinite")

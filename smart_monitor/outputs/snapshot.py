@@ -105,7 +105,8 @@ class SnapshotWriter:
             if checkpoint is not None:
                 self._check_space(checkpoint)
                 mode, placed = self._pin(checkpoint, tmp / "model", cancel)
-                _write_synced(tmp / MANIFEST, json.dumps(manifest_data(placed), indent=1) + "\n")
+                manifest = manifest_data(placed, tmp / "model")
+                _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             files, size = len(placed), sum(p.size for p in placed)
             meta = dict(metadata)
             meta["created_at"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")

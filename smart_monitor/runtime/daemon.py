@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from smart_monitor.config import Config
@@ -68,6 +69,7 @@ class Daemon:
         self.engine = Engine(config, log, self.index, self.writer, clock)
         self.engine.dispatch.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))
         self.changed: set[str] = set()  # snapshots already reported as changed
+        self._settled: dict[Path, int] = {}  # moved ctimes whose content sample matched
         self.store = StateStore(config.state_dir)
         # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
         self.tailer = open_metrics(
@@ -232,7 +234,7 @@ class Daemon:
             if path.name.startswith(TMP_PREFIX) or path.name in self.changed or not linked(path):
                 continue
             try:
-                found = changes(path)
+                found = changes(path, self._settled)
             except (OSError, ValueError):
                 continue  # released or removed meanwhile
             if found:
