@@ -13,7 +13,13 @@ from smart_monitor import __version__
 from smart_monitor.config import Config, ConfigError, load_config, redact_url
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.lock import FolderLock
-from smart_monitor.tools.summary import count_snapshots, format_counts, read_logs
+from smart_monitor.tools.summary import (
+    count_snapshots,
+    format_counts,
+    logged_names,
+    read_logs,
+    unlogged_snapshots,
+)
 
 __all__ = ["main"]
 
@@ -189,13 +195,19 @@ def run(
 @_output_opt
 @_config_opt
 def stats(log_dir: Path | None, output: Path | None, config_file: Path | None) -> None:
-    """Count snapshots by trigger type (the table the seed's grep pipeline prints)."""
-    if log_dir is None:
-        log_dir = _load(config_file, None, None, output).log_dir
+    """Count snapshots by trigger type (the table the seed's grep pipeline prints); a
+    snapshot whose log line was lost (a full log disk) is counted from its metadata."""
+    if log_dir is None or output is not None or config_file is not None:
+        config = _load(config_file, None, None, output)
+        log_dir, snapshot_dir = log_dir or config.log_dir, config.snapshot_dir
+    else:  # --log-dir alone: the layout --output makes, DIR/logs beside DIR/snapshots
+        snapshot_dir = log_dir.parent / "snapshots"
     if not log_dir.is_dir():
         click.echo(f"smart-monitor: no log folder {log_dir}", err=True)
         sys.exit(1)
-    click.echo(format_counts(*count_snapshots(read_logs(log_dir))))
+    unlogged = unlogged_snapshots(snapshot_dir, logged_names(read_logs(log_dir)))
+    counted = count_snapshots(read_logs(log_dir), unlogged)
+    click.echo(format_counts(*counted, unlogged=len(unlogged)))
 
 
 @main.command("list")

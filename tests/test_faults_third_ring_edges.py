@@ -26,10 +26,12 @@ from live_harness import (
     snapshots,
     spawn,
     terminate,
+    tmpfs_mount,
     wait_until,
     write_checkpoint,
     write_config_file,
 )
+from test_faults_disk import fill
 
 DEV = Path(__file__).parents[1].parent / "shared" / "real-runs" / "dev"
 LSTM = DEV / "pypi-data__pypi-mirror-359__nlpia2_LSTM_2l_12ep.jsonl"
@@ -302,3 +304,55 @@ def test_fault_66_rewrite_with_mtime_restored_is_caught_and_missing_exits_2(
     assert "changed model.safetensors: rewritten (content changed, mtime put back)" in bad.stdout
     missing = verify("anomaly_20260101_000000_loss_nonfinite")
     one_line_exit_2(missing, "no such snapshot", "anomaly_20260101_000000_loss_nonfinite")
+
+
+# -- 64: the log disk fills and frees while anomalies arrive ----------------------------
+def leave_slack(path: Path, free: int) -> None:
+    """On a full tmpfs a file still grows into its last page: fill that page up to
+    ``free`` bytes (blank lines, which every reader skips)."""
+    size = path.stat().st_size
+    page = -(-size // 4096) * 4096
+    if page - size <= free:
+        page += 4096
+    with open(path, "ab", buffering=0) as fh:
+        fh.write(b"\n" * (page - size - free))
+
+
+def test_fault_64_full_log_disk_no_torn_line_json_stays_json_and_stats_counts(
+    tmp_path: Path,
+) -> None:
+    """JSON log on a small file system that fills while a spike and a NaN arrive: the
+    file never holds a torn line (the disk fills mid-line: the part that landed is cut
+    off), the ``Log file resumed`` line is JSON too, and ``stats`` counts the critical
+    NaN whose ``Created snapshot`` line was lost, from the snapshot's metadata."""
+    with tmpfs_mount(tmp_path / "fs", "4m") as fs:
+        cfg = config(tmp_path, log_dir=fs / "logs", log_format="json")
+        append(cfg.metrics_file, lines(1, 50))  # type: ignore[arg-type]
+        path = write_config_file(cfg, tmp_path / "c.toml")
+        proc = spawn(path, tmp_path / "stderr")
+        err = tmp_path / "stderr"
+        try:
+            wait_until(lambda: '"Started"' in err.read_text(), "Started")
+            filler = fill(fs)
+            (log_file,) = (fs / "logs").glob("*.log")
+            leave_slack(log_file, 100)  # the next line that is longer is cut short
+            append(cfg.metrics_file,  # type: ignore[arg-type]
+                   lines(51, 150, spikes=(120,)) + line(151, float("nan")))
+            wait_until(lambda: '"step":151,"triggers"' in err.read_text(), "the NaN's snapshot")
+            filler.unlink()
+            append(cfg.metrics_file, lines(152, 400, spikes=(380,)))  # type: ignore[arg-type]
+            wait_until(lambda: "Log file resumed" in log_file.read_text(), "the log resumed")
+        finally:
+            assert terminate(proc) == 0, err.read_text()[-2000:]
+        text = "".join(p.read_text() for p in (fs / "logs").glob("*.log"))
+        events = [json.loads(x) for x in text.splitlines() if x.strip()]  # no torn line
+        (resumed,) = [e for e in events if e["event"] == "Log file resumed"]
+        assert resumed["lost"] > 0 and resumed["level"] == "warning"
+        nan_logged = any(e["event"] == "Created snapshot" and e.get("step") == 151
+                         for e in events)
+        assert not nan_logged, text
+        res = cli("stats", "--config", path)
+        assert res.returncode == 0, res.stderr
+        assert "loss_nonfinite (good!)" not in res.stdout, res.stdout
+        assert "      1 loss_nonfinite" in res.stdout.splitlines(), res.stdout
+        assert "not in the log (lines lost)" in res.stdout
