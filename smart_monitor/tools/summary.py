@@ -19,7 +19,12 @@ _PATH = re.compile(r" path=(\"(?:[^\"\\]|\\.)*\"|[^ ]+)")
 
 
 def _created(line: str) -> tuple[list[str], str | None] | None:
-    """The triggers and the folder name of a ``Created snapshot`` line, text or JSON."""
+    """The triggers and the folder name of a ``Created snapshot`` line, text or JSON.
+
+    >>> _created("... warning Created snapshot step=5 triggers=a,b path=/s/anomaly_x")
+    (['a', 'b'], 'anomaly_x')
+    """
+    line = line.rstrip("\r\n")
     if line.startswith("{"):
         if '"Created snapshot"' not in line:
             return None
