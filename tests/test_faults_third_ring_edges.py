@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from live_harness import (
     SMART_MONITOR,
+    Live,
     append,
     config,
     line,
@@ -356,3 +359,69 @@ def test_fault_64_full_log_disk_no_torn_line_json_stays_json_and_stats_counts(
         assert "loss_nonfinite (good!)" not in res.stdout, res.stdout
         assert "      1 loss_nonfinite" in res.stdout.splitlines(), res.stdout
         assert "not in the log (lines lost)" in res.stdout
+
+
+# -- 63: SIGTERM while forensic scans are pending, or while finish raises ---------------
+def test_fault_63_stop_within_deadline_with_a_scan_stuck_and_state_saved(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint of 1 TiB of weights (sparse: the scan reads zeros for hours, as it
+    would read a slow network mount) under the optional weight scan: SIGTERM stops the
+    monitor well inside systemd's TimeoutStopSec (60 s), says which scan it gave up on,
+    and saves its state."""
+    cfg = config(tmp_path, checkpoint_scan={"enabled": True})
+    ck = tmp_path / "run" / "checkpoint-40"
+    ck.mkdir(parents=True)
+    count = 1 << 38  # float32s: 1 TiB
+    header = json.dumps({"w": {"dtype": "F32", "shape": [count],
+                               "data_offsets": [0, 4 * count]}}).encode()
+    with open(ck / "model.safetensors", "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header)
+        fh.truncate(8 + len(header) + 4 * count)
+    (ck / "trainer_state.json").write_text('{"global_step": 40}')
+    append(cfg.metrics_file, lines(1, 50))  # type: ignore[arg-type]
+    err = tmp_path / "stderr"
+    proc = spawn(write_config_file(cfg, tmp_path / "c.toml"), err)
+    try:
+        wait_until(lambda: "Checkpoint complete name=checkpoint-40" in err.read_text()
+                   and " records=" not in err.read_text(), "the scan under way")
+        wait_until(lambda: (tmp_path / "out" / "state" / "state.json").is_file(), "a save")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        (ck / "model.safetensors").unlink()
+    log = err.read_text()
+    assert code == 0, log[-2000:]
+    assert took < 60, f"stopped {took:.1f} s after SIGTERM"
+    assert "Checkpoint scans abandoned at stop count=1 names=checkpoint-40" in log, log
+    state = json.loads((tmp_path / "out" / "state" / "state.json").read_text())
+    assert state["data"]["engine"]["counts"]["records"] == 50
+
+
+def test_fault_63_a_failing_finish_still_saves_the_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier step of the stop raising (finish: the snapshots still waiting) does
+    not skip the final state save: a restart resumes, it does not read everything."""
+    cfg = config(tmp_path)
+    append(cfg.metrics_file, lines(1, 40))  # type: ignore[arg-type]
+    live = Live(cfg)
+    live.wait_records(40)
+
+    def broken(**_: Any) -> None:
+        raise RuntimeError("dispatch flush failed")
+
+    monkeypatch.setattr(live.daemon.engine, "finish", broken)
+    saves = []
+    monkeypatch.setattr(live.daemon.store, "save", lambda data: saves.append(data))
+    live.daemon.stop()
+    live.thread.join(20)
+    assert not live.thread.is_alive() and live.error is None
+    failed = 'Stop step failed step=finish error="RuntimeError: dispatch flush failed"'
+    assert failed in live.log()
+    assert saves and saves[-1]["engine"]["counts"]["records"] == 40

@@ -16,7 +16,6 @@ exist under the same key, so nothing is made twice (#16, #25).
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +44,26 @@ _TURN_SECONDS = 0.25  # a backlog is read in slices this long, so stop and pings
 _UNHEALTHY_AFTER = 3  # turns failing in a row before the watchdog pings stop
 _RETIRED_KEYS = 1000  # keys of snapshots removed by retention, remembered in the state
 _STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 minutes
+# A stop waits this long, at most, for checkpoint scans under way (a multi-GB read): the
+# whole stop must end well inside systemd's TimeoutStopSec (60 s in the unit).
+_SCAN_STOP_SECONDS = 5.0
+
+
+class StopFlag:
+    """A stop request. Set from a signal handler, which runs on the worker's own
+    thread between two bytecodes: ``threading.Event.set`` takes a lock that thread may
+    be holding, a plain attribute write takes none."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class Daemon:
@@ -63,7 +82,7 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.clock = clock
         self.wakeups = Wakeups()
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
         self.index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock)
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
@@ -91,7 +110,7 @@ class Daemon:
         self._new_snapshots = False
         self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
 
-    # -- control (safe from signal handlers: they only post) -------------------------
+    # -- control (safe from signal handlers: a flag and a post, no lock) -------------
     def stop(self) -> None:
         self.stopping.set()
         self.wakeups.post("stop")
@@ -327,11 +346,22 @@ class Daemon:
             self._next_ping = now + interval
 
     def _finish(self, close_hooks: Callable[[], None]) -> None:
+        """Each step of a stop runs even when one before it failed: above all the final
+        state save, without which a restart reads everything again (FAULTS.md #63)."""
         self.notifier.stopping()
         try:
-            self.engine.finish()
-            self._retain()
-            self._save(final=True)
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("finish", lambda: self.engine.finish(scan_timeout=_SCAN_STOP_SECONDS)),
+                ("retention", self._retain),
+                ("state save", lambda: self._save(final=True)),
+            ]
+            for name, step in steps:
+                try:
+                    step()
+                except Exception as exc:  # the rest of the stop still runs
+                    self.errors += 1
+                    self.log.error("Stop step failed", step=name,
+                                   error=f"{type(exc).__name__}: {exc}")
         finally:
             self.watcher.stop()
             close_hooks()
