@@ -425,3 +425,34 @@ def test_fault_63_a_failing_finish_still_saves_the_state(
     failed = 'Stop step failed step=finish error="RuntimeError: dispatch flush failed"'
     assert failed in live.log()
     assert saves and saves[-1]["engine"]["counts"]["records"] == 40
+
+
+# -- the tailer's offset moves past a block once the block is handled -------------------
+def test_a_block_whose_handling_failed_is_read_again_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn that fails while handling a block of lines (a worker error) leaves the
+    tailer's offset before that block: the next turn handles it, and the NaN in it is
+    caught; the state saved in between resumes before it too."""
+    cfg = config(tmp_path)
+    append(cfg.metrics_file, lines(1, 30))  # type: ignore[arg-type]
+    live = Live(cfg)
+    live.wait_records(30)
+    ingest = live.daemon.engine.ingest
+    real, failed = ingest.handle_lines, []
+
+    def flaky(lines: Any, offset: int) -> None:
+        if not failed:
+            failed.append(offset)
+            assert live.daemon.tailer is not None
+            saved = live.daemon.tailer.state_dict()["offset"]
+            assert saved == offset, "the offset moved past a block not yet handled"
+            raise OSError("a transient failure while handling")
+        real(lines, offset)
+
+    monkeypatch.setattr(ingest, "handle_lines", flaky)
+    append(cfg.metrics_file, lines(31, 35) + line(36, float("nan")))  # type: ignore[arg-type]
+    live.wait_log("trigger=loss_nonfinite")
+    live.stop()
+    assert failed and live.log().count("Worker error") == 1
+    assert live.records == 36

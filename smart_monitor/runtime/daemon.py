@@ -36,6 +36,7 @@ from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
+from smart_monitor.sources.tailer import Tailer
 from smart_monitor.sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
 
 __all__ = ["Daemon"]
@@ -216,13 +217,21 @@ class Daemon:
         if isinstance(self.tailer, FolderSource):
             self._read_entries(self.tailer)
             return
-        handle = self.engine.ingest.handle_lines  # the path replay takes
-        if self._drain(handle(lines, offset) for offset, lines in self.tailer.blocks()):
+        if self._drain(self._handle_blocks(self.tailer)):
             return
         if self.tailer.switched:  # the old file is drained: save at the boundary, go on
             self.tailer.switched = False
             self._save(final=True)
             self.wakeups.post("metrics")
+
+    def _handle_blocks(self, tailer: Tailer) -> Iterator[None]:
+        """Each block the tailer gives, handled (the path replay takes), then committed:
+        its offset moves past it only once its lines are handled."""
+        handle = self.engine.ingest.handle_lines
+        for offset, lines in tailer.blocks():
+            handle(lines, offset)
+            tailer.commit()
+            yield
 
     def _read_entries(self, source: FolderSource) -> None:
         """``_read`` for TensorBoard and CSV files: decoded entries, in slices."""
