@@ -35,6 +35,8 @@ from live_harness import (
     write_config_file,
 )
 from test_faults_disk import fill
+from test_faults_worker import Hook, nan_lines
+from test_faults_worker import hook as hook  # the fixture, for this module's tests
 
 DEV = Path(__file__).parents[1].parent / "shared" / "real-runs" / "dev"
 LSTM = DEV / "pypi-data__pypi-mirror-359__nlpia2_LSTM_2l_12ep.jsonl"
@@ -456,3 +458,21 @@ def test_a_block_whose_handling_failed_is_read_again_not_lost(
     live.stop()
     assert failed and live.log().count("Worker error") == 1
     assert live.records == 36
+
+
+# -- a webhook in retry backoff at stop is said to be dropped ----------------------------
+def test_a_webhook_in_retry_backoff_at_stop_is_dropped_out_loud(
+    tmp_path: Path, hook: Hook
+) -> None:
+    """The receiver answers 503: the page waits out a long backoff before its retry.
+    A stop ends the wait; the page that will now never be sent says so."""
+    hook.behaviour = [503] * 10
+    cfg = config(tmp_path, actions={"retry_backoff_seconds": 600,
+                                    "webhook": {"url": hook.url()}})
+    live = Live(cfg)
+    append(cfg.metrics_file, nan_lines(1, 40, at=30))  # type: ignore[arg-type]
+    live.wait_log("Action failed action=webhook step=30")
+    live.stop()
+    [dropped] = [ln for ln in live.log().splitlines() if "Action dropped" in ln]
+    assert "action=webhook step=30 " in dropped and "reason=stopping" in dropped
+    assert "in retry backoff after attempt 1" in dropped and len(hook.paths) == 1

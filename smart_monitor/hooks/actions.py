@@ -339,6 +339,9 @@ class Actions:
                 self.log.error("Action failed", **where, error=str(exc), attempt=n,
                                retry_in=backoff if again else None)
                 if not again or self.stopping.wait(backoff):
+                    if exc.retry and n <= retries:  # a retry was due: the stop cut it off
+                        self.log.warning("Action dropped", **where, reason="stopping",
+                                         detail=f"in retry backoff after attempt {n}")
                     return False
                 backoff *= 2
                 continue
