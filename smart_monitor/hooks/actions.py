@@ -44,7 +44,7 @@ from smart_monitor.config import (
     SignalActionConfig,
     WebhookActionConfig,
 )
-from smart_monitor.runtime.events import Event, SnapshotFailed, SnapshotMade
+from smart_monitor.events import Event, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity
 
 __all__ = ["ActionError", "Actions", "Notice", "Worker"]

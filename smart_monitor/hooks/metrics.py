@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from smart_monitor.config import MetricsConfig
+from smart_monitor.events import Detected, Event, Restarted, SnapshotFailed, SnapshotMade
 from smart_monitor.outputs.retention import disk_budget
-from smart_monitor.runtime.events import Detected, Event, Restarted, SnapshotFailed, SnapshotMade
 
 if TYPE_CHECKING:
     from smart_monitor.runtime.engine import Engine

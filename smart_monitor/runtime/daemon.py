@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from smart_monitor.config import Config
+from smart_monitor.events import Event, SnapshotMade
 from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
@@ -31,7 +32,6 @@ from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_
 from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import Event, SnapshotMade
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
-from smart_monitor.outputs.incident import record_recovery
-from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
-from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
-from smart_monitor.runtime.events import (
+from smart_monitor.events import (
     Detected,
     Event,
     Listener,
@@ -26,6 +22,10 @@ from smart_monitor.runtime.events import (
     SnapshotFailed,
     SnapshotMade,
 )  # fmt: skip
+from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
+from smart_monitor.outputs.incident import record_recovery
+from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
+from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger
 

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import Config
+from smart_monitor.events import Listener
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.runtime.dispatch import Dispatch
-from smart_monitor.runtime.events import Listener
 from smart_monitor.runtime.ingest import Ingest
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger

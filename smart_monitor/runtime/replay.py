@@ -11,10 +11,10 @@ from typing import Any
 from tqdm import tqdm
 
 from smart_monitor.config import Config
+from smart_monitor.events import Detected, Event, Listener
 from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import Detected, Event, Listener
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
