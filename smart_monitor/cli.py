@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -139,6 +140,7 @@ def replay(
 ) -> None:
     """Run the pipeline over a finished run (JSONL metrics, HF trainer_state.json,
     TensorBoard event files or a Lightning metrics.csv)."""
+    from smart_monitor.hooks.attach import attach_plots
     from smart_monitor.runtime.replay import DetectionReport
     from smart_monitor.runtime.replay import replay as run_replay
 
@@ -147,7 +149,8 @@ def replay(
     _prepare(config, ("snapshot_dir",))  # held until the process ends
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     detections = DetectionReport()
-    engine = run_replay(config, metrics_file, log, progress, [detections], plots)
+    engine = run_replay(config, metrics_file, log, progress, [detections],
+                        attach=partial(attach_plots, log=log, defer=True) if plots else None)
     if daily is not None:
         daily.close()
     c = engine.counts
@@ -171,6 +174,7 @@ def run(
     the log file."""
     import signal
 
+    from smart_monitor.hooks.attach import attach_hooks
     from smart_monitor.runtime.daemon import Daemon
     from smart_monitor.runtime.notify import Notifier
 
@@ -180,7 +184,8 @@ def run(
     _check_reader(config)
     _prepare(config, ("state_dir", "snapshot_dir"))  # held until the process ends
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
-    daemon = Daemon(config, log, daily, Notifier())
+    daemon = Daemon(config, log, daily, Notifier(),
+                    hooks=lambda engine, hold: attach_hooks(engine, config, log, hold))
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.reopen_log())

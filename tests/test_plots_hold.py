@@ -28,7 +28,7 @@ def test_a_held_plot_is_drawn_once_the_hold_ends(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = Config(snapshot_dir=out / "snapshots", log_dir=out / "logs", state_dir=out / "state")
     log, _ = make_logger(None, stderr=None)
-    replay(cfg, metrics, log, plots=False)
+    replay(cfg, metrics, log)
     [meta] = snapshots(out)
     snap: Path = meta["_path"]
     assert not (snap / "loss_history.png").exists()

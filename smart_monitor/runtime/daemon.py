@@ -24,7 +24,6 @@ from typing import Any
 
 from smart_monitor.config import Config
 from smart_monitor.events import Event, SnapshotMade
-from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.manifest import changes, linked
@@ -48,6 +47,12 @@ _STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 
 # A stop waits this long, at most, for checkpoint scans under way (a multi-GB read): the
 # whole stop must end well inside systemd's TimeoutStopSec (60 s in the unit).
 _SCAN_STOP_SECONDS = 5.0
+
+
+# What the command line attaches to the engine at start (actions, metrics server,
+# plots) given the plots' hold, and how to stop them: runtime drives the core and
+# imports no hook; the layer above composes them.
+Hooks = Callable[[Engine, Callable[[], bool]], Callable[[], None]]
 
 
 class StopFlag:
@@ -76,9 +81,11 @@ class Daemon:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer_factory: ObserverFactory = make_observer,
+        hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.log = log
+        self.hooks = hooks
         self.daily = daily
         self.notifier = notifier or Notifier({})
         self.clock = clock
@@ -145,8 +152,9 @@ class Daemon:
             self.retired = [str(k) for k in data.get("retired_keys", [])][-_RETIRED_KEYS:]
             self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
-        close_hooks = attach_hooks(
-            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set()
+        close_hooks = (
+            self.hooks(self.engine, lambda: self.behind and not self.stopping.is_set())
+            if self.hooks is not None else lambda: None
         )
         self.watcher.start()
         self.log.info(
