@@ -476,3 +476,42 @@ def test_a_webhook_in_retry_backoff_at_stop_is_dropped_out_loud(
     [dropped] = [ln for ln in live.log().splitlines() if "Action dropped" in ln]
     assert "action=webhook step=30 " in dropped and "reason=stopping" in dropped
     assert "in retry backoff after attempt 1" in dropped and len(hook.paths) == 1
+
+
+# -- 65: thousands of snapshots ----------------------------------------------------------
+def test_fault_65_housekeeping_learns_each_snapshot_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 published snapshots (copies: they share no file with the trainer): the
+    disk budget walks each one's files once, and the check of linked snapshots reads
+    each manifest once, however many reconciliations follow (20k of them, walked at
+    every turn, cost 0.55 % of a core; ``benchmarks/latency.py --folders``)."""
+    from smart_monitor.outputs import manifest, retention
+
+    cfg = config(tmp_path, watch={"reconcile_seconds": 0.2})
+    append(cfg.metrics_file, lines(1, 20))  # type: ignore[arg-type]
+    n = 300
+    for i in range(n):
+        snap = cfg.snapshot_dir / f"anomaly_20260101_{i:06d}_loss_spike_200.0pct"
+        (snap / "model").mkdir(parents=True)
+        (snap / "model" / "model.safetensors").write_bytes(b"\0" * 256)
+        (snap / "manifest.json").write_text(json.dumps({"version": 1, "files": {
+            "model.safetensors": {"how": "copy", "size": 256, "mtime_ns": 0}}}))
+        (snap / "metadata.json").write_text(json.dumps({
+            "triggers": ["loss_spike_200.0pct"], "severity": "warning", "step": i,
+            "created_at": f"2026-01-01T00:00:00.{i:03d}Z", "key": f"k{i}"}))
+    walks: list[Path] = []
+    loads: list[Path] = []
+    sizes, load = retention._sizes, manifest._load
+    monkeypatch.setattr(retention, "_sizes", lambda p: walks.append(p) or sizes(p))
+    monkeypatch.setattr(manifest, "_load", lambda p: loads.append(p) or load(p))
+    live = Live(cfg)
+    turns: list[int] = []
+    retain = live.daemon._retain
+    monkeypatch.setattr(live.daemon, "_retain", lambda: turns.append(1) or retain())
+    wait_until(lambda: len(turns) >= 2, "two reconciliations")
+    learnt = len(walks), len(loads)
+    assert learnt == (n, n)
+    wait_until(lambda: len(turns) >= 8, "six more")
+    live.stop()
+    assert (len(walks), len(loads)) == learnt, "housekeeping walked the snapshots again"

@@ -16,6 +16,8 @@ exist under the same key, so nothing is made twice (#16, #25).
 
 from __future__ import annotations
 
+import bisect
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +29,12 @@ from smart_monitor.events import Event, SnapshotMade
 from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.manifest import changes, linked
-from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
+from smart_monitor.outputs.retention import (
+    DiskBudget,
+    SnapshotCache,
+    enforce_budget,
+    enforce_retention,
+)
 from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
@@ -47,6 +54,7 @@ _STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 
 # A stop waits this long, at most, for checkpoint scans under way (a multi-GB read): the
 # whole stop must end well inside systemd's TimeoutStopSec (60 s in the unit).
 _SCAN_STOP_SECONDS = 5.0
+_LINKED_SLICE = 500  # linked snapshots compared with their manifest per reconciliation
 
 
 # What the command line attaches to the engine at start (actions, metrics server,
@@ -97,6 +105,9 @@ class Daemon:
         self.engine.dispatch.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))
         self.changed: set[str] = set()  # snapshots already reported as changed
         self._settled: dict[Path, int] = {}  # moved ctimes whose content sample matched
+        self.snapshot_cache = SnapshotCache()  # housekeeping's, between turns (#65)
+        self._unlinked: set[str] = set()  # snapshots that share no file with the trainer
+        self._linked_after = ""  # where the next slice of the linked check begins
         self.store = StateStore(config.state_dir)
         # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
         self.tailer = open_metrics(
@@ -266,8 +277,17 @@ class Daemon:
         that re-saves a checkpoint in place changes the snapshot's bytes, and that must
         never be silent (FAULTS.md #48). Said once per snapshot."""
         root = self.writer.root
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if path.name.startswith(TMP_PREFIX) or path.name in self.changed or not linked(path):
+        names = sorted(os.listdir(root)) if root.is_dir() else []
+        todo = [n for n in names if not n.startswith(TMP_PREFIX) and n not in self.changed
+                and n not in self._unlinked]
+        # a slice per turn, in turn: 20k snapshots are never all read at once (#65)
+        start = bisect.bisect_right(todo, self._linked_after)
+        turn = (todo[start:] + todo[:start])[:_LINKED_SLICE]
+        self._linked_after = turn[-1] if len(turn) < len(todo) else ""
+        for name in turn:
+            path = root / name
+            if not linked(path):
+                self._unlinked.add(name)  # copies and metadata-only: never linked later
                 continue
             try:
                 found = changes(path, self._settled)
@@ -292,10 +312,12 @@ class Daemon:
 
     def _retain(self) -> None:
         snap = self.config.snapshot
-        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log):
+        cache = self.snapshot_cache
+        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log,
+                                     cache):
             self.retired.append(key)
         del self.retired[:-_RETIRED_KEYS]
-        self.budget = enforce_budget(self.writer, snap, self.log)
+        self.budget = enforce_budget(self.writer, snap, self.log, cache=cache)
 
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:
