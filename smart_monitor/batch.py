@@ -39,7 +39,7 @@ def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
 def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     """The row of a plain train record: a non-negative int step and finite numbers.
     None for anything else (another kind, an alias to apply, a bad or non-finite
-    value, or one past ``MAX_METRIC``, read as infinite): the record-by-record path
+    value, or a loss past ``MAX_METRIC``, read as infinite): the record-by-record path
     handles those, with its logging. Written for speed: it runs once per line of a
     replay.
 
@@ -61,13 +61,13 @@ def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
             return None  # a string, a bool, NaN, infinity or past MAX_METRIC
         loss = float(loss)
     lr = data.get("learning_rate")
-    if lr is not None and (type(lr) is not float or not -MAX_METRIC <= lr <= MAX_METRIC):
-        if type(lr) is not int or not -MAX_METRIC <= lr <= MAX_METRIC:
+    if lr is not None and (type(lr) is not float or lr - lr != 0.0):
+        if type(lr) is not int:
             return None
         lr = float(lr)
     grad = data.get("grad_norm")
-    if grad is not None and (type(grad) is not float or not -MAX_METRIC <= grad <= MAX_METRIC):
-        if type(grad) is not int or not -MAX_METRIC <= grad <= MAX_METRIC:
+    if grad is not None and (type(grad) is not float or grad - grad != 0.0):
+        if type(grad) is not int:
             return None
         grad = float(grad)
     if loss is None:

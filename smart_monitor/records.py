@@ -48,7 +48,7 @@ _BOM = b"\xef\xbb\xbf"
 # a trainer logs, and do not fit the batch path's arrays (#44).
 MAX_DEPTH = 64
 MAX_STEP = 2**63 - 1
-# A metric beyond float32's range (3.4e38) is no number the trainer's float32, bf16 or
+# A loss beyond float32's range (3.4e38) is no number the trainer's float32, bf16 or
 # fp16 arithmetic holds: in its own dtype it is infinity, and it is read as one
 # (FAULTS.md #59). Kept finite, -1e308 would be a best model no later loss beats, and
 # its square overflows every window it enters.
@@ -173,11 +173,11 @@ def to_record(
         return SummaryRecord(_optional_step(data), data)
     if not _EVAL.isdisjoint(data):
         acc = data.get("eval_accuracy", data.get("accuracy"))
-        return EvalRecord(_step(data), _number(data, "eval_loss"), _as_float("accuracy", acc), data)
+        return EvalRecord(_step(data), _loss(data, "eval_loss"), _as_float("accuracy", acc), data)
     if "loss" in data or "learning_rate" in data or "grad_norm" in data:
         return TrainRecord(
             _step(data),
-            _number(data, "loss"),
+            _loss(data, "loss"),
             _number(data, "learning_rate"),
             _number(data, "grad_norm"),
             data,
@@ -214,7 +214,7 @@ def _example(data: Mapping[str, Any]) -> ExampleRecord:
         golden,
         answer,
         matches,
-        _number(data, "loss"),
+        _loss(data, "loss"),
         data,
     )
 
@@ -248,6 +248,19 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
     return _as_float(key, data.get(key))
 
 
+def _loss(data: Mapping[str, Any], key: str) -> float | None:
+    """A loss; past ``MAX_METRIC`` it is infinite (a learning rate of 1e300 stays the
+    absurd number it is: the LR z-score names it, FAULTS.md #44).
+
+    >>> _loss({"loss": -1e308}, "loss"), _loss({"eval_loss": 2.5}, "eval_loss")
+    (-inf, 2.5)
+    """
+    value = _as_float(key, data.get(key))
+    if value is None or -MAX_METRIC <= value <= MAX_METRIC or value != value:
+        return value
+    return math.copysign(math.inf, value)
+
+
 # Non-finite numbers as some JSON encoders write them (quoted, e.g. ``default=str``):
 # a trainer whose loss went NaN must still get ``loss_nonfinite``, not a skipped line.
 _NONFINITE_STRINGS = {
@@ -260,15 +273,11 @@ _NONFINITE_STRINGS = {
 def _as_float(key: str, value: Any) -> float | None:
     """A metric's number; a quoted non-finite token is that number.
 
-    >>> _as_float("loss", "NaN"), _as_float("loss", "-Infinity"), _as_float("loss", -1e308)
-    (nan, -inf, -inf)
+    >>> _as_float("loss", "NaN"), _as_float("loss", "-Infinity")
+    (nan, -inf)
     """
-    if value is None:
-        return None
-    if type(value) is float:
-        if -MAX_METRIC <= value <= MAX_METRIC or value != value:
-            return value
-        return math.copysign(math.inf, value)
+    if value is None or type(value) is float:
+        return value
     if isinstance(value, str) and value.strip().lower() in _NONFINITE_STRINGS:
         return _NONFINITE_STRINGS[value.strip().lower()]
     if isinstance(value, bool) or not isinstance(value, int | float):
