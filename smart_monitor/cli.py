@@ -178,6 +178,11 @@ def run(
     from smart_monitor.runtime.daemon import Daemon
     from smart_monitor.runtime.notify import Notifier
 
+    # structlog's package imports structlog.dev, which imports rich and pygments when
+    # they are installed, for console tracebacks the daemon never renders: 4 MB of its
+    # resident memory (goal: under 60 MB idle). This process is the daemon's own.
+    for pretty in ("rich", "pygments"):
+        sys.modules.setdefault(pretty, None)  # type: ignore[arg-type]  # None: absent
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")

@@ -190,12 +190,7 @@ def make_logger(
     """A bound logger for one monitor instance (no global structlog state), and the
     daily file it writes, for ``reopen()`` on SIGHUP."""
     outputs: list[Callable[[str], None]] = []
-    # structlog's package imports structlog.dev, which imports rich and pygments when
-    # they are installed, for console tracebacks the monitor never renders: 4 MB of
-    # the daemon's resident memory (its goal: under 60 MB idle). Marked absent first.
-    for pretty in ("rich", "pygments"):
-        sys.modules.setdefault(pretty, None)  # type: ignore[arg-type]  # None: absent
-    import structlog
+    import structlog  # here: ``run`` keeps its optional imports out first (cli.py)
 
     renderer = render_text if log_format == "text" else render_json
     daily = DailyFile(log_dir, clock, renderer) if log_dir is not None else None
