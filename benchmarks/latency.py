@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/latency.py            # about 2.5 minutes
     .venv/bin/python benchmarks/latency.py --quick    # a smoke run (about 30 s)
+    .venv/bin/python benchmarks/latency.py --folders 20000   # idle beside 20k folders
 
 1. Latency: the time from a line's append (a NaN loss, one critical anomaly, with a
    1 MiB checkpoint to pin) to its ``Created snapshot`` line in the log, for the
@@ -11,6 +12,10 @@
    backend (``/proc/<pid>/stat`` and ``status``).
 3. Memory: RSS sampled while the daemon follows a 2-million-line metrics file written
    before it starts; flat means no history grows with the file.
+4. ``--folders N``: idle CPU and RSS of a daemon beside N checkpoint folders and N
+   published snapshots (each hard-linked to its checkpoint, as pins are), over a
+   minute of reconciliations: housekeeping (retention, the disk budget, the check of
+   linked snapshots, ``/metrics``) must not walk every file at each turn (FAULTS.md #65).
 
 Goals (issue 3): p99 < 50 ms with inotify; p99 < poll_interval + 200 ms with polling;
 idle < 0.5 % of a core; RSS < 60 MB.
@@ -177,6 +182,47 @@ def big_file(lines: int) -> tuple[list[tuple[int, float]], float]:
         return samples, lines / elapsed
 
 
+def crowded(folders: int, idle: float) -> tuple[float, float, float]:
+    """Seconds to start, idle CPU % and RSS (MB) beside ``folders`` checkpoint folders
+    and as many published snapshots."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        conf = write_config(root, "inotify")
+        with open(conf, "a") as fh:
+            fh.write('[metrics]\nport = 0\n')
+        run, snaps = root / "run", root / "out" / "snapshots"
+        snaps.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(line(s, flat_loss(s)) for s in range(1, 51)))
+        for i in range(1, folders + 1):
+            ck = run / f"checkpoint-{i * 10}"
+            ck.mkdir()
+            (ck / "model.safetensors").write_bytes(b"\0" * 256)
+            (ck / "trainer_state.json").write_text(json.dumps({"global_step": i * 10}))
+            snap = snaps / f"anomaly_20260101_{i:06d}_loss_spike_200.0pct"
+            (snap / "model").mkdir(parents=True)
+            os.link(ck / "model.safetensors", snap / "model" / "model.safetensors")
+            st = (snap / "model" / "model.safetensors").stat()
+            (snap / "manifest.json").write_text(json.dumps({"version": 1, "files": {
+                "model.safetensors": {"how": "hardlink", "size": 256,
+                                      "mtime_ns": st.st_mtime_ns}}}))
+            (snap / "metadata.json").write_text(json.dumps({
+                "triggers": ["loss_spike_200.0pct"], "severity": "warning", "step": i * 10,
+                "created_at": f"2026-01-01T00:00:{i % 60:02d}.000Z", "key": f"k{i}"}))
+        t0 = time.monotonic()
+        proc = start(conf)
+        try:
+            wait_for(lambda: started(root), timeout=600)
+            ready = time.monotonic() - t0
+            time.sleep(15)  # the first reconciliations: sizes learnt once
+            c0, t1 = cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(idle)
+            cpu = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t1) * 100
+            rss = rss_mb(proc.pid)
+        finally:
+            stop(proc)
+        return ready, cpu, rss
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]
@@ -187,7 +233,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="few samples, 5 s idle, 200k lines")
+    p.add_argument("--folders", type=int, default=0,
+                   help="only: idle CPU and RSS beside this many checkpoints and snapshots")
     a = p.parse_args()
+    if a.folders:
+        ready, cpu, rss = crowded(a.folders, 10.0 if a.quick else 60.0)
+        print(f"{a.folders:,} checkpoint and {a.folders:,} snapshot folders: started in "
+              f"{ready:.1f} s; idle CPU {cpu:.2f} % of a core, RSS {rss:.1f} MB")
+        return
     n_inotify, n_polling, n_lines = (5, 3, 200_000) if a.quick else (40, 12, 2_000_000)
     print(f"host: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     for backend, n in (("inotify", n_inotify), ("polling", n_polling)):

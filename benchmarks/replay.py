@@ -31,11 +31,13 @@ import math
 import random
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import orjson
 
 from smart_monitor.config import load_config
+from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.replay import replay
 
@@ -83,7 +85,8 @@ def run_replay(path: Path, out: Path, plots: bool = False) -> tuple[float, int]:
     )
     log, daily = make_logger(config.log_dir, "text", "info", stderr=None)
     t0 = time.perf_counter()
-    engine = replay(config, path, log, progress=False, plots=plots)
+    attach = partial(attach_plots, log=log, defer=True) if plots else None
+    engine = replay(config, path, log, progress=False, attach=attach)
     elapsed = time.perf_counter() - t0
     if daily is not None:
         daily.close()

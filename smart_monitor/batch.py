@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from smart_monitor.records import MAX_STEP, NON_TRAIN_KEYS, TrainRecord
+from smart_monitor.records import MAX_METRIC, MAX_STEP, NON_TRAIN_KEYS, TrainRecord
 
 __all__ = [
     "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",
@@ -39,12 +39,15 @@ def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
 def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     """The row of a plain train record: a non-negative int step and finite numbers.
     None for anything else (another kind, an alias to apply, a bad or non-finite
-    value): the record-by-record path handles those, with its logging. Written for
-    speed: it runs once per line of a replay.
+    value, or a loss past ``MAX_METRIC``, read as infinite): the record-by-record path
+    handles those, with its logging. Written for speed: it runs once per line of a
+    replay.
 
     >>> train_row({"step": 3, "loss": 0.5, "grad_norm": 1}, frozenset())[:4]
     (3, 0.5, None, 1.0)
     >>> train_row({"step": 3, "loss": float("nan")}, frozenset()) is None
+    True
+    >>> train_row({"step": 3, "loss": -1e308}, frozenset()) is None
     True
     """
     if type(data) is not dict:
@@ -53,9 +56,9 @@ def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     if type(step) is not int or not 0 <= step <= MAX_STEP or not blocking.isdisjoint(data):
         return None
     loss = data.get("loss")
-    if loss is not None and (type(loss) is not float or loss - loss != 0.0):
-        if type(loss) is not int:
-            return None  # a string, a bool, NaN or infinity
+    if loss is not None and (type(loss) is not float or not -MAX_METRIC <= loss <= MAX_METRIC):
+        if type(loss) is not int or not -MAX_METRIC <= loss <= MAX_METRIC:
+            return None  # a string, a bool, NaN, infinity or past MAX_METRIC
         loss = float(loss)
     lr = data.get("learning_rate")
     if lr is not None and (type(lr) is not float or lr - lr != 0.0):

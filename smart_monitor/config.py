@@ -27,9 +27,19 @@ from smart_monitor.triggers import KINDS, kind_of
 __all__ = ["Config", "ConfigError", "load_config", "redact_url", "run_name"]
 
 
+# Every number has a range (FAULTS.md #49, #62): a config that validates must also run.
 # Durations are capped at a day: a bigger one is a typo, and 1e300 seconds overflows
-# every wait the daemon makes (a config that validates must also run: FAULTS.md #49).
+# every wait the daemon makes; and they have a floor, _TICK, as a poll every 1e-9 s is
+# a core spinning. Windows and counts are held in memory (1e20 is no window, it is a
+# crash or an overflow); steps are bounded by what a run could reach; thresholds and
+# shares by what could ever fire.
 _DAY = 86_400.0
+_TICK = 0.01
+_WINDOW = 100_000
+_STEPS = 1_000_000_000
+_Z = 1000.0
+_PCT = 1e6
+_RATIO = 1e6
 
 
 class _Section(BaseModel):
@@ -56,77 +66,77 @@ class _Windowed(_Section):
 
 class LossZScoreConfig(_Windowed):
     enabled: bool = True
-    window: int = Field(20, ge=2)
-    warmup: int = Field(20, ge=2)
-    threshold: float = Field(8.0, gt=0)
-    critical: float = Field(10.0, gt=0)
-    min_rel_std: float = Field(0.01, ge=0)
-    min_rise: float = Field(0.05, ge=0)
-    relearn: int = Field(5, ge=1)
+    window: int = Field(20, ge=2, le=_WINDOW)
+    warmup: int = Field(20, ge=2, le=_WINDOW)
+    threshold: float = Field(8.0, gt=0, le=_Z)
+    critical: float = Field(10.0, gt=0, le=_Z)
+    min_rel_std: float = Field(0.01, ge=0, le=_RATIO)
+    min_rise: float = Field(0.05, ge=0, le=_RATIO)
+    relearn: int = Field(5, ge=1, le=_WINDOW)
     direction: Literal["up", "both"] = "up"
 
 
 class LrZScoreConfig(_Windowed):
     enabled: bool = True
-    window: int = Field(20, ge=2)
-    warmup: int = Field(10, ge=2)
-    threshold: float = Field(6.0, gt=0)
-    critical: float = Field(10.0, gt=0)
-    min_rel_std: float = Field(0.05, ge=0)
+    window: int = Field(20, ge=2, le=_WINDOW)
+    warmup: int = Field(10, ge=2, le=_WINDOW)
+    threshold: float = Field(6.0, gt=0, le=_Z)
+    critical: float = Field(10.0, gt=0, le=_Z)
+    min_rel_std: float = Field(0.05, ge=0, le=_RATIO)
     planned_drop: float = Field(0.1, ge=0, le=1)
     schedule: Literal["decay", "cyclic"] = "decay"
 
 
 class LossSpikeConfig(_Windowed):
     enabled: bool = True
-    window: int = Field(20, ge=2)
-    warmup: int = Field(10, ge=2)
-    threshold_pct: float = Field(150.0, gt=0)
-    min_rise: float = Field(0.05, ge=0)
-    min_robust_z: float = Field(6.0, ge=0)
-    relearn: int = Field(5, ge=1)
+    window: int = Field(20, ge=2, le=_WINDOW)
+    warmup: int = Field(10, ge=2, le=_WINDOW)
+    threshold_pct: float = Field(150.0, gt=0, le=_PCT)
+    min_rise: float = Field(0.05, ge=0, le=_RATIO)
+    min_robust_z: float = Field(6.0, ge=0, le=_Z)
+    relearn: int = Field(5, ge=1, le=_WINDOW)
 
 
 class DivergenceConfig(_Section):
     enabled: bool = True
-    window: int = Field(25, ge=1)
-    warmup: int = Field(50, ge=1)
-    factor: float = Field(1.5, gt=1)
-    min_rise: float = Field(0.05, ge=0)
-    patience: int = Field(10, ge=1)
+    window: int = Field(25, ge=1, le=_WINDOW)
+    warmup: int = Field(50, ge=1, le=_WINDOW)
+    factor: float = Field(1.5, gt=1, le=_RATIO)
+    min_rise: float = Field(0.05, ge=0, le=_RATIO)
+    patience: int = Field(10, ge=1, le=_WINDOW)
 
 
 class NonFiniteConfig(_Section):
     enabled: bool = True
-    grad_norm_repeat_steps: int = Field(50, ge=1)
+    grad_norm_repeat_steps: int = Field(50, ge=1, le=_STEPS)
 
 
 class BestModelConfig(_Section):
     enabled: bool = True
-    min_delta: float = Field(1e-4, ge=0)
-    min_rel_delta: float = Field(0.01, ge=0)
-    min_steps: int = Field(0, ge=0)
+    min_delta: float = Field(1e-4, ge=0, le=_RATIO)
+    min_rel_delta: float = Field(0.01, ge=0, le=1)
+    min_steps: int = Field(0, ge=0, le=_STEPS)
     train_alpha: float = Field(0.02, gt=0, le=1)
-    train_min_steps: int = Field(500, ge=1)
+    train_min_steps: int = Field(500, ge=1, le=_STEPS)
 
 
 class AccuracyDropConfig(_Section):
     enabled: bool = True
-    threshold_pct: float = Field(10.0, gt=0)
+    threshold_pct: float = Field(10.0, gt=0, le=100)
 
 
 class PredictionsConfig(_Section):
     enabled: bool = True
-    high_loss: float = Field(2.0, gt=0)
-    low_loss: float = Field(0.15, ge=0)
-    inverted_window: int = Field(64, ge=4)
-    inverted_min_each: int = Field(10, ge=2)
+    high_loss: float = Field(2.0, gt=0, le=_RATIO)
+    low_loss: float = Field(0.15, ge=0, le=_RATIO)
+    inverted_window: int = Field(64, ge=4, le=_WINDOW)
+    inverted_min_each: int = Field(10, ge=2, le=_WINDOW)
     inverted_alpha: float = Field(1e-4, gt=0, lt=1)
 
 
 class ConflictingLabelsConfig(_Section):
     enabled: bool = True
-    max_prompts: int = Field(10000, ge=1)
+    max_prompts: int = Field(10000, ge=1, le=_WINDOW * 10)
 
 
 class DetectorsConfig(_Section):
@@ -142,21 +152,21 @@ class DetectorsConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    cooldown_steps: int = Field(200, ge=0)
-    recovery_steps: int = Field(100, ge=0)
-    recovery_records: int = Field(10, ge=1)
-    recurring_after: int = Field(3, ge=1)
-    recurring_steps: int = Field(10000, ge=1)
-    recurring_snapshots: int = Field(3, ge=0)
-    history: int = Field(100, ge=1)
-    recent_examples: int = Field(20, ge=0)
+    cooldown_steps: int = Field(200, ge=0, le=_STEPS)
+    recovery_steps: int = Field(100, ge=0, le=_STEPS)
+    recovery_records: int = Field(10, ge=1, le=_WINDOW)
+    recurring_after: int = Field(3, ge=1, le=_WINDOW)
+    recurring_steps: int = Field(10000, ge=1, le=_STEPS)
+    recurring_snapshots: int = Field(3, ge=0, le=_WINDOW)
+    history: int = Field(100, ge=1, le=_WINDOW)
+    recent_examples: int = Field(20, ge=0, le=1000)
 
 
 class RecordsConfig(_Section):
     aliases: dict[str, str] = Field(
         default_factory=lambda: {"lr": "learning_rate", "global_step": "step"}
     )
-    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1 << 30)
 
 
 class SourceConfig(_Section):
@@ -165,18 +175,18 @@ class SourceConfig(_Section):
     file has been quiet this long (the next step's first scalar completes it sooner)."""
 
     format: Literal["auto", "jsonl", "tensorboard", "csv"] = "auto"
-    quiet_seconds: float = Field(2.0, gt=0, le=3600)
+    quiet_seconds: float = Field(2.0, ge=_TICK, le=3600)
 
 
 class SnapshotConfig(_Section):
     mode: Literal["auto", "hardlink", "copy"] = "auto"
     checkpoint_wait_seconds: float = Field(30.0, ge=0, le=_DAY)
-    max_count: int = Field(0, ge=0)
-    max_bytes: int = Field(0, ge=0)
+    max_count: int = Field(0, ge=0, le=_WINDOW * 10)
+    max_bytes: int = Field(0, ge=0, le=1 << 60)
     # The disk budget (outputs/retention.py says how the defaults were chosen); 0: off.
     max_share: float = Field(0.10, ge=0, le=1)
     min_free_share: float = Field(0.15, ge=0, lt=1)
-    keep_best: int = Field(3, ge=1)
+    keep_best: int = Field(3, ge=1, le=1000)
 
 
 class CheckpointsConfig(_Section):
@@ -198,12 +208,12 @@ class CheckpointsConfig(_Section):
 
 class WatchConfig(_Section):
     backend: Literal["auto", "inotify", "polling"] = "auto"
-    poll_interval: float = Field(1.0, gt=0, le=_DAY)
-    reconcile_seconds: float = Field(10.0, gt=0, le=_DAY)
+    poll_interval: float = Field(1.0, ge=_TICK, le=_DAY)
+    reconcile_seconds: float = Field(10.0, ge=_TICK, le=_DAY)
 
 
 class StateConfig(_Section):
-    save_interval_seconds: float = Field(5.0, gt=0, le=_DAY)
+    save_interval_seconds: float = Field(5.0, ge=_TICK, le=_DAY)
 
 
 class CheckpointScanConfig(_Windowed):
@@ -212,11 +222,11 @@ class CheckpointScanConfig(_Windowed):
     its relative change against the changes between earlier checkpoints."""
 
     enabled: bool = False
-    window: int = Field(10, ge=2)
-    warmup: int = Field(3, ge=2)
-    threshold: float = Field(6.0, gt=0)
-    critical: float = Field(10.0, gt=0)
-    min_std: float = Field(0.001, gt=0)
+    window: int = Field(10, ge=2, le=_WINDOW)
+    warmup: int = Field(3, ge=2, le=_WINDOW)
+    threshold: float = Field(6.0, gt=0, le=_Z)
+    critical: float = Field(10.0, gt=0, le=_Z)
+    min_std: float = Field(0.001, gt=0, le=_RATIO)
 
 
 ActionSeverity = Literal["info", "warning", "critical", "never"]
@@ -308,7 +318,7 @@ class AlertmanagerActionConfig(ActionConfig):
 
 class ActionsConfig(_Section):
     timeout_seconds: float = Field(10.0, gt=0, le=_DAY)
-    queue_size: int = Field(100, ge=1)
+    queue_size: int = Field(100, ge=1, le=_WINDOW)
     retries: int = Field(2, ge=0, le=10)  # for 5xx and refused connections
     retry_backoff_seconds: float = Field(1.0, gt=0, le=600)
     stop_file: StopFileActionConfig = StopFileActionConfig()
@@ -395,7 +405,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(path.read_bytes().decode("utf-8"))
+            # a BOM is how some editors (Notepad) mark UTF-8; TOML has no other use for it
+            data = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except UnicodeDecodeError as exc:
@@ -412,4 +423,35 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         key = ".".join(str(p) for p in err["loc"]) or "config"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         msg = msg.removeprefix("Value error, ")
+        bounds = _allowed_range(err["loc"])
+        if bounds:  # out of range, or a number too big to parse (1e20 for an int)
+            msg += f" (allowed: {bounds})"
         raise ConfigError(f"{key}: {msg}") from None
+
+
+def _allowed_range(loc: tuple[int | str, ...]) -> str:
+    """The range a number at ``loc`` must lie in, as ``"2 <= x <= 100000"``; "" when
+    ``loc`` is not a bounded field.
+
+    >>> _allowed_range(("policy", "history")), _allowed_range(("watch", "poll_interval"))
+    ('1 <= history <= 100000', '0.01 <= poll_interval <= 86400.0')
+    """
+    model: Any = Config
+    field = None
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return ""
+        field = fields[part]
+        model = field.annotation
+    if field is None:
+        return ""
+    low = high = ""
+    for m in field.metadata:
+        for attr, side in (("ge", "<="), ("gt", "<")):
+            if getattr(m, attr, None) is not None:
+                low = f"{getattr(m, attr)} {side} "
+        for attr, side in (("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                high = f" {side} {getattr(m, attr)}"
+    return f"{low}{loc[-1]}{high}" if low or high else ""

@@ -48,6 +48,11 @@ _BOM = b"\xef\xbb\xbf"
 # a trainer logs, and do not fit the batch path's arrays (#44).
 MAX_DEPTH = 64
 MAX_STEP = 2**63 - 1
+# A loss beyond float32's range (3.4e38) is no number the trainer's float32, bf16 or
+# fp16 arithmetic holds: in its own dtype it is infinity, and it is read as one
+# (FAULTS.md #59). Kept finite, -1e308 would be a best model no later loss beats, and
+# its square overflows every window it enters.
+MAX_METRIC = 3.4028234663852886e38
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(rb"[\[\]{}]")
 
@@ -168,11 +173,11 @@ def to_record(
         return SummaryRecord(_optional_step(data), data)
     if not _EVAL.isdisjoint(data):
         acc = data.get("eval_accuracy", data.get("accuracy"))
-        return EvalRecord(_step(data), _number(data, "eval_loss"), _as_float("accuracy", acc), data)
+        return EvalRecord(_step(data), _loss(data, "eval_loss"), _as_float("accuracy", acc), data)
     if "loss" in data or "learning_rate" in data or "grad_norm" in data:
         return TrainRecord(
             _step(data),
-            _number(data, "loss"),
+            _loss(data, "loss"),
             _number(data, "learning_rate"),
             _number(data, "grad_norm"),
             data,
@@ -209,7 +214,7 @@ def _example(data: Mapping[str, Any]) -> ExampleRecord:
         golden,
         answer,
         matches,
-        _number(data, "loss"),
+        _loss(data, "loss"),
         data,
     )
 
@@ -243,6 +248,19 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
     return _as_float(key, data.get(key))
 
 
+def _loss(data: Mapping[str, Any], key: str) -> float | None:
+    """A loss; past ``MAX_METRIC`` it is infinite (a learning rate of 1e300 stays the
+    absurd number it is: the LR z-score names it, FAULTS.md #44).
+
+    >>> _loss({"loss": -1e308}, "loss"), _loss({"eval_loss": 2.5}, "eval_loss")
+    (-inf, 2.5)
+    """
+    value = _as_float(key, data.get(key))
+    if value is None or -MAX_METRIC <= value <= MAX_METRIC or value != value:
+        return value
+    return math.copysign(math.inf, value)
+
+
 # Non-finite numbers as some JSON encoders write them (quoted, e.g. ``default=str``):
 # a trainer whose loss went NaN must still get ``loss_nonfinite``, not a skipped line.
 _NONFINITE_STRINGS = {
@@ -264,4 +282,6 @@ def _as_float(key: str, value: Any) -> float | None:
         return _NONFINITE_STRINGS[value.strip().lower()]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedLine("bad_type", key)
+    if abs(value) > MAX_METRIC:  # an int of 400 digits: float() would raise
+        return math.copysign(math.inf, value)
     return float(value)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from smart_monitor.config import Config, load_config
+from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.daemon import Daemon
 from smart_monitor.runtime.notify import Notifier
@@ -126,7 +127,10 @@ class Live:
         self.config = cfg
         self.out = cfg.log_dir.parent
         log, daily = make_logger(cfg.log_dir, stderr=None)
-        self.daemon = Daemon(cfg, log, daily, Notifier(notify_env or {}), observer_factory=factory)
+        self.daemon = Daemon(
+            cfg, log, daily, Notifier(notify_env or {}), observer_factory=factory,
+            hooks=lambda engine, hold, status: attach_hooks(engine, cfg, log, hold, status),
+        )
         self.error: BaseException | None = None
         self.code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -18,10 +18,10 @@ from live_daemon import live_daemon
 from live_harness import EXAMPLES, log_text, terminate, wait_until
 
 from smart_monitor.config import ConfigError, load_config
+from smart_monitor.events import Detected, SnapshotFailed, SnapshotMade
 from smart_monitor.hooks.actions import Actions
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.pipeline import SnapshotRequest
-from smart_monitor.runtime.events import Detected, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity, Trigger
 
 

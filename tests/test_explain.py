@@ -104,7 +104,7 @@ def replayed(root: Path, metrics: Path, checkpoints: range) -> Path:
         log_dir=out / "logs", state_dir=out / "state",
     )
     log, daily = make_logger(config.log_dir, stderr=None)
-    replay(config, metrics, log, progress=False, plots=False)
+    replay(config, metrics, log, progress=False)
     assert daily is not None
     daily.close()
     return out / "snapshots"

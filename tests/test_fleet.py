@@ -24,11 +24,11 @@ from typing import Any
 from live_harness import Live, append, config, line, wait_until
 
 from smart_monitor.config import load_config, run_name
+from smart_monitor.events import IncidentRecovered, SnapshotMade
 from smart_monitor.hooks.actions import Actions, Notice
 from smart_monitor.hooks.alertmanager import Alertmanager
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.pipeline import SnapshotRequest
-from smart_monitor.runtime.events import IncidentRecovered, SnapshotMade
 from smart_monitor.triggers import Severity, Trigger
 
 ROOT = Path(__file__).resolve().parents[1]

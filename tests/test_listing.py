@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import make_checkpoint
 from synthetic import Anomaly, RunSpec, simulate
 
 from smart_monitor.config import load_config
+from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.replay import replay
 
@@ -39,7 +41,8 @@ def replayed_run(root: Path) -> tuple[Path, Path]:
         log_dir=out / "logs", state_dir=out / "state",
     )
     log, daily = make_logger(config.log_dir, stderr=None)
-    replay(config, metrics, log, progress=False)
+    replay(config, metrics, log, progress=False,  # with the plots, as the command line
+           attach=partial(attach_plots, log=log, defer=True))
     assert daily is not None
     daily.close()
     return metrics, out

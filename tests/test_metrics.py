@@ -14,12 +14,12 @@ from conftest import make_checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 from smart_monitor.config import Config, load_config
+from smart_monitor.events import IncidentSettled
 from smart_monitor.hooks.attach import attach_hooks
 from smart_monitor.hooks.metrics import MetricsServer
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import IncidentSettled
 from smart_monitor.sources.checkpoints import CheckpointIndex
 
 

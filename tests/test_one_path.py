@@ -53,7 +53,7 @@ def test_run_writes_what_replay_writes(tmp_path: Path) -> None:
         update={"snapshot_dir": again / "snapshots", "log_dir": again / "logs"}
     )
     log, daily = make_logger(replay_cfg.log_dir, stderr=None)
-    engine = replay(replay_cfg, cfg.metrics_file, log, plots=False)
+    engine = replay(replay_cfg, cfg.metrics_file, log)
     if daily is not None:
         daily.close()
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from live_harness import snapshots, wait_until
 
 from smart_monitor.config import Config
+from smart_monitor.events import SnapshotMade
 from smart_monitor.hooks.attach import attach_plots
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import SnapshotRequest
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import SnapshotMade
 from smart_monitor.runtime.replay import replay
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.triggers import Severity
@@ -28,7 +28,7 @@ def test_a_held_plot_is_drawn_once_the_hold_ends(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = Config(snapshot_dir=out / "snapshots", log_dir=out / "logs", state_dir=out / "state")
     log, _ = make_logger(None, stderr=None)
-    replay(cfg, metrics, log, plots=False)
+    replay(cfg, metrics, log)
     [meta] = snapshots(out)
     snap: Path = meta["_path"]
     assert not (snap / "loss_history.png").exists()

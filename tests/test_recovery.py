@@ -14,13 +14,13 @@ import pytest
 from test_real_runs import DEV, REAL_RUNS, replayed
 
 from smart_monitor.config import Config, PolicyConfig
+from smart_monitor.events import Event, IncidentRecovered, IncidentSettled
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.policy import Policy
 from smart_monitor.records import Record, to_record
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import Event, IncidentRecovered, IncidentSettled
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.triggers import Severity, Trigger
 

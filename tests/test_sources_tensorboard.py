@@ -53,7 +53,7 @@ def detections(metrics: Path, out: Path) -> list[str]:
     cfg = load_config(None, metrics_file=metrics, snapshot_dir=out / "snapshots",
                       log_dir=out / "logs", state_dir=out / "state")
     log, daily = make_logger(cfg.log_dir, stderr=None)
-    replay(cfg, metrics, log, progress=False, plots=False)
+    replay(cfg, metrics, log, progress=False)
     assert daily is not None
     daily.close()
     text = "".join(p.read_text() for p in (out / "logs").glob("*.log"))

@@ -73,6 +73,8 @@ def test_state_round_trip_resumes_after_the_last_line_handed_out(tmp_path: Path)
     it = t.blocks()
     got = next(it)[1]  # a reader that stops between the two blocks of one read
     assert got == [b'{"i":0}', None]
+    assert t.offset == 0  # handed out, not yet handled: a save now would read it again
+    t.commit()  # handled
     state = json.loads(json.dumps(t.state_dict()))
     t.close()
     t2 = Tailer(path, 1024)

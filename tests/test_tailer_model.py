@@ -38,6 +38,7 @@ class Reader:
     def read(self, limit: int | None = None) -> None:
         for n, (_, block) in enumerate(self.tailer.blocks(), 1):
             self.out.extend(line for line in block if line is not None)  # none is oversized
+            self.tailer.commit()  # handled: as the daemon, which may stop after any block
             if limit is not None and n >= limit:
                 return
         if self.tailer.switched:

@@ -16,8 +16,12 @@ Only safetensors files are scanned: the daemon never imports torch.
 from __future__ import annotations
 
 import math
+import queue
+import threading
+import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,39 +119,73 @@ def _scan(checkpoint: Checkpoint) -> Inspection:
 
 
 class CheckpointScanner:
-    """One worker thread scans; ``collect`` (the engine's thread) scores, in order."""
+    """One worker thread scans; ``collect`` (the engine's thread) scores, in order.
+
+    The worker is a daemon thread, not an executor's: a stop gives up on a scan still
+    reading a multi-GB checkpoint (FAULTS.md #63), and the process must not then wait
+    for it at exit, as it would for a ``ThreadPoolExecutor``'s threads."""
 
     def __init__(self, config: CheckpointScanConfig) -> None:
         self.detector = WeightScan(config)
-        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[tuple[Checkpoint, Future[Inspection]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
         self._queue: deque[tuple[Checkpoint, Future[Inspection]]] = deque()
 
     def submit(self, checkpoint: Checkpoint) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-scan")
-        self._queue.append((checkpoint, self._executor.submit(_scan, checkpoint)))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._work, name="checkpoint-scan", daemon=True
+            )
+            self._thread.start()
+        future: Future[Inspection] = Future()
+        self._queue.append((checkpoint, future))
+        self._jobs.put((checkpoint, future))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            checkpoint, future = job
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled at stop before it began
+            try:
+                future.set_result(_scan(checkpoint))
+            except Exception as exc:  # handed to collect(): logged there, never fatal
+                future.set_exception(exc)
 
     @property
     def busy(self) -> bool:
         return bool(self._queue)
 
-    def collect(self, wait: bool = False) -> list[ScanResult]:
+    def collect(self, wait: bool = False, timeout: float | None = None) -> list[ScanResult]:
         """The finished scans, oldest first, stopping at the first unfinished one (all
-        of them with ``wait``) so that norms are compared in checkpoint order."""
+        of them with ``wait``, for at most ``timeout`` seconds in all) so that norms are
+        compared in checkpoint order."""
         out = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._queue and (wait or self._queue[0][1].done()):
-            ck, future = self._queue.popleft()
+            ck, future = self._queue[0]
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                ins = future.result()
+                ins = future.result(left)
+            except FutureTimeout:
+                break  # still reading: left to close()
             except Exception as exc:  # a scan's failure is logged by the engine, never fatal
+                self._queue.popleft()
                 out.append(ScanResult(ck, None, f"{type(exc).__name__}: {exc}"))
                 continue
+            self._queue.popleft()
             fired = self.detector.update(ck.step, ins.global_norm, len(ins.nonfinite))
             out.append(ScanResult(ck, ins, None, tuple(fired)))
         return out
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+    def close(self) -> list[Checkpoint]:
+        """End the worker; the checkpoints whose scan was given up (never waited for)."""
+        abandoned = [ck for ck, _ in self._queue]
+        for _, future in self._queue:
+            future.cancel()  # one not begun never starts; one running is left to end
         self._queue.clear()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+        return abandoned

@@ -44,7 +44,7 @@ from smart_monitor.config import (
     SignalActionConfig,
     WebhookActionConfig,
 )
-from smart_monitor.runtime.events import Event, IncidentRecovered, SnapshotFailed, SnapshotMade
+from smart_monitor.events import Event, IncidentRecovered, SnapshotFailed, SnapshotMade
 from smart_monitor.triggers import Severity, kind_of
 
 if TYPE_CHECKING:
@@ -403,6 +403,9 @@ class Actions:
                 self.log.error("Action failed", **where, error=str(exc), attempt=n,
                                retry_in=backoff if again else None)
                 if not again or self.stopping.wait(backoff):
+                    if exc.retry and n <= retries:  # a retry was due: the stop cut it off
+                        self.log.warning("Action dropped", **where, reason="stopping",
+                                         detail=f"in retry backoff after attempt {n}")
                     return False
                 backoff *= 2
                 continue

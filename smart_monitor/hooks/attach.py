@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import Config, run_name
+from smart_monitor.events import Event, SnapshotMade
 from smart_monitor.hooks.actions import Actions, Worker
 from smart_monitor.hooks.alertmanager import Alertmanager
-from smart_monitor.runtime.events import Event, SnapshotMade
 
 if TYPE_CHECKING:
     from smart_monitor.runtime.engine import Engine

@@ -26,8 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from smart_monitor.config import Config, run_name
-from smart_monitor.outputs.retention import disk_budget
-from smart_monitor.runtime.events import (
+from smart_monitor.events import (
     Detected,
     Event,
     IncidentSettled,
@@ -35,6 +34,7 @@ from smart_monitor.runtime.events import (
     SnapshotFailed,
     SnapshotMade,
 )
+from smart_monitor.outputs.retention import disk_budget
 from smart_monitor.triggers import kind_of
 
 if TYPE_CHECKING:

@@ -11,6 +11,8 @@ Values are quoted only when they hold a space, a quote or an ``=``, so
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 import threading
 from collections.abc import Callable, MutableMapping
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import orjson
-import structlog
 
 __all__ = ["DailyFile", "make_logger", "render_text"]
 
@@ -38,14 +39,25 @@ class DailyFile:
     caller: a full log disk must not stop the monitor. The line still goes to stderr
     (journald under systemd), ``lost`` counts the lines the file missed and ``error``
     says why, for ``STATUS=``; the next line tries the file again, and the first one
-    that lands is preceded by a ``Log file resumed`` line with the count."""
+    that lands is preceded by a ``Log file resumed`` line with the count, rendered as
+    every other line (``render``: a JSON log stays JSON lines).
 
-    def __init__(self, log_dir: Path, clock: Callable[[], datetime] = _utc_now) -> None:
+    Each line is one unbuffered ``write()`` to an ``O_APPEND`` descriptor: a disk that
+    fills mid-line leaves a short write, which is cut off again (``ftruncate`` to where
+    the line began), so the file never holds a torn line (FAULTS.md #64)."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        clock: Callable[[], datetime] = _utc_now,
+        render: Callable[[MutableMapping[str, Any]], str] | None = None,
+    ) -> None:
         self.log_dir = log_dir
         self.clock = clock
+        self.render = render or render_text
         self._lock = threading.Lock()
         self._day = ""
-        self._fh: TextIO | None = None
+        self._fd: int | None = None
         self.lost = 0  # lines not written to the file, since start
         self.error: str | None = None  # why the last write failed; None once one works
         self._lost_since = 0
@@ -58,52 +70,68 @@ class DailyFile:
         day = now.strftime("%Y%m%d")
         with self._lock:
             try:
-                if day != self._day or self._fh is None:
+                if day != self._day or self._fd is None:
                     self._open(day)
-                assert self._fh is not None
+                assert self._fd is not None
+                text = line + "\n"
                 if self._lost_since:
                     stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-                    self._fh.write(
-                        f"{stamp} warning Log file resumed lost={self._lost_since} "
-                        f"lost_total={self.lost}\n"
-                    )
-                self._fh.write(line + "\n")
-                self._fh.flush()
+                    text = self.render({
+                        "event": "Log file resumed", "lost": self._lost_since,
+                        "lost_total": self.lost, "timestamp": stamp, "level": "warning",
+                    }) + "\n" + text
+                self._append(self._fd, text.encode("utf-8", "replace"))
             except OSError as exc:
                 self._failed(exc)
                 return
             self._lost_since = 0
             self.error = None
 
+    @staticmethod
+    def _append(fd: int, data: bytes) -> None:
+        """``data`` whole, or nothing: a short write is cut off again."""
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            _cut(fd, start)  # a failed write may still have landed part of the line
+            raise
+        if written < len(data):  # the disk filled mid-line
+            _cut(fd, start)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     def _failed(self, exc: OSError) -> None:
         self.lost += 1
         self._lost_since += 1
         self.error = f"{self.path_for(self._day or 'YYYYMMDD')}: {exc.strerror or exc}"
-        if self._fh is not None:
-            with contextlib.suppress(OSError):  # drop the buffer: the next write starts clean
-                self._fh.close()
-            self._fh = None
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def _open(self, day: str) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._close()
         self._day = day
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path_for(day), "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._fd = os.open(
+            self.path_for(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+        )
 
     def reopen(self) -> None:
         with self._lock:
-            if self._fh is not None:
-                try:
-                    self._fh.close()
-                except OSError as exc:  # the last buffered line could not be flushed
-                    self.lost += 1
-                    self.error = str(exc)
-            self._fh = None
+            self._close()
 
     def close(self) -> None:
         self.reopen()
+
+
+def _cut(fd: int, size: int) -> None:
+    with contextlib.suppress(OSError):  # freeing blocks works on a full disk
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
 
 
 def _quote(value: Any) -> str:
@@ -162,7 +190,10 @@ def make_logger(
     """A bound logger for one monitor instance (no global structlog state), and the
     daily file it writes, for ``reopen()`` on SIGHUP."""
     outputs: list[Callable[[str], None]] = []
-    daily = DailyFile(log_dir, clock) if log_dir is not None else None
+    import structlog  # here: ``run`` keeps its optional imports out first (cli.py)
+
+    renderer = render_text if log_format == "text" else render_json
+    daily = DailyFile(log_dir, clock, renderer) if log_dir is not None else None
     if daily is not None:
         outputs.append(daily.write)
     if stderr is not None:
@@ -173,7 +204,6 @@ def make_logger(
             err.flush()
 
         outputs.append(to_stderr)
-    renderer = render_text if log_format == "text" else render_json
     logger = structlog.wrap_logger(
         _Sink(outputs),
         processors=[_timestamp(clock), _add_level, lambda _, __, e: renderer(e)],

@@ -11,10 +11,19 @@ manifest of sizes and modification times (nanoseconds), which any write changes.
 the same for its hard-linked snapshots at every reconciliation, logging ``Snapshot
 changed`` once per snapshot. Reflinked and copied files are checked the same way, for
 free. Checking is ``stat`` only: milliseconds for a checkpoint of any size.
+
+A writer can put the mtime back (``touch -r``, ``os.utime``, a restore tool): no one
+can set the inode change time, so the manifest keeps it too (FAULTS.md #66). It also
+moves when the trainer's rotation removes its link to the file, or on a chmod, which
+are no change to the bytes: so a moved ctime is settled by a content sample taken at
+pin time (the first and last 64 KiB and 16 blocks between, ~200 KiB a file, read once
+more only when the ctime moved). A rewrite with new weights changes every block of a
+tensor file; a sample cannot see a single flipped byte between its blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -23,16 +32,40 @@ from typing import Any
 
 from smart_monitor.outputs.pin import Placed
 
-__all__ = ["MANIFEST", "changes", "linked", "manifest_data"]
+__all__ = ["MANIFEST", "changes", "linked", "manifest_data", "sample_digest"]
 
 MANIFEST = "manifest.json"
 
 
-def manifest_data(placed: Iterable[Placed]) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "files": {p.rel: {"how": p.how, "size": p.size, "mtime_ns": p.mtime_ns} for p in placed},
-    }
+_EDGE = 1 << 16  # bytes sampled at each end of a file
+_BLOCK = 1 << 12  # and in each of _BLOCKS blocks spread between
+_BLOCKS = 16
+
+
+def sample_digest(path: Path, size: int) -> str:
+    """A digest of ``path``'s first and last 64 KiB and 16 blocks spread between: what
+    settles a moved ctime without reading a multi-GB checkpoint."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        spots = [0, max(size - _EDGE, 0)]
+        spots += [size * (i + 1) // (_BLOCKS + 1) for i in range(_BLOCKS)]
+        for at in spots:
+            fh.seek(at)
+            h.update(fh.read(_EDGE if at in spots[:2] else _BLOCK))
+    return h.hexdigest()
+
+
+def manifest_data(placed: Iterable[Placed], model: Path | None = None) -> dict[str, Any]:
+    """The manifest of ``placed``; with ``model`` (where they were placed), each file's
+    inode change time and content sample too."""
+    files: dict[str, Any] = {}
+    for p in placed:
+        entry: dict[str, Any] = {"how": p.how, "size": p.size, "mtime_ns": p.mtime_ns}
+        if model is not None:
+            entry["ctime_ns"] = os.stat(model / p.rel).st_ctime_ns
+            entry["sample"] = sample_digest(model / p.rel, p.size)
+        files[p.rel] = entry
+    return {"version": 2 if model is not None else 1, "files": files}
 
 
 def _load(snapshot: Path) -> dict[str, Any]:
@@ -54,9 +87,11 @@ def linked(snapshot: Path) -> bool:
         return False
 
 
-def changes(snapshot: Path) -> list[str]:
+def changes(snapshot: Path, settled: dict[Path, int] | None = None) -> list[str]:
     """Each file of ``model/`` that differs from the manifest, as ``"name: what"``;
-    empty when the snapshot is as pinned. Raises OSError/ValueError without a manifest."""
+    empty when the snapshot is as pinned. Raises OSError/ValueError without a manifest.
+    ``settled``: file -> a moved ctime its sample already matched at (a caller that
+    checks again and again reads each sample once per change, not once per check)."""
     files = _load(snapshot)
     model = snapshot / "model"
     found: list[str] = []
@@ -70,4 +105,19 @@ def changes(snapshot: Path) -> list[str]:
             found.append(f"{rel}: size {want.get('size')} -> {st.st_size}")
         elif st.st_mtime_ns != want.get("mtime_ns"):
             found.append(f"{rel}: rewritten (mtime changed)")
+        elif want.get("ctime_ns") not in (None, st.st_ctime_ns) and not _same_sample(
+            model / rel, st, want.get("sample"), settled
+        ):
+            found.append(f"{rel}: rewritten (content changed, mtime put back)")
     return found
+
+
+def _same_sample(
+    path: Path, st: os.stat_result, want: object, settled: dict[Path, int] | None
+) -> bool:
+    if settled is not None and settled.get(path) == st.st_ctime_ns:
+        return True
+    same = sample_digest(path, st.st_size) == want
+    if same and settled is not None:
+        settled[path] = st.st_ctime_ns
+    return same

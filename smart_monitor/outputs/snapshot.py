@@ -248,7 +248,7 @@ class SnapshotWriter:
                 else:
                     placed.append(first.setdefault(
                         src, self.placer.place(rel, src, dest / rel, cancel)))
-            _write_synced(tmp / MANIFEST, json.dumps(manifest_data(placed), indent=1) + "\n")
+            _write_synced(tmp / MANIFEST, json.dumps(manifest_data(placed, dest), indent=1) + "\n")
         except Cancelled as exc:
             raise SnapshotError("cancelled", f"stopped while copying {exc}") from None
         except FileNotFoundError as exc:

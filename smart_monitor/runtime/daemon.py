@@ -16,27 +16,34 @@ exist under the same key, so nothing is made twice (#16, #25).
 
 from __future__ import annotations
 
-import threading
+import bisect
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from smart_monitor.config import Config
-from smart_monitor.hooks.attach import attach_hooks
+from smart_monitor.events import Event, SnapshotMade
 from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
-from smart_monitor.outputs.manifest import changes, linked
-from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
+from smart_monitor.outputs.manifest import MANIFEST, changes, linked
+from smart_monitor.outputs.retention import (
+    DiskBudget,
+    SnapshotCache,
+    enforce_budget,
+    enforce_retention,
+)
 from smart_monitor.outputs.snapshot import SNAPSHOT_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import Event, SnapshotMade
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.links import decide_links
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
+from smart_monitor.sources.tailer import Tailer
 from smart_monitor.sources.watch import ObserverFactory, Wakeups, Watcher, make_observer
 
 __all__ = ["Daemon"]
@@ -47,6 +54,33 @@ _RETIRED_KEYS = 1000  # keys of snapshots removed by retention, remembered in th
 _STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 minutes
 _ERROR_BACKOFF = 0.1  # a failing turn is retried after this, doubling (FAULTS.md #53)...
 _ERROR_BACKOFF_MAX = 30.0  # ...up to this: never a busy loop on a persistent error
+# A stop waits this long, at most, for checkpoint scans under way (a multi-GB read): the
+# whole stop must end well inside systemd's TimeoutStopSec (60 s in the unit).
+_SCAN_STOP_SECONDS = 5.0
+_LINKED_SLICE = 500  # linked snapshots compared with their manifest per reconciliation
+
+
+# What the command line attaches to the engine at start (actions, metrics server,
+# plots) given the plots' hold, and how to stop them: runtime drives the core and
+# imports no hook; the layer above composes them.
+Hooks = Callable[[Engine, Callable[[], bool], Callable[[], str]], Callable[[], None]]
+
+
+class StopFlag:
+    """A stop request. Set from a signal handler, which runs on the worker's own
+    thread between two bytecodes: ``threading.Event.set`` takes a lock that thread may
+    be holding, a plain attribute write takes none."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class Daemon:
@@ -58,19 +92,25 @@ class Daemon:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer_factory: ObserverFactory = make_observer,
+        hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.log = log
+        self.hooks = hooks
         self.daily = daily
         self.notifier = notifier or Notifier({})
         self.clock = clock
         self.wakeups = Wakeups()
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
         self.index = CheckpointIndex(config.checkpoint_dir, config.checkpoints, clock)
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
         self.engine.dispatch.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))
         self.changed: set[str] = set()  # snapshots already reported as changed
+        self._settled: dict[Path, int] = {}  # moved ctimes whose content sample matched
+        self.snapshot_cache = SnapshotCache()  # housekeeping's, between turns (#65)
+        self._unlinked: set[str] = set()  # snapshots that share no file with the trainer
+        self._linked_after = ""  # where the next slice of the linked check begins
         self.store = StateStore(config.state_dir)
         # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
         self.tailer = open_metrics(
@@ -94,7 +134,7 @@ class Daemon:
         self._retry_at = 0.0  # after a failed turn, wake-ups wait until then
         self._held: set[str] = set()
 
-    # -- control (safe from signal handlers: they only post) -------------------------
+    # -- control (safe from signal handlers: a flag and a post, no lock) -------------
     def stop(self) -> None:
         self.stopping.set()
         self.wakeups.post("stop")
@@ -136,9 +176,11 @@ class Daemon:
             self.retired = [str(k) for k in data.get("retired_keys", [])][-_RETIRED_KEYS:]
             self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
-        close_hooks = attach_hooks(
-            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set(),
-            self._status,
+        close_hooks = (
+            self.hooks(
+                self.engine, lambda: self.behind and not self.stopping.is_set(), self._status
+            )
+            if self.hooks is not None else lambda: None
         )
         self.watcher.start()
         self.log.info(
@@ -212,13 +254,21 @@ class Daemon:
         if isinstance(self.tailer, FolderSource):
             self._read_entries(self.tailer)
             return
-        handle = self.engine.ingest.handle_lines  # the path replay takes
-        if self._drain(handle(lines, offset) for offset, lines in self.tailer.blocks()):
+        if self._drain(self._handle_blocks(self.tailer)):
             return
         if self.tailer.switched:  # the old file is drained: save at the boundary, go on
             self.tailer.switched = False
             self._save(final=True)
             self.wakeups.post("metrics")
+
+    def _handle_blocks(self, tailer: Tailer) -> Iterator[None]:
+        """Each block the tailer gives, handled (the path replay takes), then committed:
+        its offset moves past it only once its lines are handled."""
+        handle = self.engine.ingest.handle_lines
+        for offset, lines in tailer.blocks():
+            handle(lines, offset)
+            tailer.commit()
+            yield
 
     def _read_entries(self, source: FolderSource) -> None:
         """``_read`` for TensorBoard and CSV files: decoded entries, in slices."""
@@ -245,12 +295,21 @@ class Daemon:
         that re-saves a checkpoint in place changes the snapshot's bytes, and that must
         never be silent (FAULTS.md #48). Said once per snapshot."""
         root = self.writer.root
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            ours = path.name.startswith(SNAPSHOT_PREFIX)  # never someone else's (#58)
-            if not ours or path.name in self.changed or not linked(path):
+        names = sorted(os.listdir(root)) if root.is_dir() else []
+        todo = [n for n in names if n.startswith(SNAPSHOT_PREFIX)  # never another's (#58)
+                and n not in self.changed and n not in self._unlinked]
+        # a slice per turn, in turn: 20k snapshots are never all read at once (#65)
+        start = bisect.bisect_right(todo, self._linked_after)
+        turn = (todo[start:] + todo[:start])[:_LINKED_SLICE]
+        self._linked_after = turn[-1] if len(turn) < len(todo) else ""
+        for name in turn:
+            path = root / name
+            if not linked(path):
+                if (path / MANIFEST).exists():  # copied: never linked later (a pending
+                    self._unlinked.add(name)  # pin gets its model/ and manifest later)
                 continue
             try:
-                found = changes(path)
+                found = changes(path, self._settled)
             except (OSError, ValueError):
                 continue  # released or removed meanwhile
             if found:
@@ -272,10 +331,12 @@ class Daemon:
 
     def _retain(self) -> None:
         snap = self.config.snapshot
-        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log):
+        cache = self.snapshot_cache
+        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log,
+                                     cache):
             self.retired.append(key)
         del self.retired[:-_RETIRED_KEYS]
-        self.budget = enforce_budget(self.writer, snap, self.log)
+        self.budget = enforce_budget(self.writer, snap, self.log, cache=cache)
 
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:
@@ -343,11 +404,22 @@ class Daemon:
             self._next_ping = now + interval
 
     def _finish(self, close_hooks: Callable[[], None]) -> None:
+        """Each step of a stop runs even when one before it failed: above all the final
+        state save, without which a restart reads everything again (FAULTS.md #63)."""
         self.notifier.stopping()
         try:
-            self.engine.finish()
-            self._retain()
-            self._save(final=True)
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("finish", lambda: self.engine.finish(scan_timeout=_SCAN_STOP_SECONDS)),
+                ("retention", self._retain),
+                ("state save", lambda: self._save(final=True)),
+            ]
+            for name, step in steps:
+                try:
+                    step()
+                except Exception as exc:  # the rest of the stop still runs
+                    self.errors += 1
+                    self.log.error("Stop step failed", step=name,
+                                   error=f"{type(exc).__name__}: {exc}")
         finally:
             self.watcher.stop()
             close_hooks()

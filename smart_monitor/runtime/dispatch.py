@@ -15,6 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.events import (
+    Detected,
+    Event,
+    IncidentRecovered,
+    IncidentSettled,
+    Listener,
+    Restarted,
+    SnapshotFailed,
+    SnapshotMade,
+)  # fmt: skip
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
 from smart_monitor.outputs.incident import record_end
 from smart_monitor.outputs.snapshot import (
@@ -26,16 +36,6 @@ from smart_monitor.outputs.snapshot import (
 )  # fmt: skip
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.policy import Incident
-from smart_monitor.runtime.events import (
-    Detected,
-    Event,
-    IncidentRecovered,
-    IncidentSettled,
-    Listener,
-    Restarted,
-    SnapshotFailed,
-    SnapshotMade,
-)  # fmt: skip
 from smart_monitor.runtime.pins import owed_pins
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger, kind_of

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import Config
+from smart_monitor.events import Listener
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.runtime.dispatch import Dispatch
-from smart_monitor.runtime.events import Listener
 from smart_monitor.runtime.ingest import Ingest
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger
@@ -80,11 +80,11 @@ class Engine:
                 self.scanner.submit(ck)  # read off this thread; poll() collects it
         return new
 
-    def collect_scans(self, wait: bool = False) -> None:
+    def collect_scans(self, wait: bool = False, timeout: float | None = None) -> None:
         """Log the finished checkpoint scans and act on their triggers."""
         if self.scanner is None or not self.scanner.busy:
             return
-        for result in self.scanner.collect(wait):
+        for result in self.scanner.collect(wait, timeout):
             ck = result.checkpoint
             if result.inspection is None:
                 self.counts["scan_failures"] += 1
@@ -115,13 +115,18 @@ class Engine:
         self.collect_scans()
         self.dispatch.poll()
 
-    def finish(self) -> None:
+    def finish(self, scan_timeout: float | None = None) -> None:
         """On stop or at the end of a replay: make what waits with what exists (the
-        checkpoint scans already started are waited for: their verdict is the point)."""
+        checkpoint scans already started are waited for: their verdict is the point;
+        a stop waits ``scan_timeout`` at most, and says which it gave up on)."""
         self.scan_checkpoints()
-        self.collect_scans(wait=True)
+        self.collect_scans(wait=True, timeout=scan_timeout)
         if self.scanner is not None:
-            self.scanner.close()  # its thread; a later scan would start another
+            abandoned = self.scanner.close()  # a later scan would start another thread
+            if abandoned:
+                self.counts["scans_abandoned"] += len(abandoned)
+                self.log.warning("Checkpoint scans abandoned at stop", count=len(abandoned),
+                                 names=[ck.name for ck in abandoned])
         self.dispatch.flush()
 
     # -- state ----------------------------------------------------------------------

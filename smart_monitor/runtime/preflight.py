@@ -47,27 +47,11 @@ def _probe_writable(key: str, folder: Path) -> None:
         raise ConfigError(f"{key}: {here} is not writable ({ancestor}: {reason})") from None
 
 
-def _check_readable(path: Path) -> None:
-    """Raise ConfigError when the metrics file (or folder), or a folder above it, may
-    not be read: a run folder at 0700 (FAULTS.md #53). Missing is fine: it is awaited."""
-    try:
-        if path.is_dir():
-            os.listdir(path)
-        elif path.exists():
-            with open(path, "rb"):
-                pass
-    except OSError as exc:
-        raise ConfigError(
-            f"metrics_file: {path} cannot be read ({os.strerror(exc.errno or 0)})"
-        ) from None
-
-
 def check_paths(config: Config) -> None:
     """Every problem here is a config error: one line naming the key (exit 2)."""
     for key in _OUTPUTS:
         _probe_writable(key, getattr(config, key))
-    if config.metrics_file is not None:
-        _check_readable(config.metrics_file)
+    _check_metrics_readable(config.metrics_file)
     ck = config.checkpoint_dir
     if ck is not None and ck.exists():
         if not ck.is_dir():
@@ -78,6 +62,24 @@ def check_paths(config: Config) -> None:
             raise ConfigError(
                 f"checkpoint_dir: {ck} cannot be listed ({os.strerror(exc.errno or 0)})"
             ) from None
+
+
+def _check_metrics_readable(path: Path | None) -> None:
+    """A metrics file (or folder) that exists must be readable (listable) by this user,
+    and so must the folders above it (a run folder at 0700, FAULTS.md #53, #62):
+    otherwise the monitor would follow nothing and say so only in its log. A path not
+    there yet is waited for (#1)."""
+    if path is None:
+        return
+    what = "cannot be read"
+    try:
+        if path.is_dir():
+            what = "cannot be listed"
+            os.listdir(path)
+        elif path.exists():  # O_NONBLOCK: a FIFO never blocks the check
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        raise ConfigError(f"metrics_file: {path} {what} ({os.strerror(exc.errno or 0)})") from None
 
 
 def check_links(config: Config) -> str | None:

@@ -4,22 +4,25 @@ TensorBoard event files or a Lightning ``metrics.csv``)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from smart_monitor.config import Config
-from smart_monitor.hooks.attach import attach_plots
+from smart_monitor.events import Detected, Event, Listener
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
-from smart_monitor.runtime.events import Detected, Event, Listener
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
 from smart_monitor.triggers import stats_label
+
+# What the command line attaches to an engine (``hooks``: plots, actions, metrics),
+# and how to stop it: runtime drives the core, the layer above composes the hooks.
+Attach = Callable[[Engine], Callable[[], None]]
 
 __all__ = ["DetectionReport", "replay"]
 
@@ -62,11 +65,12 @@ def replay(
     log: Any,
     progress: bool | None = None,
     listeners: Sequence[Listener] = (),
-    plots: bool = True,
+    attach: Attach | None = None,
 ) -> Engine:
     """Feed every record of ``metrics`` through one Engine and return it (its counts);
-    ``listeners`` see its events (``DetectionReport``); ``plots``: draw each snapshot's
-    ``loss_history.png`` (after the last record, so drawing never slows the replay).
+    ``listeners`` see its events (``DetectionReport``); ``attach``: what the command
+    line hooks onto the engine (the plots: each snapshot's ``loss_history.png``, drawn
+    after the last record so that drawing never slows the replay), and its stop.
 
     The run is over, so every checkpoint folder left is complete and no wait for a
     best model's checkpoint can help: both are set accordingly.
@@ -82,7 +86,7 @@ def replay(
     engine.listeners.extend(listeners)
     engine.recover()
     # plots only: no actions, no metrics server, the run is over
-    stop_plots = attach_plots(engine, log, defer=True) if plots else lambda: None
+    stop_plots = attach(engine) if attach is not None else lambda: None
     engine.scan_checkpoints()
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
@@ -99,8 +103,9 @@ def replay(
                 engine.ingest.handle_entries(entries)
             engine.ingest.handle_entries(source.finish())
             source.close()
-        else:
-            _replay_jsonl(engine, metrics, config.records.max_line_bytes, progress)
+        else:  # a folder given: the JSONL file the tailer would follow
+            path = source.path if source is not None else metrics
+            _replay_jsonl(engine, path, config.records.max_line_bytes, progress)
     engine.finish()
     stop_plots()  # every snapshot's loss_history.png is drawn before replay returns
     log.info("Stopped", mode="replay", **{k: v for k, v in sorted(engine.counts.items())})

@@ -2,7 +2,8 @@
 
 ``metrics_file`` may be a JSONL file (the tailer, ``sources/tailer.py``), a TensorBoard
 event file or a folder of them, or a Lightning ``metrics.csv`` or a folder holding
-one. What the path holds decides, unless ``[source] format`` forces it. A folder is
+one, or a folder holding a JSONL file (the one written last). What the path holds
+decides, unless ``[source] format`` forces it. A folder is
 searched below (HF writes ``runs/<date>_<host>/events.out.tfevents.*``, Lightning
 ``lightning_logs/version_N/``), and searched again at every read: a restarted trainer
 starts a new file, which is picked up. A folder that holds neither yet (the trainer
@@ -81,7 +82,9 @@ def detect_format(path: Path, forced: str = "auto") -> Format | None:
         files = _files(path, None)
         if any(p.name.startswith(_EVENTS) for p in files):
             return "tensorboard"
-        return "csv" if files else None
+        if files:
+            return "csv"
+        return "jsonl" if jsonl_in(path) is not None else None
     if _EVENTS in path.name:
         return "tensorboard"
     return "csv" if path.suffix == ".csv" else "jsonl"
@@ -112,6 +115,19 @@ def _files(root: Path, fmt: Format | None) -> list[Path]:
             if (events and fmt != "csv") or (name == _CSV and fmt != "tensorboard"):
                 found.append(Path(dirpath, name))
     return sorted(found, key=_started)
+
+
+def jsonl_in(root: Path) -> Path | None:
+    """The JSONL file a metrics folder holds (LLaMA-Factory's ``trainer_log.jsonl``, a
+    ``metrics.jsonl``): the one written last when there are several; None for none."""
+    found: list[tuple[float, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(_SKIP)]
+        for name in filenames:
+            if name.endswith(".jsonl"):
+                with contextlib.suppress(OSError):  # gone between the walk and the stat
+                    found.append((os.stat(Path(dirpath, name)).st_mtime, Path(dirpath, name)))
+    return max(found)[1] if found else None
 
 
 def _started(path: Path) -> tuple[float, list[Any]]:
@@ -153,6 +169,7 @@ class FolderSource:
         self.followers: dict[Path, _Follower] = {}
         self._changed: dict[Path, float] = {}  # clock() when a file last gave data
         self._restored: dict[str, Any] = {}
+        self._jsonl_said = False
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -182,6 +199,12 @@ class FolderSource:
     def batches(self) -> Iterator[list[dict[str, Any]]]:
         if self.fmt is None:
             self.fmt = detect_format(self.path, self.forced)
+            if self.fmt == "jsonl":  # the tailer follows JSONL: chosen at start only
+                self.fmt = None
+                if not self._jsonl_said:
+                    self._jsonl_said = True
+                    self.event("Metrics folder holds JSONL: restart to follow it",
+                               {"path": str(jsonl_in(self.path))})
             if self.fmt is None:
                 return
             require_reader(self.fmt)
@@ -257,7 +280,8 @@ def open_metrics(
         return None
     fmt = detect_format(path, forced)
     if fmt == "jsonl":
-        return Tailer(path, records.max_line_bytes, event)
+        found = jsonl_in(path) if path.is_dir() else None  # a folder: its JSONL file
+        return Tailer(found or path, records.max_line_bytes, event)
     return FolderSource(
         path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock
     )

@@ -30,6 +30,7 @@ __all__ = ["Identity", "Tailer"]
 _CHUNK = 1 << 20
 _MARK = 64  # bytes before the offset whose hash must still match (offset marker)
 _HEAD_MAX = 4096  # the first line's hash covers at most this many bytes
+_TRIES = 3  # a block whose handling failed this often is skipped (said), not retried
 # A file whose mtime is this recent may have changed again within the clock's
 # granularity (git's "racy" index entries): then size and mtime prove nothing.
 _RACY_NS = 100_000_000
@@ -50,8 +51,11 @@ class Identity:
 
 class Tailer:
     """``blocks()`` yields the new complete lines as ``LineSplitter`` blocks (what one
-    read returned, often one line), and ``offset`` moves past a block as it is yielded:
-    state saved between two blocks resumes at the next one.
+    read returned, often one line), and ``offset`` moves past a block once it is
+    handled: when the reader asks for the next one, or calls ``commit()`` (a reader
+    that stops after a block). A block whose handling raised stays at ``offset``, is
+    given again at the next ``blocks()``, and after ``_TRIES`` failures is skipped
+    with a ``Skipped lines after errors`` event: nothing lost silently, no stall.
 
     ``event(name, fields)`` reports what a reader of the log wants to know: truncation,
     replacement, skipped NUL bytes, a line dropped unterminated.
@@ -78,6 +82,13 @@ class Tailer:
         self._refused = False
         self._seen: tuple[int, int] | None = None  # (size, mtime) last read to the end
         self._restored: dict[str, Any] | None = None
+        self._tried_at, self._tries = -1, 0  # the block last given out, and how often
+
+    def commit(self) -> None:
+        """The block last given out is handled: ``offset`` moves past it."""
+        if self._pending:
+            self._pending.popleft()
+        self._tried_at = -1
 
     @property
     def offset(self) -> int:
@@ -229,11 +240,27 @@ class Tailer:
                 self.identity = Identity(self.identity.dev, self.identity.ino, head)
         while True:
             while self._pending:
-                yield self._pending.popleft()
+                block = self._pending[0]
+                if self._gave_up(block):
+                    continue
+                yield block
+                if self._pending and self._pending[0] is block:  # the reader came back
+                    self.commit()  # for more: it handled this one
             chunk = os.pread(self.fd, _CHUNK, self._read_pos())
             if not chunk:
                 return
             self._pending.extend(self.splitter.feed(chunk))
+
+    def _gave_up(self, block: Block) -> bool:
+        """Count the times ``block`` is given out; past ``_TRIES`` drop it, said."""
+        if block[0] != self._tried_at:
+            self._tried_at, self._tries = block[0], 0
+        self._tries += 1
+        if self._tries <= _TRIES:
+            return False
+        self._pending.popleft()
+        self.event("Skipped lines after errors", {"offset": block[0], "lines": len(block[1])})
+        return True
 
     def _skipped_nuls(self, count: int, offset: int) -> None:
         self.event("Skipped NUL bytes", {"count": count, "offset": offset})

@@ -10,20 +10,21 @@ the first scalar of another step arrives, or when the file has been quiet for
 The reader verifies both CRCs of every record. A record cut short (a trainer killed
 mid-write, or a write still under way) is waited for: the reader keeps its partial
 bytes and completes the record when the rest arrives. A record whose CRC fails is
-corruption: it is reported once and the rest of that file is left alone (its framing
-can no longer be trusted), as TensorFlow's reader does.
+corruption (a bit flip, a NUL hole a crash left): it is reported once and the reader
+goes on at the next valid record, so a NaN logged after the hole is still seen, where
+TensorFlow's reader gives up on the rest of the file.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.tensorflow_stub import errors
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.util import tensor_util
 
 __all__ = [
@@ -35,6 +36,7 @@ Malformed = Callable[[str, str, "int | None"], None]  # Engine.malformed: counte
 
 _BATCH = 4096  # events per read(): a backlog is read in slices
 _FRAME = 16  # length (8) + its CRC (4) before the data, the data's CRC (4) after
+_READ_AHEAD = 1 << 16  # bytes read at once: a backlog is not two reads per record
 
 # HF Trainer (``train/``, ``eval/``), Lightning (``lr-AdamW``, ``val_loss``) and a
 # plain SummaryWriter's usual names -> record keys; [records] aliases come first.
@@ -87,34 +89,81 @@ def scalars(raw: bytes) -> tuple[int, list[tuple[str, float]]]:
 class EventFileReader:
     """The complete records of one event file, from the start: ``records()`` yields
     each record's bytes and leaves ``offset`` at its end. ``truncated`` is True while
-    the file ends inside a record (waited for), ``corrupt`` once a CRC failed (then
-    nothing more is read from this file)."""
+    the file ends inside a record (waited for). A record whose length or data CRC
+    fails starts a hole (``holes``: where each began); the reader then tries each
+    later byte as a record start and goes on at the first whose length, length CRC
+    and data CRC all check (TFRecord framing has no sync marker: the CRCs are the
+    marker, a false match is one in 2**64)."""
 
     def __init__(self, path: str) -> None:
-        self._reader = PyRecordReader_New(path.encode(), 0, None, None)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._buf = b""  # file bytes from _buf_at on, read ahead
+        self._buf_at = 0
         self.offset = 0
         self.truncated = False
-        self.corrupt: str | None = None
+        self.holes: list[int] = []
+        self._scan = -1  # inside a hole: the next byte to try as a record start
+
+    def _bytes(self, at: int, n: int) -> bytes:
+        """Up to ``n`` file bytes at ``at`` (fewer at the end of the file)."""
+        lo = at - self._buf_at
+        if lo < 0 or lo + n > len(self._buf):
+            self._buf = os.pread(self._fd, max(n, _READ_AHEAD), at)
+            self._buf_at, lo = at, 0
+        return self._buf[lo:lo + n]
+
+    def _record_at(self, at: int) -> bytes | Literal[False] | None:
+        """The data of the record at ``at``; False when its framing fails, None when
+        the file ends before the record does."""
+        head = self._bytes(at, 12)
+        if len(head) < 12:
+            return None
+        if masked_crc32c(head[:8]) != struct.unpack("<I", head[8:])[0]:
+            return False
+        (length,) = struct.unpack("<Q", head[:8])
+        end = at + 16 + length
+        if end > self._buf_at + len(self._buf) and end > os.fstat(self._fd).st_size:
+            return None  # never a read of a length the file does not hold
+        body = self._bytes(at + 12, length + 4)
+        if len(body) < length + 4:
+            return None
+        data = body[:length]
+        return data if masked_crc32c(data) == struct.unpack("<I", body[length:])[0] else False
+
+    def _next_candidate(self, at: int) -> int:
+        """The first position from ``at`` whose length could frame a record: runs of
+        NUL bytes (a hole the file system left) and lengths of 4 GiB and more are
+        passed over without a CRC."""
+        while True:
+            window = self._bytes(at, _READ_AHEAD)
+            if len(window) < 12:
+                return at
+            nuls = len(window) - len(window.lstrip(b"\0"))
+            if nuls >= 12:  # twelve NULs are no header (the CRC of a zero length is not 0)
+                at += nuls - 11
+                continue
+            for i in range(len(window) - 11):
+                if window[i + 4:i + 8] == b"\0\0\0\0":
+                    return at + i
+            at += len(window) - 11
 
     def records(self) -> Iterator[bytes]:
-        if self.corrupt is not None:
-            return
         while True:
-            try:
-                self._reader.GetNext()
-            except errors.OutOfRangeError:
-                self.truncated = False
+            at = self.offset if self._scan < 0 else self._next_candidate(self._scan)
+            got = self._record_at(at)
+            if got is None:  # cut short: the rest is waited for
+                cut = len(self._bytes(at, 12))  # 0: the end of the file, nothing cut
+                self.truncated = cut == 12 or (cut > 0 and self._scan < 0)
+                if self._scan >= 0:
+                    self._scan = at
                 return
-            except errors.DataLossError as exc:  # the reader keeps the partial record
-                if "truncated" in str(exc):
-                    self.truncated = True
-                else:
-                    self.corrupt = str(exc)
-                return
-            raw: bytes = self._reader.record()
-            self.offset += len(raw) + _FRAME
-            self.truncated = False
-            yield raw
+            if got is False:
+                if self._scan < 0:
+                    self.holes.append(at)
+                self._scan = at + 1
+                continue
+            self.offset, self._scan, self.truncated = at + len(got) + _FRAME, -1, False
+            yield got
 
     def skip_to(self, offset: int) -> bool:
         """Read past the records before ``offset`` (a resume): True when a record ends
@@ -125,7 +174,7 @@ class EventFileReader:
         return self.offset == offset
 
     def close(self) -> None:
-        self._reader.file_handle.close()
+        os.close(self._fd)
 
 
 class StepGatherer:
@@ -245,6 +294,7 @@ class EventFileFollower:
             offset = int(state.get("offset", 0))
             if self.reader.skip_to(offset):
                 self.gather.start = self.gather._end = offset
+                self._holes_said = len(self.reader.holes)  # said before the stop
                 return
             self.event("Metrics file changed while stopped", {"path": str(path)})
             self._open()
@@ -255,7 +305,7 @@ class EventFileFollower:
         self.reader = EventFileReader(str(self.path))
         self.gather = StepGatherer(self.aliases)
         self._waited_at = -1
-        self._corrupt_said = False
+        self._holes_said = 0
 
     @property
     def pending(self) -> bool:
@@ -293,9 +343,10 @@ class EventFileFollower:
             out += add(reader.offset - len(raw) - _FRAME, step, values, reader.offset)
             if n == _BATCH:
                 return out  # the caller comes back for the rest: a backlog in slices
-        if reader.corrupt is not None and not self._corrupt_said:
-            self._corrupt_said = True  # the rest of this file cannot be framed: left alone
-            self.malformed("crc_mismatch", f"{self.path}: {reader.corrupt}", reader.offset)
+        for at in reader.holes[self._holes_said:]:  # each hole counted once
+            self.malformed("crc_mismatch", f"{self.path}: bad CRC at offset {at}, read on at "
+                           "the next valid record", at)
+        self._holes_said = len(reader.holes)
         if reader.truncated and self._waited_at != reader.offset:
             self._waited_at = reader.offset  # said once per record waited for
             self.truncations += 1
