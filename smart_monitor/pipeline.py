@@ -147,10 +147,16 @@ class Pipeline:
 
     def _new_run(self, record: TrainRecord) -> bool:
         """Steps back to the run's first logging interval with the loss back at its
-        first value: a new run from scratch into the same file, not a resume."""
-        if self.first is None or record.loss is None or not math.isfinite(record.loss):
+        first value, or back to (or before) the run's first step whatever the loss (no
+        checkpoint precedes the start; Keras's second ``fit``, a new Lightning
+        ``version_N``): a new run from scratch into the same place, not a resume."""
+        if self.first is None:
             return False
         first_step, first_loss = self.first
+        if record.step <= first_step:
+            return True
+        if record.loss is None or not math.isfinite(record.loss):
+            return False
         near_start = record.step - first_step <= _INTERLEAVE_GAPS * max(self.gap, 1)
         return near_start and abs(record.loss - first_loss) <= _NEW_RUN_LOSS * abs(first_loss)
 

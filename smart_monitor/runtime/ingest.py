@@ -22,6 +22,8 @@ import orjson
 from smart_monitor.batch import Row, blocking_keys, blocks, train_row
 from smart_monitor.pipeline import Outcome, Pipeline
 from smart_monitor.records import MalformedLine, Record, parse_line, to_record
+from smart_monitor.runtime.watching import SeriesWatch
+from smart_monitor.series import SeriesBook
 
 __all__ = ["Ingest", "no_cyclic_gc"]
 
@@ -41,6 +43,7 @@ class Ingest:
         max_line_bytes: int,
         counts: Counter[str],
         clock: Callable[[], float] = time.monotonic,
+        series: SeriesBook | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.act = act
@@ -51,6 +54,8 @@ class Ingest:
         self.counts = counts
         self.clock = clock
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
+        self.series = SeriesBook(aliases) if series is None else series
+        self.watch = SeriesWatch(self.series, log, clock)
 
     def handle_lines(self, lines: list[bytes | None], offset: int) -> None:
         """Consecutive lines from byte ``offset`` on, as ``LineSplitter`` blocks them
@@ -61,6 +66,10 @@ class Ingest:
         except (orjson.JSONDecodeError, TypeError):  # a blank, bad, NaN or oversized line
             parsed = [_loads_or_none(line) for line in lines]
         blocking = self.blocking
+        note = self.series.last.update  # every series' last value, at C speed
+        for d in parsed:
+            if type(d) is dict:
+                note(d)
         found = [train_row(d, blocking) for d in parsed]
         others = _indexes_of_none(found)
         rows: list[Row] = list(filter(None, found)) if others else cast(list[Row], found)
@@ -80,6 +89,7 @@ class Ingest:
             elif line:
                 between.append((k, partial(self.handle_line, line, offset)))
         self._handle_rows(rows, between)
+        self.watch.after()
 
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
         """One line the bulk path left: another kind of record, or a bad line."""
@@ -96,13 +106,16 @@ class Ingest:
         or CSV source), like ``handle_lines``."""
         rows: list[Row] = []
         between: _Between = []
+        note = self.series.last.update
         for entry in entries:
+            note(entry)
             row = train_row(entry, self.blocking)
             if row is not None:
                 rows.append(row)
             else:
                 between.append((len(rows), partial(self._handle_entry, entry)))
         self._handle_rows(rows, between)
+        self.watch.after()
 
     def _handle_entry(self, entry: Mapping[str, Any]) -> None:
         try:

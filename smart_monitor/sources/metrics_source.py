@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from smart_monitor.config import RecordsConfig
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.tailer import Tailer
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 Format = Literal["jsonl", "tensorboard", "csv"]
 EXTRA_HINT = "pip install 'smart-monitor[tensorboard]'"
 _EVENTS = "events.out.tfevents."
-_CSV = "metrics.csv"
+_CSV = ("metrics.csv", "results.csv")  # Lightning, Ultralytics
 # Folders the search never enters: checkpoints and snapshots hold no metrics.
 _SKIP = ("checkpoint-", "tmp-checkpoint-", "anomaly_", ".tmp-", ".")
 
@@ -101,7 +102,7 @@ def _files(root: Path, fmt: Format | None) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(_SKIP)]
         for name in filenames:
             events = name.startswith(_EVENTS)
-            if (events and fmt != "csv") or (name == _CSV and fmt != "tensorboard"):
+            if (events and fmt != "csv") or (name in _CSV and fmt != "tensorboard"):
                 found.append(Path(dirpath, name))
     return sorted(found, key=_started)
 
@@ -121,7 +122,9 @@ class FolderSource:
     """Follows the TensorBoard or CSV metrics files at ``path``. ``batches()`` yields
     the new entries, oldest file first; a step still being gathered is given out once
     its file was quiet for ``quiet_seconds`` (``deadline``: when the next one is due).
-    ``finish()``: every pending step, at the end of a replay."""
+    ``finish()``: every pending step, at the end of a replay. Tags and columns are
+    named by ``book`` (the engine's, shared with the ingest), a file's folder below
+    ``path`` taking part (Keras's ``validation/``, an ``add_scalars`` subfolder)."""
 
     def __init__(
         self,
@@ -133,11 +136,12 @@ class FolderSource:
         event: EventHandler,
         malformed: Malformed,
         clock: Callable[[], float],
+        book: SeriesBook | None = None,
     ) -> None:
         self.path = path
         self.fmt = fmt
         self.forced = forced
-        self.aliases = dict(aliases)
+        self.book = SeriesBook(aliases) if book is None else book
         self.quiet = quiet_seconds
         self.event = event
         self.malformed = malformed
@@ -211,16 +215,20 @@ class FolderSource:
 
     def _follow(self, path: Path) -> _Follower | None:
         state = self._restored.pop(str(path), None)
+        place = str(path.parent.relative_to(self.path)) if path.is_relative_to(self.path) else ""
+        place = "" if place == "." else place
         follower: _Follower
         try:
             if self.fmt == "tensorboard":
                 from smart_monitor.sources.tensorboard import EventFileFollower
 
-                follower = EventFileFollower(path, self.aliases, self.event, self.malformed, state)
+                follower = EventFileFollower(
+                    path, self.book, place, self.event, self.malformed, state
+                )
             else:
                 from smart_monitor.sources.csv_metrics import CsvFollower
 
-                follower = CsvFollower(path, self.aliases, self.event, state)
+                follower = CsvFollower(path, self.book, place, self.event, self.malformed, state)
         except FileNotFoundError:
             return None
         verb = "Resumed" if state else "Opened"
@@ -238,14 +246,16 @@ def open_metrics(
     event: EventHandler,
     malformed: Malformed,
     clock: Callable[[], float],
+    book: SeriesBook | None = None,
 ) -> Tailer | FolderSource | None:
     """The reader of ``metrics_file``: the JSONL tailer, or a follower of TensorBoard
-    or CSV files (``records``: the ``[records]`` config, its aliases and line limit)."""
+    or CSV files (``records``: the ``[records]`` config, its aliases and line limit;
+    ``book``: the run's series, named by the engine's rule)."""
     if path is None:
         return None
     fmt = detect_format(path, forced)
     if fmt == "jsonl":
         return Tailer(path, records.max_line_bytes, event)
     return FolderSource(
-        path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock
+        path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock, book
     )
