@@ -262,8 +262,8 @@ class SeriesBook:
         """The ``Watching series`` fields: each role's series, and the ones ignored."""
         groups: dict[str, list[str]] = {}
         for key, series in self.roles().items():
-            if series.role == "step":
-                continue
+            if series.role == "step" or not _numeric(self.last[key]):
+                continue  # the step, or text (a prediction example's answers)
             label = _label(key, series)
             groups.setdefault(label, []).append(series.name + ("(main)" if key in self.mains
                                                                or key in _KEY_ROLES else ""))
@@ -271,11 +271,11 @@ class SeriesBook:
 
     def hint(self) -> tuple[list[str], str]:
         """The names seen, and the ``[records] aliases`` entry that would name a loss."""
-        seen = [s.name for s in self.roles().values() if s.role != "step"]
-        numeric = [self.names.get(k, k) for k, v in self.last.items()
-                   if isinstance(v, float | int) and not isinstance(v, bool)
-                   and classify(self.names.get(k, k)).role not in ("step", "summary")]  # fmt: skip
-        guess = numeric[0] if numeric else "<your loss tag>"
+        roles = self.roles()
+        seen = [s.name for k, s in roles.items() if s.role != "step" and _numeric(self.last[k])]
+        guesses = [s.name for k, s in roles.items()
+                   if s.role not in ("step", "summary") and _numeric(self.last[k])]  # fmt: skip
+        guess = guesses[0] if guesses else "<your loss tag>"
         return seen, f'[records] aliases = {{ "{guess}" = "loss" }}'
 
     def values(self) -> list[tuple[str, str, float]]:
@@ -284,9 +284,7 @@ class SeriesBook:
         out = []
         for key, series in sorted(self.roles().items()):
             value = self.last.get(key)
-            if series.role == "step" or isinstance(value, bool) or not isinstance(
-                value, float | int
-            ):
+            if series.role == "step" or not _numeric(value):
                 continue
             out.append((series.name, _label(key, series), float(value)))
         return out
@@ -299,6 +297,10 @@ _KEY_ROLES: dict[str, tuple[Role, Split]] = {
     "eval_accuracy": ("metric", "eval"), "accuracy": ("metric", "eval"),
     "step": ("step", "train"),
 }
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool)
 
 
 def _label(key: str, series: Series) -> str:

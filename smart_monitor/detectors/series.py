@@ -92,7 +92,7 @@ class SeriesLosses:
             return []
         raw = record.raw
         evaluation = isinstance(record, EvalRecord)
-        collapsed = self._metrics(record) if evaluation else None
+        collapsed = self._metrics(record) if isinstance(record, EvalRecord) else None
         out: list[Trigger] = []
         bad: list[str] = []  # the series non-finite in this record: one problem, one trigger
         for key in self._watched(raw):
@@ -119,7 +119,8 @@ class SeriesLosses:
         return out
 
     def _nonfinite(
-        self, record: Record, keys: list[str], evaluation: bool, collapsed: str | None
+        self, record: TrainRecord | EvalRecord, keys: list[str], evaluation: bool,
+        collapsed: str | None,
     ) -> Trigger:
         """One trigger for the series non-finite at once (YOLO's three validation losses
         are one failed evaluation), named for the first; its severity by consequence."""
@@ -133,7 +134,7 @@ class SeriesLosses:
         severity = Severity.CRITICAL if critical else Severity.WARNING
         return Trigger(name, name, severity, record.step, details)
 
-    def _metrics(self, record: Record) -> str | None:
+    def _metrics(self, record: EvalRecord) -> str | None:
         """Learn the bests of the record's higher-is-better eval metrics; the first one
         that collapsed below half its best (None: none did)."""
         collapsed = None

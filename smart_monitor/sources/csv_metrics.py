@@ -42,14 +42,12 @@ class CsvFollower:
         self,
         path: Path,
         book: SeriesBook,
-        place: str,
         event: EventHandler,
         malformed: Malformed,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = path
         self.book = book
-        self.place = place
         self.event = event
         self.malformed = malformed
         self.header = ""
@@ -110,7 +108,7 @@ class CsvFollower:
 
     def _entries(self, header: str, lines: list[str]) -> list[dict[str, Any]]:
         columns = [c.strip() for c in next(csv.reader([header]))]
-        names = [self.book.key(c, self.place) for c in columns]
+        names = [self.book.key(c) for c in columns]  # by itself: a CSV has no split folders
         roles = [classify(c).role for c in columns]
         at = roles.index("step") if "step" in roles else (
             columns.index("epoch") if "epoch" in columns else -1

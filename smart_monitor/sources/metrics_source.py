@@ -215,7 +215,8 @@ class FolderSource:
 
     def _follow(self, path: Path) -> _Follower | None:
         state = self._restored.pop(str(path), None)
-        place = str(path.parent.relative_to(self.path)) if path.is_relative_to(self.path) else ""
+        folder = path.parent  # its place below the folder followed ("": a file followed)
+        place = str(folder.relative_to(self.path)) if folder.is_relative_to(self.path) else ""
         place = "" if place == "." else place
         follower: _Follower
         try:
@@ -228,7 +229,7 @@ class FolderSource:
             else:
                 from smart_monitor.sources.csv_metrics import CsvFollower
 
-                follower = CsvFollower(path, self.book, place, self.event, self.malformed, state)
+                follower = CsvFollower(path, self.book, self.event, self.malformed, state)
         except FileNotFoundError:
             return None
         verb = "Resumed" if state else "Opened"
