@@ -244,7 +244,7 @@ class SeriesBook:
         if self._roles[0] == stamp:  # the same keys and names as last time
             return self._roles[1]
         out: dict[str, Series] = {}
-        for key in self.last:
+        for key in list(self.last):  # a copy: /metrics reads from its own thread
             name = self.names.get(key, key)
             series = classify(name)
             if key in _KEY_ROLES:  # a main slot: its role is the slot's, whatever the name
@@ -283,7 +283,7 @@ class SeriesBook:
         the report."""
         out = []
         for key, series in sorted(self.roles().items()):
-            value = self.last.get(key)
+            value = self.last.get(key)  # a key is never removed: there while listed
             if series.role == "step" or not _numeric(value):
                 continue
             out.append((series.name, _label(key, series), float(value)))

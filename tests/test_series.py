@@ -159,3 +159,43 @@ def test_csv_and_jsonl_need_no_tensorboard(tmp_path: Path) -> None:
     events.write_bytes(b"")
     code, out, _ = _replay(events, tmp_path / "tb", env)
     assert code == 2 and "Traceback" not in out and "[tensorboard]" in out, out
+
+
+def test_metrics_endpoint_shows_every_series_and_its_last_value(tmp_path: Path) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from smart_monitor.config import load_config
+    from smart_monitor.hooks.metrics import MetricsServer
+    from smart_monitor.outputs.log import make_logger
+    from smart_monitor.outputs.snapshot import SnapshotWriter
+    from smart_monitor.runtime.engine import Engine
+    from smart_monitor.sources.checkpoints import CheckpointIndex
+
+    config = load_config(snapshot_dir=tmp_path / "snaps", log_dir=tmp_path / "logs")
+    log, _ = make_logger(config.log_dir, stderr=None)
+    index = CheckpointIndex(None, config.checkpoints)
+    engine = Engine(config, log, index, SnapshotWriter(config.snapshot_dir))
+    engine.ingest.handle_lines(
+        [b'{"step": 1, "loss": 2.0, "aux_loss": 0.5, "lr": 0.001}',
+         b'{"step": 1, "eval_loss": 2.5, "eval_accuracy": 0.25}'], 0,
+    )  # fmt: skip
+    server = MetricsServer(engine, config.metrics)
+    port = server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.stop()
+    found = {
+        (s.labels["series"], s.labels["role"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "smart_monitor_series_value"
+    }
+    assert found == {
+        ("loss", "train_loss"): 2.0, ("aux_loss", "train_loss"): 0.5,
+        ("lr", "learning_rate"): 0.001, ("eval_loss", "eval_loss"): 2.5,
+        ("eval_accuracy", "eval_metric_higher"): 0.25,
+    }  # fmt: skip

@@ -58,6 +58,14 @@ class _EngineCollector(Collector):
             "Seconds since the last record (since start before the first): a stalled trainer.",
             value=max(since, 0.0),
         )
+        series = GaugeMetricFamily(
+            "smart_monitor_series_value",
+            "Last value of every series the run logs, by its name and role (series.py).",
+            labels=["series", "role"],
+        )
+        for name, role, value in self.engine.series.values():
+            series.add_metric([name, role], value)
+        yield series
         budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
         for name, text, value in (
             ("held", "Bytes the snapshots add to their file system.", budget.held),
