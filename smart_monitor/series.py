@@ -35,7 +35,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 __all__ = [
     "MAIN_KEYS", "SUMMARY_KEYS", "Series", "SeriesBook", "classify", "main_loss_key", "qualified",
@@ -299,7 +299,8 @@ _KEY_ROLES: dict[str, tuple[Role, Split]] = {
 }
 
 
-def _numeric(value: Any) -> bool:
+def _numeric(value: Any) -> TypeGuard[float | int]:
+    """A number a series can hold (not a bool, not a prediction example's text)."""
     return isinstance(value, float | int) and not isinstance(value, bool)
 
 

@@ -138,10 +138,10 @@ def base_kind(kind: str) -> str:
 def problem_of(kind: str) -> str:
     """The problem a trigger kind reports (incidents group by it); itself by default.
 
-    >>> problem_of("loss_zscore"), problem_of("lr_zscore")
-    ('loss_spike', 'lr_zscore')
+    >>> problem_of("loss_zscore"), problem_of("lr_zscore"), problem_of("val_cls_loss_nonfinite")
+    ('loss_spike', 'lr_zscore', 'nonfinite')
     """
-    return _PROBLEM.get(kind, kind)
+    return _PROBLEM.get(kind) or _PROBLEM.get(base_kind(kind), kind)
 
 
 def kind_of(name: str) -> str:

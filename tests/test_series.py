@@ -196,6 +196,35 @@ def test_metrics_endpoint_shows_every_series_and_its_last_value(tmp_path: Path) 
     }
     assert found == {
         ("loss", "train_loss"): 2.0, ("aux_loss", "train_loss"): 0.5,
-        ("lr", "learning_rate"): 0.001, ("eval_loss", "eval_loss"): 2.5,
+        ("learning_rate", "learning_rate"): 0.001, ("eval_loss", "eval_loss"): 2.5,
         ("eval_accuracy", "eval_metric_higher"): 0.25,
     }  # fmt: skip
+
+
+def test_no_loss_series_is_said_after_a_while_and_at_most_hourly() -> None:
+    from smart_monitor.runtime.watching import NO_LOSS_AFTER, NO_LOSS_EVERY, SeriesWatch
+
+    said: list[tuple[str, dict[str, object]]] = []
+
+    class Log:
+        def info(self, event: str, **fields: object) -> None:
+            said.append((event, fields))
+
+        def warning(self, event: str, **fields: object) -> None:
+            said.append((event, fields))
+
+    now = [0.0]
+    book = SeriesBook({})
+    watch = SeriesWatch(book, Log(), lambda: now[0])
+    book.observe({"step": 1, "my_objective": 0.5})
+    watch.after()
+    assert [e for e, _ in said] == ["Watching series"]  # once the first records are in
+    for t in (NO_LOSS_AFTER - 1, NO_LOSS_AFTER, NO_LOSS_AFTER + 10, NO_LOSS_AFTER + NO_LOSS_EVERY):
+        now[0] = t
+        watch.after()
+    assert [e for e, _ in said] == ["Watching series", "No loss series", "No loss series"]
+    assert said[1][1]["seen"] == "my_objective" and watch.blind
+    book.observe({"step": 2, "my_loss": 0.4})  # a loss at last: nothing more to say
+    now[0] += 2 * NO_LOSS_EVERY
+    watch.after()
+    assert len(said) == 3

@@ -12,7 +12,9 @@ by its consequence: critical when it persists (the series' previous value was no
 either) or when the evaluation collapsed with it (a higher-is-better eval metric of the
 same record below half its best); a warning when the model's metrics are intact (one
 bad batch in the loss computation, which the next evaluation shows recovered). An eval
-loss that diverges is a warning: that is overfitting, which the run survives.
+loss that diverges is a warning: that is overfitting, which the run survives. While the
+main train loss is non-finite, a non-finite eval loss is no news (``loss_nonfinite``
+already said the run broke).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class SeriesLosses:
         self.series: dict[str, _Watched] = {}
         self.best: dict[str, tuple[float, int]] = {}  # eval metric -> (best, its step)
         self._keys: dict[tuple[str, ...], tuple[str, ...]] = {}  # record keys -> watched
+        self.train_bad = False  # the main train loss is non-finite: the run is already broken
 
     def _watched(self, raw: Any) -> tuple[str, ...]:
         """The keys of ``raw`` this detector watches (memoised on the key set)."""
@@ -92,6 +95,8 @@ class SeriesLosses:
             return []
         raw = record.raw
         evaluation = isinstance(record, EvalRecord)
+        if isinstance(record, TrainRecord) and record.loss is not None:
+            self.train_bad = not math.isfinite(record.loss)
         collapsed = self._metrics(record) if isinstance(record, EvalRecord) else None
         out: list[Trigger] = []
         bad: list[str] = []  # the series non-finite in this record: one problem, one trigger
@@ -112,6 +117,8 @@ class SeriesLosses:
             for detector in (watched.spike, watched.divergence):
                 if detector is not None:
                     out.extend(_renamed(t, key, evaluation) for t in detector.update(point))
+        if bad and evaluation and self.train_bad:
+            bad = []  # the eval of a run whose train loss is NaN: loss_nonfinite says it
         if bad and self.config.nonfinite.enabled:
             out.append(self._nonfinite(record, bad, evaluation, collapsed))
         for key in bad:
@@ -163,7 +170,8 @@ class SeriesLosses:
         return stop
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
-        return None  # screen sent every row with a watched series to update
+        if block.loss is not None:
+            self.train_bad = False  # a block's losses are finite (batch.train_row)
 
     def rewind(self, step: int) -> None:
         for watched in self.series.values():
@@ -178,6 +186,7 @@ class SeriesLosses:
         return {
             "series": {k: w.state_dict() for k, w in self.series.items()},
             "best": {k: list(v) for k, v in self.best.items()},
+            "train_bad": self.train_bad,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,6 +195,7 @@ class SeriesLosses:
             watched = self.series[key] = _Watched(self.config)
             watched.load_state_dict(saved)
         self.best = {k: (float(v[0]), int(v[1])) for k, v in state.get("best", {}).items()}
+        self.train_bad = bool(state.get("train_bad", False))
 
 
 def _renamed(t: Trigger, key: str, evaluation: bool) -> Trigger:

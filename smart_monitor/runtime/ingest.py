@@ -66,13 +66,12 @@ class Ingest:
         except (orjson.JSONDecodeError, TypeError):  # a blank, bad, NaN or oversized line
             parsed = [_loads_or_none(line) for line in lines]
         blocking = self.blocking
-        note = self.series.last.update  # every series' last value, at C speed
-        for d in parsed:
-            if type(d) is dict:
-                note(d)
         found = [train_row(d, blocking) for d in parsed]
         others = _indexes_of_none(found)
         rows: list[Row] = list(filter(None, found)) if others else cast(list[Row], found)
+        note = self.series.last.update  # every series' last value (the others: handle_line)
+        for row in rows:
+            note(row[4])
         between: _Between = []
         done = 0  # lines whose length is in ``offset``
         for before, i in enumerate(others):
@@ -99,6 +98,7 @@ class Ingest:
             self.malformed(exc.reason, exc.detail, offset)
             return
         if record is not None:
+            self.series.observe(record.raw)
             self._record(record)
 
     def handle_entries(self, entries: Iterable[Mapping[str, Any]]) -> None:
