@@ -228,3 +228,20 @@ def test_no_loss_series_is_said_after_a_while_and_at_most_hourly() -> None:
     now[0] += 2 * NO_LOSS_EVERY
     watch.after()
     assert len(said) == 3
+
+
+def test_event_files_are_ordered_by_their_first_event_wall_time(tmp_path: Path) -> None:
+    import struct
+
+    from smart_monitor.sources.metrics_source import _files
+
+    def event_file(name: str, wall: float) -> Path:
+        data = b"\x09" + struct.pack("<d", wall)  # Event.wall_time, field 1, first
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(data)) + b"\0" * 4 + data + b"\0" * 4)
+        return path
+
+    # the names say the other order (a clock set back between the two writers)
+    late = event_file("events.out.tfevents.100.host.1.0", 2000.0)
+    early = event_file("events.out.tfevents.200.host.1.1", 1000.0)
+    assert _files(tmp_path, "tensorboard") == [early, late]

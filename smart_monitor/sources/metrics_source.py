@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -108,14 +109,41 @@ def _files(root: Path, fmt: Format | None) -> list[Path]:
 
 
 def _started(path: Path) -> tuple[float, list[Any]]:
-    """Event files by the time in their name (``events.out.tfevents.<time>.<host>...``);
+    """Event files by their first event's wall time (the file-version event a writer
+    puts first), else the time in their name (``events.out.tfevents.<time>.<host>...``);
     then the path, numbers as numbers (``version_10`` after ``version_9``)."""
     when = 0.0
     if path.name.startswith(_EVENTS):
-        with contextlib.suppress(ValueError):  # a name not of that shape: by path alone
-            when = float(path.name[len(_EVENTS) :].split(".", 1)[0])
+        found = _first_wall_time(path)
+        if found is not None:
+            when = found
+        else:
+            with contextlib.suppress(ValueError):  # a name not of that shape: by path alone
+                when = float(path.name[len(_EVENTS) :].split(".", 1)[0])
     parts = re.split(r"(\d+)", str(path))
     return when, [int(p) if p.isdigit() else p for p in parts]
+
+
+_WALL_TIMES: dict[str, float] = {}  # a file's first event never changes: read once
+
+
+def _first_wall_time(path: Path) -> float | None:
+    """The ``wall_time`` of an event file's first record, read without tensorboard: the
+    record is length (8 bytes), its CRC (4), then the ``Event``, whose field 1 (a double,
+    tag byte 0x09) comes first. None while the file holds no complete first event."""
+    key = str(path)
+    if key in _WALL_TIMES:
+        return _WALL_TIMES[key]
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(21)
+    except OSError:
+        return None
+    if len(head) < 21 or head[12] != 0x09:
+        return None
+    (when,) = struct.unpack("<d", head[13:21])
+    _WALL_TIMES[key] = when
+    return float(when)
 
 
 class FolderSource:
