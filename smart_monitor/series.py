@@ -216,7 +216,9 @@ class SeriesBook:
         plain = name[6:] if name.startswith("train/") and slot is None else name
         if plain.startswith("eval/"):
             plain = "eval_" + plain[5:]
-        return self._named(plain if plain not in MAIN_KEYS else name, name)
+        if plain in MAIN_KEYS:  # a "loss" that is not the main one (an alias chose another)
+            plain = f"{name}/series"
+        return self._named(plain, name)
 
     def _main(self, slot: str, name: str, rank: int) -> bool:
         held = self.mains.get(slot)

@@ -66,7 +66,8 @@ def test_the_plainest_loss_is_main_and_a_plainer_one_later_takes_over() -> None:
     assert book.key("val/cls_loss") == "eval_loss"  # the only eval loss so far
     assert book.key("val/box_loss") == "eval_loss"  # pairs with the main train loss
     assert book.key("val/cls_loss") == "val/cls_loss" and book.version == 1
-    assert SeriesBook({}, main_loss="train/cls_loss").key("train/cls_loss") == "loss"
+    chosen = SeriesBook({}, main_loss="my_loss")  # [records] loss: before the rule
+    assert [chosen.key(t) for t in ("loss", "my_loss", "loss")] == ["loss", "loss", "loss/series"]
 
 
 def test_every_loss_series_has_its_own_state_and_prefixed_names() -> None:
