@@ -20,6 +20,7 @@ already said the run broke).
 from __future__ import annotations
 
 import math
+from operator import itemgetter
 from typing import Any
 
 from smart_monitor.batch import TrainBlock
@@ -31,6 +32,7 @@ from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["SeriesLosses"]
 
+_RAW = itemgetter(4)  # a batch.Row's record
 _COLLAPSE = 0.5  # an eval metric below this share of its best: the evaluation collapsed
 
 
@@ -84,6 +86,8 @@ class SeriesLosses:
         keys = tuple(raw)
         found = self._keys.get(keys)
         if found is None:
+            if len(self._keys) >= 1024:  # a run whose keys keep changing: a bounded memo
+                self._keys.clear()
             main = "loss" if "loss" in raw else main_loss_key(keys)
             found = self._keys[keys] = tuple(
                 k for k in keys if k != main and classify(k).role == "loss"
@@ -163,9 +167,13 @@ class SeriesLosses:
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
         """A train row with another loss series goes through ``update``; rows without
         one (the HF shape) leave nothing to learn."""
+        raws = list(map(_RAW, block.rows[start:stop]))
+        shapes = set(map(tuple, raws))  # in C: the few key sets of the stretch
+        if not any(map(self._watched, shapes)):
+            return stop  # the common case (HF's shape): nothing watched in any row
         watched = self._watched
-        for i in range(start, stop):
-            if watched(block.rows[i][4]):
+        for i, raw in enumerate(raws, start):
+            if watched(raw):
                 return i
         return stop
 

@@ -15,6 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -30,6 +31,7 @@ __all__ = ["Ingest", "no_cyclic_gc"]
 _MALFORMED_LOG_FIRST = 100  # then one line in every _MALFORMED_LOG_EVERY
 _MALFORMED_LOG_EVERY = 1000
 
+_RAW = itemgetter(4)  # a batch.Row's record
 _Between = list[tuple[int, Callable[[], None]]]  # (k, handle): run before train row k
 
 
@@ -69,9 +71,8 @@ class Ingest:
         found = [train_row(d, blocking) for d in parsed]
         others = _indexes_of_none(found)
         rows: list[Row] = list(filter(None, found)) if others else cast(list[Row], found)
-        note = self.series.last.update  # every series' last value (the others: handle_line)
-        for row in rows:
-            note(row[4])
+        # every series' last value (the other lines: handle_line), in C: a loop of its own
+        deque(map(self.series.last.update, map(_RAW, rows)), maxlen=0)
         between: _Between = []
         done = 0  # lines whose length is in ``offset``
         for before, i in enumerate(others):
