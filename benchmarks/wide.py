@@ -1,14 +1,14 @@
 """A run that logs hundreds of scalars per step (per-layer norms): cost per scalar and
 memory, for a run twice as long, through ``replay --no-plots``.
 
-    .venv/bin/python benchmarks/wide.py [--scalars 500] [--steps 400] [--format FORMAT]
+    .venv/bin/python benchmarks/wide.py [--scalars 500] [--steps 200] [--format FORMAT]
 
 Each step logs ``loss``, ``learning_rate``, a second loss series (``aux_loss``) and
 ``--scalars`` per-layer grad norms (``grad_norm/layer_N``): every one a series of the
 run (kept, shown in ``/metrics``), the two losses watched. The replay runs in a child
-process per length, so its peak RSS is its own; memory is bounded when the run twice
-as long peaks at about the same RSS (the series are a fixed set, the detectors' windows
-fixed sizes, nothing grows with the steps). FORMAT: jsonl (default), csv, tensorboard.
+process per length (N, 2N, 4N steps), so its peak RSS is its own; memory is bounded
+when the longer runs peak at about the same RSS (the series are a fixed set, the
+detectors' windows fixed sizes, a backlog read in slices: nothing grows with the steps). FORMAT: jsonl (default), csv, tensorboard.
 """
 
 from __future__ import annotations
@@ -85,12 +85,12 @@ def measure(path: Path, out: Path) -> tuple[float, int, int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scalars", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--format", choices=["jsonl", "csv", "tensorboard"], default="jsonl")
     args = ap.parse_args()
     per_step = args.scalars + 3
     with tempfile.TemporaryDirectory() as tmp:
-        for steps in (args.steps, 2 * args.steps):
+        for steps in (args.steps, 2 * args.steps, 4 * args.steps):
             path = write_run(Path(tmp) / f"run{steps}", args.format, steps, args.scalars)
             elapsed, records, series, rss = measure(path, Path(tmp) / f"out{steps}")
             scalars = steps * per_step

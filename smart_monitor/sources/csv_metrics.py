@@ -29,6 +29,7 @@ from smart_monitor.sources.steps import split_step
 __all__ = ["CsvFollower"]
 
 _HEAD_MAX = 1 << 16  # a header longer than this is read whole, line by line
+_SLICE = 1 << 22  # bytes of rows per read(): a long file is read in slices
 
 EventHandler = Callable[[str, Mapping[str, Any]], None]
 Malformed = Callable[[str, str, "int | None"], None]
@@ -94,7 +95,12 @@ class CsvFollower:
                 self.rows = 0
             elif self.header:  # a new column (or a rename over it): the old rows come first
                 skip = self.rows
-            data = fh.read()
+            if skip:
+                data = fh.read()  # past the rows already handled: the file whole
+            else:  # a backlog in slices (the caller comes back): memory bounded
+                data = fh.read(_SLICE)
+                if len(data) == _SLICE and b"\n" not in data:
+                    data += fh.readline()  # one row longer than a slice
             offset = fh.tell()
         cut = data.rfind(b"\n") + 1
         offset -= len(data) - cut
