@@ -8,7 +8,8 @@ Each step logs ``loss``, ``learning_rate``, a second loss series (``aux_loss``) 
 run (kept, shown in ``/metrics``), the two losses watched. The replay runs in a child
 process per length (N, 2N, 4N steps), so its peak RSS is its own; memory is bounded
 when the longer runs peak at about the same RSS (the series are a fixed set, the
-detectors' windows fixed sizes, a backlog read in slices: nothing grows with the steps). FORMAT: jsonl (default), csv, tensorboard.
+detectors' windows fixed sizes, a backlog read in slices: nothing grows with the
+steps). FORMAT: jsonl (default), csv, tensorboard.
 """
 
 from __future__ import annotations
