@@ -246,3 +246,25 @@ def test_event_files_are_ordered_by_their_first_event_wall_time(tmp_path: Path) 
     late = event_file("events.out.tfevents.100.host.1.0", 2000.0)
     early = event_file("events.out.tfevents.200.host.1.1", 1000.0)
     assert _files(tmp_path, "tensorboard") == [early, late]
+
+
+def test_a_csv_backlog_is_read_in_slices_and_nothing_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smart_monitor.sources import csv_metrics
+
+    monkeypatch.setattr(csv_metrics, "_SLICE", 64)  # a few rows a read
+    path = tmp_path / "metrics.csv"
+    rows = [f"{s},{1 / s}\n" for s in range(1, 101)]
+    rows[50] = f"51,{'1' * 100}\n"  # one row longer than a slice
+    path.write_text("step,train_loss\n" + "".join(rows))
+    f = csv_metrics.CsvFollower(path, SeriesBook({}), lambda *a: None, lambda *a: None)
+    got: list[int] = []
+    reads = 0
+    while True:
+        before = f.position
+        got += [e["step"] for e in f.read()]
+        reads += 1
+        if f.position == before:
+            break
+    assert got == list(range(1, 101)) and reads > 10
