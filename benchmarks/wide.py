@@ -70,7 +70,8 @@ def _child(path: str, out: str, queue: multiprocessing.Queue) -> None:  # type: 
     if daily is not None:
         daily.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    queue.put((elapsed, engine.counts["records"], len(engine.series.last), rss))
+    series = getattr(engine, "series", None)  # None: a version before series (a baseline)
+    queue.put((elapsed, engine.counts["records"], -1 if series is None else len(series.last), rss))
 
 
 def measure(path: Path, out: Path) -> tuple[float, int, int, float]:
@@ -78,9 +79,10 @@ def measure(path: Path, out: Path) -> tuple[float, int, int, float]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(str(path), str(out), queue))
     proc.start()
-    result = queue.get()
     proc.join()
-    return result  # type: ignore[no-any-return]
+    if proc.exitcode != 0:
+        raise SystemExit(f"the replay failed (exit {proc.exitcode})")
+    return queue.get(timeout=10)  # type: ignore[no-any-return]
 
 
 def main() -> None:
