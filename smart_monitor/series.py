@@ -236,6 +236,15 @@ class SeriesBook:
             self.names[key] = name
         return key
 
+    def state_dict(self) -> dict[str, Any]:
+        """The main series chosen: a restarted daemon keeps them, whatever tag it reads
+        first (the last values are the trainer's to give again)."""
+        return {"mains": {k: list(v) for k, v in self.mains.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for slot, (name, rank) in state.get("mains", {}).items():
+            self.mains.setdefault(slot, (str(name), int(rank)))
+
     def observe(self, entry: Mapping[str, Any]) -> None:
         """Note an entry's values (its keys are record keys, or a JSONL record's own)."""
         self.last.update(entry)

@@ -268,3 +268,15 @@ def test_a_csv_backlog_is_read_in_slices_and_nothing_lost(
         if f.position == before:
             break
     assert got == list(range(1, 101)) and reads > 10
+
+
+def test_the_main_series_survive_a_restart() -> None:
+    import json
+
+    book = SeriesBook({})
+    assert book.key("epoch_loss", "validation") == "eval_loss"
+    restarted = SeriesBook({})
+    restarted.load_state_dict(json.loads(json.dumps(book.state_dict())))
+    # the first tag read after the restart is another eval loss: not made the main one
+    assert restarted.key("evaluation_loss_vs_iterations", "validation") != "eval_loss"
+    assert restarted.key("epoch_loss", "validation") == "eval_loss"

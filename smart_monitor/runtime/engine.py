@@ -127,13 +127,15 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts)}
+        state = {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts),
+                 "series": self.series.state_dict()}  # fmt: skip
         if self.scanner is not None:
             state["checkpoint_scan"] = self.scanner.detector.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.pipeline.load_state_dict(state.get("pipeline", {}))
+        self.series.load_state_dict(state.get("series", {}))
         self.counts.update(state.get("counts", {}))
         if self.scanner is not None:
             self.scanner.detector.load_state_dict(state.get("checkpoint_scan", {}))
