@@ -280,3 +280,15 @@ def test_the_main_series_survive_a_restart() -> None:
     # the first tag read after the restart is another eval loss: not made the main one
     assert restarted.key("evaluation_loss_vs_iterations", "validation") != "eval_loss"
     assert restarted.key("epoch_loss", "validation") == "eval_loss"
+
+
+def test_a_row_without_the_main_loss_does_not_lend_it_another(tmp_path: Path) -> None:
+    # Lightning logs a GAN's two optimizers on rows of their own
+    csv = tmp_path / "metrics.csv"
+    rows = [f"{s},{0.7 if s % 2 else ''},{'' if s % 2 else 1.2}\n" for s in range(1, 21)]
+    rows[13] = "14,,nan\n"  # a generator row: its loss goes NaN, the critic's is not there
+    csv.write_text("step,critic_loss,generator_loss\n" + "".join(rows))
+    code, _, log = _replay(csv, tmp_path / "out")
+    assert code == 0
+    found = re.findall(r"critical Detected anomaly step=(\d+) trigger=(\S+)", log)
+    assert found == [("14", "generator_loss_nonfinite")], log
