@@ -33,9 +33,26 @@ $(SYSTEMD_ANALYZE):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
 
-test: $(STAMP) $(CHROMIUM) $(SYSTEMD_ANALYZE)
+# The fleet tests run the real servers (tests/test_fleet.py, docs/fleet.md): Debian's
+# prometheus (with promtool, which checks and unit-tests the shipped rules) and
+# prometheus-alertmanager. Installed without their recommends; the test starts its own.
+PROMETHEUS := /usr/bin/prometheus
+ALERTMANAGER := /usr/bin/prometheus-alertmanager
+RULES := deploy/prometheus
+
+$(PROMETHEUS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+
+$(ALERTMANAGER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager
+
+test: $(STAMP) $(CHROMIUM) $(SYSTEMD_ANALYZE) $(PROMETHEUS) $(ALERTMANAGER)
 	$(BIN)/ruff check smart_monitor tests benchmarks examples
 	$(BIN)/mypy
+	promtool check rules $(RULES)/smart_monitor_rules.yml
+	cd $(RULES) && promtool test rules smart_monitor_rules_test.yml
 	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)

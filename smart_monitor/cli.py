@@ -176,8 +176,8 @@ def run(
     config = _load(config_file, metrics, checkpoints, output)
     if config.metrics_file is None and config.checkpoint_dir is None:
         _config_error("metrics_file: required (--metrics FILE), or checkpoint_dir")
-    _check_reader(config)
     _prepare(config, ("state_dir", "snapshot_dir"))  # held until the process ends
+    _check_reader(config)  # after the paths: check-config's verdict comes first (#53)
     log, daily = make_logger(config.log_dir, config.log_format, config.log_level)
     daemon = Daemon(config, log, daily, Notifier())
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -231,7 +231,8 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
     snapshot folder of --output/--config."""
     import json
 
-    from smart_monitor.tools.listing import format_metadata, resolve
+    from smart_monitor.explain import explain
+    from smart_monitor.tools.listing import format_explanation, format_metadata, resolve
 
     path = resolve(snapshot, _load(config_file, None, None, output).snapshot_dir)
     try:
@@ -242,7 +243,33 @@ def show(snapshot: str, output: Path | None, config_file: Path | None, as_json: 
     hook = (((meta.get("monitor") or {}).get("config") or {}).get("actions") or {}).get("webhook")
     if isinstance(hook, dict) and hook.get("url"):  # a snapshot made before it was redacted
         hook["url"] = redact_url(str(hook["url"]))
-    click.echo(json.dumps(meta, indent=2) if as_json else f"{path}\n{format_metadata(meta)}")
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    # made again from the metadata as it is now: weights released since, a folder moved
+    explained = format_explanation(explain(meta, str(path.absolute())))
+    click.echo(f"{path}\n{format_metadata(meta)}\n{explained}")
+
+
+@main.command("explain")
+@click.argument("trigger", required=False)
+def explain_trigger(trigger: str | None) -> None:
+    """What TRIGGER means and what to do: a trigger name as the log writes it
+    (loss_zscore_43.20, val_cls_loss_nonfinite) or a family (loss_zscore); without
+    TRIGGER, every family."""
+    from smart_monitor.meanings import ENTRIES, lookup
+    from smart_monitor.tools.listing import format_entry
+
+    if trigger is None:
+        for e in ENTRIES:
+            click.echo(f"{e.family:<26}{e.what}")
+        return
+    entry = lookup(trigger)
+    if entry is None:
+        families = ", ".join(e.family for e in ENTRIES)
+        click.echo(f"smart-monitor: no trigger family matches {trigger!r} ({families})", err=True)
+        sys.exit(1)
+    click.echo(format_entry(entry, trigger))
 
 
 @main.command()

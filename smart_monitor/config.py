@@ -24,7 +24,7 @@ from pydantic import (
 
 from smart_monitor.triggers import KINDS, base_kind, kind_of
 
-__all__ = ["Config", "ConfigError", "load_config", "redact_url"]
+__all__ = ["Config", "ConfigError", "load_config", "redact_url", "run_name"]
 
 
 # Durations are capped at a day: a bigger one is a typo, and 1e300 seconds overflows
@@ -286,6 +286,28 @@ class WebhookActionConfig(ActionConfig):
         return self
 
 
+class AlertmanagerActionConfig(ActionConfig):
+    """Each incident as an alert to Alertmanager's v2 API, at every URL (an HA pair is
+    posted to both); re-sent every ``resend_seconds`` while the incident is open, and
+    resolved (``endsAt``) when it recovers. Alertmanager groups, silences and routes."""
+
+    urls: list[str] = Field(default_factory=list)
+    on_severity: ActionSeverity = "warning"
+    resend_seconds: float = Field(60.0, ge=1, le=_DAY)
+
+    @field_serializer("urls", when_used="json")
+    def _redacted(self, urls: list[str]) -> list[str]:
+        return [redact_url(u) for u in urls]
+
+    @field_validator("urls")
+    @classmethod
+    def _http_only(cls, urls: list[str]) -> list[str]:
+        bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError("each url must start with http:// or https://")
+        return urls
+
+
 class ActionsConfig(_Section):
     timeout_seconds: float = Field(10.0, gt=0, le=_DAY)
     queue_size: int = Field(100, ge=1)
@@ -295,11 +317,16 @@ class ActionsConfig(_Section):
     signal: SignalActionConfig = SignalActionConfig()
     command: CommandActionConfig = CommandActionConfig()
     webhook: WebhookActionConfig = WebhookActionConfig()
+    alertmanager: AlertmanagerActionConfig = AlertmanagerActionConfig()
 
 
 class MetricsConfig(_Section):
+    """``run``: the ``run`` label of every metric and alert, so one Prometheus tells many
+    monitors apart ("": the run folder's name, ``run_name``)."""
+
     port: int = Field(0, ge=0, le=65535)
     address: str = "127.0.0.1"
+    run: str = ""
 
 
 class Config(_Section):
@@ -346,6 +373,19 @@ class Config(_Section):
                 "snapshot_dir must not be the checkpoint folder or a checkpoint-* folder inside it"
             )
         return self
+
+
+def run_name(config: Config) -> str:
+    """The run's name: ``[metrics] run``, else the folder of its checkpoints, else the
+    folder holding its metrics file (a metrics folder: its own name)."""
+    if config.metrics.run:
+        return config.metrics.run
+    if config.checkpoint_dir is not None:
+        return config.checkpoint_dir.resolve().name or "run"
+    if config.metrics_file is not None:
+        path = config.metrics_file.resolve()
+        return (path if path.is_dir() else path.parent).name or "run"
+    return "run"
 
 
 class ConfigError(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smart_monitor import __version__
@@ -15,7 +15,7 @@ from smart_monitor.config import Config, PolicyConfig
 from smart_monitor.detectors import build_detectors
 from smart_monitor.notes import Note
 from smart_monitor.policy import Decision, Policy
-from smart_monitor.records import ExampleRecord, Record, SummaryRecord, TrainRecord
+from smart_monitor.records import EvalRecord, ExampleRecord, Record, SummaryRecord, TrainRecord
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
@@ -24,7 +24,6 @@ STATE_VERSION = 1
 _MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
 _RECENT_STEPS = 64  # train steps remembered to tell a second writer's records
 _INTERLEAVE_GAPS = 2  # a second writer lags by at most this many logging intervals
-_NEW_RUN_LOSS = 0.1  # a new run's loss is within this share of the first run's first
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +43,8 @@ class SnapshotRequest:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Everything one record caused; ``None`` from ``process`` means nothing did."""
+    """Everything one record caused; ``None`` from ``process`` means nothing did.
+    ``extra``: the incidents it ended, by their status (``recovered``, ``settled``)."""
 
     step: int
     triggers: tuple[Trigger, ...] = ()
@@ -67,9 +67,12 @@ class Pipeline:
         self.last_step: int | None = None
         self.segment = 0
         self.first: tuple[int, float] | None = None  # the run's first train step and loss
+        self.first_step: int | None = None  # the segment's first train step, whatever its loss
+        self.first_checkpoint: int | None = None  # the segment's earliest checkpoint seen
         self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
+        self.latest: dict[str, float] = {}  # the newest value of each main series (/metrics)
         self._horizon = 256  # records screened at once by process_block (adapts)
 
     def process(self, record: Record) -> Outcome | None:
@@ -93,6 +96,10 @@ class Pipeline:
                 self.loss_history.append((train_step, record.loss))
             if record.learning_rate is not None:
                 self.lr_history.append((train_step, record.learning_rate))
+            self._latest(loss=record.loss, learning_rate=record.learning_rate,
+                         grad_norm=record.grad_norm)
+        elif isinstance(record, EvalRecord):
+            self._latest(eval_loss=record.eval_loss)
         elif isinstance(record, ExampleRecord):
             self.examples.append(record.raw)
         if step is None:
@@ -108,13 +115,18 @@ class Pipeline:
             if said:
                 notes.extend(said)
                 said.clear()
-        recovered = self.policy.observe(step)
-        extra = {"recovered": tuple(recovered)} if recovered else {}
-        if not triggers:
-            if restarted_after is None and not recovered and not notes:
+        ended = self.policy.observe(step)
+        decision = self.policy.decide(step, triggers) if triggers else None
+        if isinstance(record, TrainRecord):
+            self.policy.learn(record.step, record.loss, record.grad_norm)
+        extra = {
+            status: tuple(i for i in ended if i.status == status)
+            for status in {i.status for i in ended}
+        }
+        if decision is None:
+            if restarted_after is None and not ended and not notes:
                 return None
             return Outcome(step, restarted_after=restarted_after, extra=extra, notes=tuple(notes))
-        decision = self.policy.decide(step, triggers)
         request = self._request(step, decision, record) if decision.snapshot else None
         return Outcome(
             step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra,
@@ -129,6 +141,11 @@ class Pipeline:
         self.recent_steps.append(step)
         if self.first is None and record.loss is not None and math.isfinite(record.loss):
             self.first = (step, record.loss)
+        if self.first_step is None:
+            self.first_step = step
+
+    def _latest(self, **values: float | None) -> None:
+        self.latest.update((k, v) for k, v in values.items() if v is not None)
 
     def _duplicate(self, step: int) -> bool:
         """A step seen a moment ago, a logging interval or two back: a second process
@@ -145,20 +162,18 @@ class Pipeline:
         fields = {"step": record.step, "latest_step": self.last_step, "action": "dedup_by_step"}
         return Outcome(record.step, notes=(Note("Interleaved writers", "warning", fields),))
 
+    def checkpoint_seen(self, step: int) -> None:
+        """The trainer saved ``checkpoint-<step>`` (the engine says so when it completes)."""
+        if self.first_checkpoint is None or step < self.first_checkpoint:
+            self.first_checkpoint = step
+
     def _new_run(self, record: TrainRecord) -> bool:
-        """Steps back to the run's first logging interval with the loss back at its
-        first value, or back to (or before) the run's first step whatever the loss (no
-        checkpoint precedes the start; Keras's second ``fit``, a new Lightning
-        ``version_N``): a new run from scratch into the same place, not a resume."""
-        if self.first is None:
-            return False
-        first_step, first_loss = self.first
-        if record.step <= first_step:
-            return True
-        if record.loss is None or not math.isfinite(record.loss):
-            return False
-        near_start = record.step - first_step <= _INTERLEAVE_GAPS * max(self.gap, 1)
-        return near_start and abs(record.loss - first_loss) <= _NEW_RUN_LOSS * abs(first_loss)
+        """Steps back to the segment's first logged step, or to before its first
+        checkpoint: a new run from scratch into the same folder, whatever its loss
+        (FAULTS.md #50, #52: another seed or model starts elsewhere). A resume cannot go
+        there: it starts right after the checkpoint it loads, and none came before."""
+        start = max(self.first_step or 0, self.first_checkpoint or 0)
+        return self.first_step is not None and record.step <= start
 
     def _restart(self, record: TrainRecord) -> Note:
         """A new segment with fresh detectors and policy: nothing of the old run is a
@@ -169,7 +184,7 @@ class Pipeline:
         self.policy = Policy(self.config.policy)
         for history in (self.loss_history, self.lr_history):
             history.clear()
-        self.last_step = self.first = None
+        self.last_step = self.first = self.first_step = self.first_checkpoint = None
         self.recent_steps.clear()
         self.gap = 0
         return Note("Run restarted", "warning", {
@@ -249,7 +264,7 @@ class Pipeline:
     def _absorb(self, block: TrainBlock, start: int, end: int) -> None:
         for detector in self.detectors.values():
             detector.absorb(block, start, end)
-        self.policy.skip(end - start)
+        self.policy.absorb(block, start, end)
         rows = block.rows
         before = rows[end - 2][0] if end - start >= 2 else self.last_step
         if before is not None:
@@ -262,16 +277,21 @@ class Pipeline:
             self.loss_history.extend((r[0], r[1]) for r in rows)  # type: ignore[misc]
         if block.learning_rate is not None:
             self.lr_history.extend((r[0], r[2]) for r in rows)  # type: ignore[misc]
+        last = rows[-1]  # a block's records all have the same keys (TrainBlock)
+        self._latest(loss=last[1], learning_rate=last[2], grad_norm=last[3])
 
     def external(
         self, step: int, triggers: tuple[Trigger, ...], metrics: Mapping[str, Any]
     ) -> Outcome:
         """Triggers found outside the record stream (the checkpoint scan) take the same
         policy path: cooldown, MULTIPLE_TRIGGERS, the same metadata; ``metrics`` stands
-        in for the triggering record."""
+        in for the triggering record. The snapshot keeps ``checkpoint-<step>`` itself:
+        its own weights are the finding (not the state before it, as for a loss)."""
         decision = self.policy.decide(step, triggers)
         record = SummaryRecord(step, metrics)
         request = self._request(step, decision, record) if decision.snapshot else None
+        if request is not None:
+            request = replace(request, exact_checkpoint=True)
         return Outcome(step, triggers, decision.suppressed, request)
 
     def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
@@ -334,6 +354,8 @@ class Pipeline:
             "last_step": self.last_step,
             "segment": self.segment,
             "first": list(self.first) if self.first else None,
+            "first_step": self.first_step,
+            "first_checkpoint": self.first_checkpoint,
             "recent_steps": list(self.recent_steps),
             "gap": self.gap,
             "duplicates": self.duplicates,
@@ -351,6 +373,8 @@ class Pipeline:
         self.segment = int(state.get("segment", 0))
         first = state.get("first")
         self.first = (int(first[0]), float(first[1])) if first else None
+        self.first_step = state.get("first_step", self.first[0] if self.first else None)
+        self.first_checkpoint = state.get("first_checkpoint")
         self.recent_steps.extend(int(s) for s in state.get("recent_steps", []))
         self.gap = int(state.get("gap", 0))
         self.duplicates = int(state.get("duplicates", 0))

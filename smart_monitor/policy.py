@@ -6,9 +6,17 @@ makes the snapshot (the checkpoint before it went wrong is the one worth keeping
 ones after it are counted, and the incident keeps its peak. Only the first detection of
 each trigger kind in an incident is logged; the rest are summed up by ``Incident
 ongoing`` notes at growing counts (10, 100, 1,000, ...), so a run that stays broken for
-16,000 records writes tens of lines. It recovers when ``recovery_steps`` pass *and*
+16,000 records writes tens of lines. It ends when ``recovery_steps`` pass *and*
 ``recovery_records`` records arrive without a detection of its problem: a run logged
 every 200 steps that stays broken stays one incident.
+
+Detections stopping is not the run coming back: a z-score window relearns a worse loss
+in twenty records. So an incident on the loss *recovers* only when the median of the
+last ``recovery_records`` losses is back within the level and noise of the
+``recovery_records`` losses before it started (kept with the incident); otherwise it
+*settles*: the loss stays at a worse level the detectors now take for normal, a warning
+that names both levels, and no recovery for whatever resolves on one. An incident on
+non-finite values does not end while the latest loss or grad norm is non-finite.
 
 A critical detection in a warning loss-spike incident (a spike that did not come back)
 escalates it: a snapshot, whatever the cooldown, since that is when an action is due.
@@ -18,6 +26,7 @@ episode: ``recurring_snapshots`` snapshots for all of it, each spike still count
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,8 +34,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from smart_monitor.batch import TrainBlock
 from smart_monitor.config import PolicyConfig
 from smart_monitor.notes import Note
+from smart_monitor.stats import MAD_SIGMA, RollingMedian
 from smart_monitor.triggers import Severity, Trigger, problem_of
 
 __all__ = ["MULTIPLE", "Decision", "Incident", "Policy", "severity_of"]
@@ -35,6 +46,12 @@ MULTIPLE = "MULTIPLE_TRIGGERS"
 _NO_INCIDENT = frozenset({"best_model_loss"})  # every new best is its own event
 _TRANSIENT = frozenset({"loss_spike"})  # problems whose incidents can recur as episodes
 _RECURRING_TEXT = {"loss_spike": "Recurring loss spikes"}
+_ON_LOSS = frozenset({"loss_spike", "divergence_detected"})  # judged by the loss level
+_NONFINITE = "nonfinite"
+# Back means within this many standard deviations (scaled MAD) of the level before, or
+# this share of it when those losses were flat (two-decimal logs round the noise away).
+_NOISE_SIGMAS = 2.0
+_FLAT_SHARE = 0.01
 
 
 @dataclass(slots=True)
@@ -42,7 +59,10 @@ class Incident:
     """Consecutive detections of one problem. ``peak_*``: the strongest detection
     (highest severity, then largest abs z / pct / ratio). ``last_record``: the record
     count at the last detection; ``kinds``: the trigger kinds logged so far;
-    ``next_note``: the detection count of the next ``Incident ongoing`` note."""
+    ``next_note``: the detection count of the next ``Incident ongoing`` note.
+    ``level_before`` / ``noise_before``: median and standard deviation (scaled MAD) of
+    the losses before it started (None: not a loss incident, or no loss yet);
+    ``level_now``: the median at its end; ``status``: open, recovered or settled."""
 
     id: str
     problem: str
@@ -56,13 +76,33 @@ class Incident:
     last_record: int = 0
     kinds: list[str] = field(default_factory=list)
     next_note: int = 10
+    level_before: float | None = None
+    noise_before: float = 0.0
+    level_now: float | None = None
+    status: str = "open"
+
+    @property
+    def ratio(self) -> float | None:
+        """The loss level at the end over the level before (None: no level, or a
+        level before that is not positive)."""
+        if self.level_before is None or self.level_now is None or self.level_before <= 0:
+            return None
+        return round(self.level_now / self.level_before, 4)
+
+    def levels(self) -> dict[str, Any]:
+        """``level_before``, ``level_now`` and ``ratio`` for a loss incident that ended
+        (empty otherwise): the log line and the metadata block name them alike."""
+        if self.level_before is None or self.level_now is None:
+            return {}
+        return {"level_before": round(self.level_before, 6),
+                "level_now": round(self.level_now, 6), "ratio": self.ratio}
 
     def block(self) -> dict[str, Any]:
         """The ``incident`` block of ``metadata.json``; ``transient``: it came back
         without ever turning critical."""
         out = {k: v for k, v in asdict(self).items() if k in _BLOCK_KEYS}
-        out["transient"] = self.severity != Severity.CRITICAL.value
-        return out
+        out["transient"] = self.status == "recovered" and self.severity != Severity.CRITICAL.value
+        return {**out, **self.levels()}
 
     def note(self, step: int) -> Note:
         return Note(
@@ -77,7 +117,7 @@ class Incident:
 
 
 _BLOCK_KEYS = ("id", "problem", "started", "last", "peak_step", "peak_trigger", "detections",
-               "severity")
+               "severity", "status")
 
 
 @dataclass(slots=True)
@@ -141,6 +181,8 @@ class Policy:
         self.open: dict[str, Incident] = {}
         self.episodes: dict[str, _Episode] = {}
         self.records = 0  # records observed, for recovery measured in records
+        self.level = RollingMedian(config.recovery_records)  # the latest finite losses
+        self.nonfinite: set[str] = set()  # series whose latest value is NaN or infinite
 
     @property
     def due(self) -> tuple[int, int] | None:
@@ -160,12 +202,32 @@ class Policy:
             found = min(found, max(by_step, by_record, 0))
         return found
 
-    def skip(self, records: int) -> None:
-        """``records`` quiet records went by without ``observe`` (the bulk path)."""
-        self.records += records
+    def absorb(self, block: TrainBlock, start: int, end: int) -> None:
+        """Records ``[start, end)`` of ``block`` went by quiet without ``observe`` (the
+        bulk path): counted, their losses learnt; a block holds finite values only."""
+        self.records += end - start
+        if block.loss is not None:
+            self.level.extend(*block.tail(block.loss, start, end, self.level.size))
+            self.nonfinite.discard("loss")
+        if block.rows[start][3] is not None:
+            self.nonfinite.discard("grad_norm")
+
+    def learn(self, step: int, loss: float | None, grad_norm: float | None) -> None:
+        """After ``decide``: a train record's values, so that an incident opened by
+        this record keeps the level before it."""
+        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is None:
+                continue
+            if math.isfinite(value):
+                self.nonfinite.discard(name)
+                if name == "loss":
+                    self.level.add(step, value)
+            else:
+                self.nonfinite.add(name)
 
     def observe(self, step: int) -> list[Incident]:
-        """Count one record; close the incidents quiet for long enough by ``step``."""
+        """Count one record; end the incidents quiet for long enough by ``step``, each
+        ``recovered`` or ``settled`` (``status``)."""
         self.records += 1
         if not self.open:
             return []
@@ -173,9 +235,16 @@ class Policy:
             i for i in self.open.values()
             if step - i.last > self.config.recovery_steps
             and self.records - i.last_record >= self.config.recovery_records
+            and not (i.problem == _NONFINITE and self.nonfinite)
         ]
         for i in done:
             del self.open[i.problem]
+            i.status = "recovered"
+            if i.level_before is not None and len(self.level):
+                i.level_now = self.level.median
+                band = max(_NOISE_SIGMAS * i.noise_before, _FLAT_SHARE * abs(i.level_before))
+                if i.level_now > i.level_before + band:
+                    i.status = "settled"
         return done
 
     def decide(self, step: int, triggers: Sequence[Trigger]) -> Decision:
@@ -210,6 +279,9 @@ class Policy:
                     f"{problem}@{step}", problem, step, step, step, t.name, _score(t),
                     severity=t.severity.value, last_record=self.records, kinds=[t.kind],
                 )
+                if problem in _ON_LOSS and len(self.level):
+                    incident.level_before = self.level.median
+                    incident.noise_before = MAD_SIGMA * self.level.mad
                 may = self._episode(step, t, notes)  # counted even in a cooldown
                 snap = opened[problem] = may and self._cooled(step, problem)
             if snap:
@@ -274,6 +346,7 @@ class Policy:
         """The trainer went back to ``step``: later snapshots belong to another segment."""
         self.last_snapshot = {k: s for k, s in self.last_snapshot.items() if s <= step}
         self.open = {p: i for p, i in self.open.items() if i.started <= step}
+        self.level.rewind(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -281,6 +354,8 @@ class Policy:
             "open": [asdict(i) for i in self.open.values()],
             "episodes": {p: asdict(e) for p, e in self.episodes.items()},
             "records": self.records,
+            "level": self.level.state_dict(),
+            "nonfinite": sorted(self.nonfinite),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,3 +366,5 @@ class Policy:
             self.open[incident.problem] = incident
         self.episodes = {str(p): _Episode(**e) for p, e in state.get("episodes", {}).items()}
         self.records = int(state.get("records", 0))
+        self.level.load_state_dict(state.get("level", {}))
+        self.nonfinite = {str(n) for n in state.get("nonfinite", [])}

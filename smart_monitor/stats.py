@@ -12,7 +12,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Any
 
-__all__ = ["RollingMedian", "RollingWindow"]
+__all__ = ["MAD_SIGMA", "RollingMedian", "RollingWindow"]
+
+MAD_SIGMA = 1.4826  # MAD times this is the standard deviation of a normal sample
 
 
 class RollingWindow:

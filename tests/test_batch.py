@@ -115,6 +115,7 @@ def test_bulk_path_equals_line_by_line(tmp_path: Path, seed: int) -> None:
     assert bulk.counts == plain.counts
     state = rounded(json.loads(json.dumps(bulk.pipeline.state_dict())))
     assert state == rounded(json.loads(json.dumps(plain.pipeline.state_dict())))
+    assert repr(bulk.pipeline.latest) == repr(plain.pipeline.latest)  # what /metrics shows
 
 
 def test_oversized_line_in_a_chunk_is_counted_once(tmp_path: Path) -> None:

@@ -108,5 +108,7 @@ def test_an_unreadable_folder_forgets_what_it_knew(tmp_path: Path) -> None:
     assert [c.step for c in index.scan()] == [100]
     refuse = True
     assert index.scan() == [] and index.newest_at_or_before(100) is None
+    assert index.scan() == [] and index.problems == [(tmp_path, "Permission denied")]  # once
     refuse = False
     assert [c.step for c in index.scan()] == [100]  # complete again, reported again
+    assert index.unreadable == {}

@@ -441,7 +441,8 @@ def test_fault_23_checkpoint_rewritten_in_place(tmp_path: Path) -> None:
 
 def test_fault_24_disk_full_during_snapshot(tmp_path: Path) -> None:
     """A copy that cannot be written (here: a file size limit, EFBIG; ENOSPC takes the
-    same path) is abandoned whole: no partial snapshot, no temporary, the daemon goes on."""
+    same path) is abandoned whole: no partial ``model/``, no temporary, the daemon goes
+    on; the anomaly keeps its metadata-only snapshot saying so (FAULTS.md #55)."""
     cfg = config(tmp_path, snapshot={"mode": "copy"})
     conf = write_config_file(cfg, tmp_path / "sm.toml")
     write_checkpoint(tmp_path / "run", 80, size=4 << 20)
@@ -456,8 +457,10 @@ def test_fault_24_disk_full_during_snapshot(tmp_path: Path) -> None:
     wait_until(lambda: "Snapshot failed" in log_text(out), "the failure")
     append(cfg.metrics_file, lines(101, 110))
     assert terminate(proc) == 0
-    assert snapshots(out) == []
-    assert not list((out / "snapshots").iterdir())
+    [snap] = snapshots(out)  # the evidence stays (case 55): metadata, no partial model/
+    assert snap["checkpoint"] is None and not (snap["_path"] / "model").exists()
+    assert snap["pin"]["checkpoint"] == "checkpoint-80" and "could not be pinned" in snap["note"]
+    assert [p.name for p in (out / "snapshots").iterdir()] == [snap["_path"].name]
     assert "Stopped" in log_text(out)
 
 

@@ -115,7 +115,7 @@ def test_fault_36_second_instance_exits_2_naming_the_holder(tmp_path: Path) -> N
             lambda: any(" Started " in p.read_text() for p in log_dir.glob("*.log")),
             "the first instance's Started", 60,
         )
-        busy = cfg.snapshot_dir / ".tmp-in-progress"  # a snapshot the first one is making
+        busy = cfg.snapshot_dir / ".tmp-0123456789ab"  # a snapshot the first one is making
         busy.mkdir()
         pid = str(first.pid)
         one_line_exit_2(cli("run", "--config", first_file), "state_dir", f"pid {pid}")

@@ -274,6 +274,37 @@ def test_fault_40_a_trickling_webhook_never_delays_the_stop_file(
     assert json.loads(stop_file.read_text())["step"] == 30
 
 
+def test_fault_40_a_hung_alertmanager_delays_neither_its_peer_nor_the_stop_file(
+    tmp_path: Path, hook: Hook
+) -> None:
+    """One Alertmanager of an HA pair trickles its answer, within a 60 s deadline: its
+    peer has the alert and the stop file is written while that post still hangs, and
+    the stop is bounded all the same."""
+    hook.behaviour = "trickle"
+    peer = Hook()
+    stop_file = tmp_path / "STOP"
+    cfg = config(tmp_path, actions={
+        "timeout_seconds": 60, "stop_file": {"path": str(stop_file)},
+        "alertmanager": {"urls": [hook.url(""), peer.url("")]},
+    })
+    live = Live(cfg)
+    try:
+        append(cfg.metrics_file, nan_lines(1, 40, at=30))
+        wait_until(lambda: peer.paths == ["/api/v2/alerts"], "the peer's alert", 30)
+        wait_until(stop_file.exists, "the stop file while one Alertmanager trickles", 30)
+        wait_until(lambda: hook.paths == ["/api/v2/alerts"], "the hung Alertmanager's post", 30)
+        assert "action=alertmanager" not in live.log()  # its post still hangs
+        live.stop()
+    finally:
+        peer.shutdown()
+        peer.server_close()
+    text = live.log()
+    assert 'Action dropped action=alertmanager reason=stopping detail="still running' in text
+    [snap] = snapshots(live.out)  # the URLs are redacted where the config is written
+    assert snap["monitor"]["config"]["actions"]["alertmanager"]["urls"] == [
+        "http://127.0.0.1/<redacted>"] * 2
+
+
 def test_fault_40_a_5xx_is_retried_with_backoff(tmp_path: Path, hook: Hook) -> None:
     hook.behaviour = [503, 502]
     cfg = config(tmp_path, actions={"retry_backoff_seconds": 0.2,

@@ -19,6 +19,7 @@ from smart_monitor.hooks.metrics import MetricsServer
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.events import IncidentSettled
 from smart_monitor.sources.checkpoints import CheckpointIndex
 
 
@@ -52,20 +53,27 @@ def feed(engine: Engine) -> None:
     engine.ingest.handle_line(b"{not json")
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(
+    port: int, run: str = "run"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by name and labels, less ``run`` and ``host``, which every one of
+    them must carry (the run folder's name by default, and this host)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            assert (labels.pop("run", None), labels.pop("host", None)) == (
+                run, socket.gethostname()), s
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 def test_scrape_shows_what_the_engine_did(tmp_path: Path) -> None:
     clock = Clock()
     engine, config = make_engine(tmp_path, clock)
-    server = MetricsServer(engine, config.metrics)  # port 0: any free port, for the test
+    server = MetricsServer(engine, config)  # port 0: any free port, for the test
     engine.listeners.append(server)
     port = server.start()
     try:
@@ -100,7 +108,7 @@ def test_two_engines_keep_separate_counts(tmp_path: Path) -> None:
     servers = []
     for name in ("a", "b"):
         engine, config = make_engine(tmp_path / name, Clock())
-        server = MetricsServer(engine, config.metrics)
+        server = MetricsServer(engine, config)
         engine.listeners.append(server)
         servers.append((engine, server, server.start()))
     try:
@@ -145,3 +153,68 @@ def test_a_port_in_use_is_logged_and_not_fatal(tmp_path: Path) -> None:
         stop()
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "Metrics off" in logs and engine.counts["records"] == 13
+
+
+def test_series_incidents_and_state_carry_the_run(tmp_path: Path) -> None:
+    """The newest value of each main series, an open incident as a gauge that ends when
+    it recovers, the pin mode and the daemon's health, all under ``[metrics] run``."""
+    clock = Clock()
+    engine, config = make_engine(
+        tmp_path, clock, metrics={"run": "gpt-7b"},
+        policy={"recovery_steps": 5, "recovery_records": 2},
+    )
+    status = ["following (inotify)"]
+    server = MetricsServer(engine, config, lambda: status[0])
+    engine.listeners.append(server)
+    port = server.start()
+    try:
+        feed(engine)  # steps 1..12 at loss 2.0, then a NaN at 13
+        engine.ingest.handle_line(b'{"step": 13, "eval_loss": 1.5}')
+        engine.ingest.handle_line(b'{"step": 14, "loss": NaN, "grad_norm": 3.0}')
+        sick = scrape(port, run="gpt-7b")
+        status[0] = "degraded: state not saved (disk full)"
+        for step in range(15, 25):
+            engine.ingest.handle_line(json.dumps({"step": step, "loss": 1.9}).encode())
+        well = scrape(port, run="gpt-7b")
+    finally:
+        server.stop()
+    assert math.isnan(sick[("smart_monitor_train_loss", ())])
+    assert sick[("smart_monitor_eval_loss", ())] == 1.5
+    assert sick[("smart_monitor_learning_rate", ())] == 1e-4
+    assert sick[("smart_monitor_grad_norm", ())] == 3.0
+    opened = ("smart_monitor_incident_started_step",
+              (("problem", "nonfinite"), ("severity", "critical"), ("trigger", "loss_nonfinite")))
+    assert sick[opened] == 13
+    assert sick[("smart_monitor_degraded", ())] == 0
+    assert well[("smart_monitor_degraded", ())] == 1
+    assert well[("smart_monitor_train_loss", ())] == 1.9
+    assert opened not in well  # recovered: the series is gone, and an alert on it ends
+    (mode,) = [dict(k[1]) for k in well if k[0] == "smart_monitor_snapshot_mode_info"]
+    assert (mode["mode"], mode["why"]) == engine.writer.mode_in_use  # set at a daemon's start
+
+
+def test_a_settled_incident_stays_open_in_metrics(tmp_path: Path) -> None:
+    """A loss that stays at a worse level ends its incident as settled (issue 18): not a
+    recovery, so the incident's series stays and an alert on it keeps firing."""
+    clock = Clock()
+    engine, config = make_engine(
+        tmp_path, clock, policy={"recovery_steps": 5, "recovery_records": 5},
+    )
+    server = MetricsServer(engine, config)
+    engine.listeners.append(server)
+    port = server.start()
+    settled: list[IncidentSettled] = []
+    engine.listeners.append(lambda e: settled.append(e) if isinstance(e, IncidentSettled) else None)
+    wiggle = [0.0, 0.02, -0.01, 0.015, -0.02, 0.01]
+    try:
+        for step in range(1, 400):
+            level = 2.0 if step < 200 else 3.0  # a step up that never comes back
+            loss = level + wiggle[step % len(wiggle)]
+            engine.ingest.handle_line(json.dumps({"step": step, "loss": loss}).encode())
+        m = scrape(port)
+    finally:
+        server.stop()
+    assert len(settled) == 1 and settled[0].started == 200
+    series = [dict(k[1]) for k, v in m.items()
+              if k[0] == "smart_monitor_incident_started_step" and v == 200]
+    assert len(series) == 1 and series[0]["problem"] == settled[0].problem

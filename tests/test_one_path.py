@@ -17,7 +17,9 @@ from smart_monitor.runtime.replay import replay
 
 # not shared; ``Watching series``: run says it once the first records are in, replay at
 # the end, when every series is known
-_OWN = re.compile(r" (Started|Stopped|Opened metrics file|Plots not drawn|Watching series) ")
+_OWN = re.compile(
+    r" (Started|Stopped|Opened metrics file|Plots not drawn|Snapshot mode|Watching series) "
+)
 
 
 def events(out: Path) -> list[str]:

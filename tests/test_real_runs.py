@@ -257,7 +257,7 @@ def test_quiet_detections_still_count_in_prometheus(tmp_path: Path) -> None:
     log, _ = make_logger(config.log_dir, stderr=None)
     engine = Engine(config, log, CheckpointIndex(None, config.checkpoints),
                     SnapshotWriter(config.snapshot_dir))
-    server = MetricsServer(engine, config.metrics)
+    server = MetricsServer(engine, config)
     engine.listeners.append(server)
     port = server.start()
     try:

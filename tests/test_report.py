@@ -4,6 +4,7 @@ test`` installs it."""
 
 from __future__ import annotations
 
+import html
 import html.parser
 import json
 import math
@@ -73,7 +74,8 @@ def test_report_renders_every_plot_in_chromium(run: tuple[Path, Path], tmp_path:
     )
     page = out / "report.html"
     written = images(page.read_text())
-    assert set(written) == set(PLOTS)
+    snapshot_plots = {f"snap-{n}" for n in range(len(list((out / "snapshots").iterdir())))}
+    assert set(written) == set(PLOTS) | snapshot_plots
     for img in written.values():  # self-contained: every image inline
         assert img["src"].startswith("data:image/png;base64,")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.read_text())
@@ -86,6 +88,27 @@ def test_report_renders_every_plot_in_chromium(run: tuple[Path, Path], tmp_path:
     for plot in PLOTS:  # the browser decoded the image: onload stored its natural width
         assert rendered[plot].get("data-rendered") == "900", plot
         assert sorted(map(int, rendered[plot]["data-snapshot-steps"].split(","))) == steps
+    for plot in snapshot_plots:  # each snapshot's loss_history.png, beside its explanation
+        assert rendered[plot].get("data-rendered") == "900", plot
+
+
+def test_report_explains_each_snapshot_beside_its_plot(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    metrics, out = run
+    target = tmp_path / "explained.html"
+    sm("report", "--output", out, "--metrics", metrics, "--html", target)
+    blocks = re.findall(r'<div class="snap" id="explain-\d+">(.*?)</div></div>', target.read_text(),
+                        re.S)
+    metas = sorted((json.loads((p / "metadata.json").read_text()) for p in
+                    (out / "snapshots").iterdir()), key=lambda m: m["created_at"])
+    assert len(blocks) == len(metas) >= 3
+    for block, meta in zip(blocks, metas, strict=True):
+        assert block.startswith('<img class="snap-plot"')
+        assert f"{', '.join(meta['triggers'])} at step {meta['step']}" in block
+        explanation = meta["explanation"]  # the same words as the snapshot's metadata
+        assert html.escape(explanation["meaning"]) in block
+        assert html.escape(explanation["rollback"]) in block
 
 
 def test_report_tables_and_links_from_elsewhere(run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def test_metrics_endpoint_shows_every_series_and_its_last_value(tmp_path: Path) 
         [b'{"step": 1, "loss": 2.0, "aux_loss": 0.5, "lr": 0.001}',
          b'{"step": 1, "eval_loss": 2.5, "eval_accuracy": 0.25}'], 0,
     )  # fmt: skip
-    server = MetricsServer(engine, config.metrics)
+    server = MetricsServer(engine, config)
     port = server.start()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:

@@ -148,8 +148,11 @@ def test_remove_temporaries_and_published(tmp_path: Path) -> None:
     root = tmp_path / "snaps"
     w = writer(root)
     done = w.write("x", {"key": "0:5:x"}, None)
-    (root / f"{TMP_PREFIX}deadbeef" / "model").mkdir(parents=True)
-    assert [p.name for p in w.remove_temporaries()] == [f"{TMP_PREFIX}deadbeef"]
+    (root / f"{TMP_PREFIX}00c0ffee0123" / "model").mkdir(parents=True)
+    (root / f"{TMP_PREFIX}build-cache").mkdir()  # someone else's (FAULTS.md #58)
+    (root / "anomaly_foreign").mkdir()  # not ours: no metadata.json of ours
+    assert [p.name for p in w.remove_temporaries()] == [f"{TMP_PREFIX}00c0ffee0123"]
+    assert (root / f"{TMP_PREFIX}build-cache").is_dir()
     assert [(p, m["key"]) for p, m in w.published()] == [(done.path, "0:5:x")]
 
 

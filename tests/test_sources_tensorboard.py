@@ -127,6 +127,36 @@ def test_truncated_record_is_waited_for_and_counted(tmp_path: Path) -> None:
     assert ev.malformed == []
 
 
+def test_a_step_is_not_given_out_while_its_file_ends_inside_a_record(tmp_path: Path) -> None:
+    """A writer flushes its buffer in chunks: the record cut at the end of the file may
+    hold more scalars of the pending step, so the quiet period does not complete it."""
+    full = write_events(tmp_path / "w", [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9, "learning_rate": 1e-3}])
+    data = full.read_bytes()
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / full.name
+    target.write_bytes(data[: record_ends(data)[-2] + 5])  # step 2's LR record cut short
+    ev = Events()
+    src = ev.source(run)
+    assert [e["step"] for e in read_all(src)] == [1]
+    ev.now = 10.0  # quiet, but mid-record
+    assert read_all(src) == []
+    with open(target, "ab") as fh:
+        fh.write(data[record_ends(data)[-2] + 5 :])
+    ev.now = 20.0
+    assert read_all(src) == []  # the record completed: quiet counts from now
+    ev.now = 30.0
+    (last,) = read_all(src)
+    assert last == pytest.approx({"step": 2, "loss": 1.9, "learning_rate": 1e-3}, rel=1e-6)
+    target.write_bytes(data[: record_ends(data)[-2] + 5])  # a trainer killed mid-write
+    ev2 = Events()
+    src2 = ev2.source(run)
+    read_all(src2)
+    ev2.now = 200.0  # past the writers' flush interval: the complete scalars go out
+    assert [sorted(e) for e in read_all(src2)] == [["loss", "step"]]
+
+
 def test_corrupt_record_is_counted_never_a_crash(tmp_path: Path) -> None:
     full = write_events(tmp_path, train_records(1, 40))
     data = bytearray(full.read_bytes())
@@ -176,25 +206,52 @@ def test_new_event_file_of_a_restarted_trainer_is_picked_up(tmp_path: Path) -> N
     assert ev.names.count("Opened metrics file") == 2
 
 
-def test_live_daemon_follows_a_folder_and_resumes_after_restart(tmp_path: Path) -> None:
+def record_ends(data: bytes) -> list[int]:
+    """The offset after each record of an event file (length, its CRC, data, CRC)."""
+    ends, at = [], 0
+    while at < len(data):
+        at += 16 + int.from_bytes(data[at : at + 8], "little")
+        ends.append(at)
+    return ends
+
+
+@pytest.mark.parametrize("cut", ["mid_record", "between_records"])
+def test_live_daemon_follows_a_folder_and_resumes_after_restart(
+    tmp_path: Path, cut: str
+) -> None:
+    """FAULTS #3 for event files: stopped with the file cut anywhere, restarted after
+    the rest arrived, every step is handled once. The engine's counts are kept in the
+    state, so the total over both lives is the file's step count."""
     run = tmp_path / "run"
     run.mkdir()
     cfg = config(tmp_path, metrics_file=run, source={"quiet_seconds": 0.2})
     full = write_events(tmp_path / "w", train_records(1, 120))
     data = full.read_bytes()
+    ends = record_ends(data)  # the file's version record, then 3 scalars a step
+    assert len(ends) == 1 + 3 * 120
+    # in step 60's last scalar, or after it
+    half = ends[179] + 5 if cut == "mid_record" else ends[180]
     target = run / full.name
-    target.write_bytes(data[: len(data) // 2])
+    target.write_bytes(data[:half])
     live = Live(cfg)
     source = live.daemon.tailer
     assert isinstance(source, FolderSource)
-    wait_until(lambda: live.records > 0 and source.deadline == float("inf"),
-               "the first half, its last step given out after the quiet period")
-    first = live.records
+    if cut == "mid_record":  # the pending step may grow: held past the quiet period
+        live.wait_log("Waiting for truncated event record")
+        wait_until(lambda: live.records > 0, "the complete steps of the first half")
+        assert source.deadline - live.daemon.clock() > 60
+    else:
+        wait_until(lambda: live.records > 0 and source.deadline == float("inf"),
+                   "the first half, its last step given out after the quiet period")
     live.stop()
     with open(target, "ab") as fh:
-        fh.write(data[len(data) // 2 :])
+        fh.write(data[half:])
     live = Live(cfg)
-    live.wait_records(120 - first)  # the rest, once: nothing read twice
+    source = live.daemon.tailer
+    assert isinstance(source, FolderSource)
+    wait_until(lambda: live.records >= 120 and source.deadline == float("inf"),
+               "every step, the last one after the quiet period")
+    assert live.records == 120  # nothing read twice
     live.wait_log("Resumed metrics file")
     live.stop()
 

@@ -35,7 +35,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import (
     ActionConfig,
@@ -44,10 +44,13 @@ from smart_monitor.config import (
     SignalActionConfig,
     WebhookActionConfig,
 )
-from smart_monitor.runtime.events import Event, SnapshotFailed, SnapshotMade
-from smart_monitor.triggers import Severity
+from smart_monitor.runtime.events import Event, IncidentRecovered, SnapshotFailed, SnapshotMade
+from smart_monitor.triggers import Severity, kind_of
 
-__all__ = ["ActionError", "Actions", "Notice", "Worker"]
+if TYPE_CHECKING:
+    from smart_monitor.hooks.alertmanager import Alertmanager
+
+__all__ = ["ActionError", "Actions", "Notice", "Worker", "post_json"]
 
 _OUTPUT_TAIL = 300  # characters of a failed command's output kept in the log line
 _STOP_SECONDS = 1.5  # at stop: the deadline of a last attempt, and the wait for workers
@@ -67,20 +70,33 @@ class Notice:
     """What every action is told of a snapshot decision, flattened to plain values (not
     the policy's ``Incident``, which groups detections)."""
 
-    event: str  # "snapshot" or "snapshot_failed"
+    event: str  # "snapshot", "snapshot_failed", or "recovered" (Alertmanager's alone)
     step: int
     severity: str
     triggers: tuple[str, ...]
     kinds: tuple[str, ...]
     snapshot: str | None
     reason: str | None
+    incident: str | None = None  # the id of the incident it opened (or that recovered)
+    problem: str | None = None
+    value: float | None = None  # the first trigger's z-score or value
 
     @classmethod
     def from_event(cls, event: Event) -> Notice | None:
+        if isinstance(event, IncidentRecovered):
+            return cls(
+                event=event.name, step=event.step, severity=event.severity,
+                triggers=(event.peak_trigger,), kinds=(kind_of(event.peak_trigger),),
+                snapshot=None if event.snapshot is None else str(event.snapshot), reason=None,
+                incident=event.incident, problem=event.problem,
+            )
         if not isinstance(event, SnapshotMade | SnapshotFailed):
             return None
         request = event.request
         path = event.path if isinstance(event, SnapshotMade) else None
+        opened = request.metadata.get("incident") or {}
+        first = request.triggers[0].details if request.triggers else {}
+        value = first.get("z", first.get("value"))
         return cls(
             event=event.name,
             step=int(request.step),
@@ -89,6 +105,9 @@ class Notice:
             kinds=tuple(t.kind for t in request.triggers),
             snapshot=None if path is None else str(path),
             reason=event.reason if isinstance(event, SnapshotFailed) else None,
+            incident=opened.get("id"),
+            problem=opened.get("problem"),
+            value=float(value) if isinstance(value, int | float) else None,
         )
 
     def payload(self) -> dict[str, Any]:
@@ -152,9 +171,36 @@ def send_signal(config: SignalActionConfig, incident: Notice) -> str:
         raise ActionError(f"refusing PID {pid} from {config.pidfile}")
     try:
         os.kill(pid, getattr(signal, config.signal))
+    except PermissionError:
+        raise ActionError(f"kill {config.signal} {pid}: {_SIGNAL_EPERM}") from None
     except OSError as exc:
         raise ActionError(f"kill {config.signal} {pid}: {exc.strerror or exc}") from None
     return f"{config.signal} {pid}"
+
+
+_SIGNAL_EPERM = (
+    "Operation not permitted: a process may signal only its own user's processes (a "
+    "monitor in the trainer's group is not enough; see docs/operations.md): run the "
+    "monitor as the trainer's user, or use the stop file action"
+)
+
+
+def signal_refused(config: SignalActionConfig) -> str | None:
+    """Whether the process the PID file names exists and refuses our signals (EPERM):
+    said once at start, not first when a run is diverging (FAULTS.md #54)."""
+    assert config.pidfile is not None
+    try:
+        pid = int(config.pidfile.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # not written yet: the action says what it finds when it runs
+    try:
+        if pid > 1:
+            os.kill(pid, 0)  # signal 0: the permission check alone
+    except PermissionError:
+        return f"{config.pidfile}: PID {pid}: {_SIGNAL_EPERM}"
+    except OSError:
+        pass  # gone: likewise
+    return None
 
 
 def run_command(config: CommandActionConfig, incident: Notice, timeout: float) -> str:
@@ -175,10 +221,14 @@ def run_command(config: CommandActionConfig, incident: Notice, timeout: float) -
 
 
 def post_webhook(config: WebhookActionConfig, incident: Notice, timeout: float) -> str:
-    """POST the payload, all of it (connect, send, answer) within ``timeout`` seconds: a
+    return post_json(config.url, json.dumps(incident.payload()).encode(), timeout)
+
+
+def post_json(target: str, body: bytes, timeout: float) -> str:
+    """POST ``body``, all of it (connect, send, answer) within ``timeout`` seconds: a
     timer shuts the socket down at the deadline, which ends any read in progress. The
     URL is a secret (a Slack hook's path is its key): no message here contains it."""
-    url = urllib.parse.urlsplit(config.url)  # the config allows http(s) URLs only
+    url = urllib.parse.urlsplit(target)  # the config allows http(s) URLs only
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     conn = kind(url.hostname or "", url.port, timeout=timeout)
     expired = threading.Event()
@@ -193,7 +243,6 @@ def post_webhook(config: WebhookActionConfig, incident: Notice, timeout: float) 
     timer.daemon = True
     timer.start()
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    body = json.dumps(incident.payload()).encode()
     try:
         conn.request("POST", path, body, {"Content-Type": "application/json",
                                           "User-Agent": "smart-monitor"})
@@ -282,11 +331,15 @@ class _Queued:
 
 class Actions:
     """The engine listener that queues every configured action an incident matches, on
-    the worker of the action's kind."""
+    the worker of the action's kind. A recovered incident goes to Alertmanager alone
+    (its alert ends); the other actions act on snapshot decisions only."""
 
-    def __init__(self, config: ActionsConfig, log: Any) -> None:
+    def __init__(
+        self, config: ActionsConfig, log: Any, alertmanager: Alertmanager | None = None
+    ) -> None:
         self.config = config
         self.log = log
+        self.alertmanager = alertmanager
         self.stopping = threading.Event()  # ends backoff waits and retries
         self.actions: list[tuple[str, ActionConfig, Run]] = []
         if config.stop_file.path is not None:
@@ -298,6 +351,9 @@ class Actions:
             self.actions.append(
                 ("signal", config.signal, lambda i, _t: send_signal(config.signal, i))
             )
+            refused = signal_refused(config.signal)
+            if refused is not None:
+                log.warning("Action unavailable", action="signal", error=refused)
         if config.command.argv:
             self.actions.append(
                 ("command", config.command, lambda i, t: run_command(config.command, i, t))
@@ -306,6 +362,8 @@ class Actions:
             self.actions.append(
                 ("webhook", config.webhook, lambda i, t: post_webhook(config.webhook, i, t))
             )
+        if alertmanager is not None:
+            self.actions.append(("alertmanager", alertmanager.config, alertmanager.send))
         self.workers = {
             name: Worker(f"smart-monitor-{name}", config.queue_size, self._crashed)
             for name, _, _ in self.actions
@@ -316,8 +374,14 @@ class Actions:
         if incident is None:
             return
         for name, cfg, run in self.actions:
-            if not matches(cfg, incident):
+            am = self.alertmanager if name == "alertmanager" else None
+            if incident.event == "recovered":  # ends an alert, if one was fired for it
+                if am is None or not am.ending(incident):
+                    continue
+            elif not matches(cfg, incident):
                 continue
+            elif am is not None:
+                am.firing(incident)
             if not self.workers[name].submit(name, _Queued(self, name, run, incident)):
                 self.log.error("Action dropped", action=name, step=incident.step,
                                triggers=list(incident.triggers), reason="queue_full")
@@ -354,6 +418,8 @@ class Actions:
         deadline, in parallel with the others; the rest are logged, never lost silently."""
         self.stopping.set()
         short = min(_STOP_SECONDS, self.config.timeout_seconds)
+        if self.alertmanager is not None:
+            self.alertmanager.stop()
         last: list[threading.Thread] = []
         for worker in self.workers.values():
             for _label, job in worker.drop_queued():

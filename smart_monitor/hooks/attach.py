@@ -10,6 +10,7 @@ what it started, draining queued work first.
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smart_monitor.config import Config
+from smart_monitor.config import Config, run_name
 from smart_monitor.hooks.actions import Actions, Worker
+from smart_monitor.hooks.alertmanager import Alertmanager
 from smart_monitor.runtime.events import Event, SnapshotMade
 
 if TYPE_CHECKING:
@@ -99,19 +101,25 @@ def draw_in_child(snapshots: Sequence[Path]) -> None:
 
 
 def attach_hooks(
-    engine: Engine, config: Config, log: Any, hold_plots: Callable[[], bool] = lambda: False
+    engine: Engine, config: Config, log: Any, hold_plots: Callable[[], bool] = lambda: False,
+    status: Callable[[], str] = lambda: "",
 ) -> Callable[[], None]:
     """Actions, the metrics server and the plots for a live engine. A metrics port that
     cannot be bound is logged and skipped: watching the run matters more than serving
-    numbers about it."""
+    numbers about it. ``status``: the daemon's health line (``degraded: ...``)."""
     stops: list[Callable[[], None]] = [attach_plots(engine, log, hold=hold_plots)]
-    actions = Actions(config.actions, log)
+    am = config.actions.alertmanager
+    alertmanager = None
+    if am.urls:
+        identity = {"run": run_name(config), "host": socket.gethostname()}
+        alertmanager = Alertmanager(am, identity, log, config.actions.timeout_seconds)
+    actions = Actions(config.actions, log, alertmanager)
     if actions.actions:
         engine.listeners.append(actions)
         log.info("Actions on", actions=[name for name, _, _ in actions.actions])
     stops.append(actions.stop)
     if config.metrics.port:
-        stops.append(_start_metrics(engine, config, log))
+        stops.append(_start_metrics(engine, config, log, status))
 
     def stop() -> None:
         for s in reversed(stops):
@@ -122,14 +130,16 @@ def attach_hooks(
     return stop
 
 
-def _start_metrics(engine: Engine, config: Config, log: Any) -> Callable[[], None]:
+def _start_metrics(
+    engine: Engine, config: Config, log: Any, status: Callable[[], str]
+) -> Callable[[], None]:
     if importlib.util.find_spec("prometheus_client") is None:
         log.error("Metrics off", reason="prometheus_client missing: pip install "
                   "'smart-monitor[metrics]'")
         return lambda: None
     from smart_monitor.hooks.metrics import MetricsServer
 
-    server = MetricsServer(engine, config.metrics)
+    server = MetricsServer(engine, config, status)
     try:
         port = server.start()
     except OSError as exc:

@@ -4,11 +4,12 @@ A hard link or a reflink pins a checkpoint in milliseconds and stays on the work
 copy (``snapshot.mode = "copy"``, or another file system) of a multi-GB checkpoint takes
 minutes: on the worker it would stop the watchdog pings (systemd's ``WatchdogSec``
 would kill the daemon, which would retry the same copy on restart) and detection. So
-the worker ``submit``s it here and goes on; the copy is built under ``.tmp-*`` and
-published by the writer as usual, and the worker ``collect``s the outcome on a later
-turn (``on_done`` wakes it) to log it and run the actions. ``close`` at stop lets a
-nearly finished copy end, then cancels the rest between two chunks: their temporaries
-are removed and they come back as ``cancelled``.
+the worker publishes the snapshot with its metadata alone (the actions run then, never
+behind a copy: #57), ``submit``s its ``model/`` here and goes on; the copy is built
+under ``.tmp-*`` and renamed into the snapshot by the writer (``pin_into``), and the
+worker ``collect``s the outcome on a later turn (``on_done`` wakes it) to log it.
+``close`` at stop lets a nearly finished copy end, then cancels the rest between two
+chunks: their temporaries are removed and they come back as ``cancelled``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
@@ -27,13 +29,15 @@ __all__ = ["Copier", "CopyDone", "CopyJob"]
 
 @dataclass(frozen=True, slots=True)
 class CopyJob:
-    """One snapshot to write; ``context`` is the caller's, handed back untouched."""
+    """One snapshot to write, or (``folder``) the ``model/`` of one already published
+    with its metadata alone; ``context`` is the caller's, handed back untouched."""
 
     key: str
     name: str
     metadata: Mapping[str, Any]
     checkpoint: Checkpoint
     context: Any = field(default=None, compare=False)
+    folder: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,11 @@ class Copier:
             try:
                 if self._cancel.is_set():
                     raise SnapshotError("cancelled", "stopped before the copy began")
-                result = self.writer.write(job.name, job.metadata, job.checkpoint, self._cancel)
+                if job.folder is not None:
+                    result = self.writer.pin_into(job.folder, job.checkpoint, self._cancel)
+                else:
+                    result = self.writer.write(job.name, job.metadata, job.checkpoint,
+                                               self._cancel)
                 done = CopyDone(job, result, None)
             except SnapshotError as exc:
                 done = CopyDone(job, None, exc)

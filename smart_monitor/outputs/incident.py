@@ -1,6 +1,8 @@
-"""An open incident's snapshot, completed when the incident recovers: its
-``metadata.json`` ``incident`` block gains the peak, the last detection and the step it
-recovered at, as the log's ``Incident recovered`` line with the same id says."""
+"""An open incident's snapshots, completed when the incident ends: each
+``metadata.json`` ``incident`` block gains the peak, the last detection, how it ended
+(``"status"``: ``recovered``, or ``settled`` at a worse loss level, with both levels and
+their ratio) and the step, as the log's ``Incident recovered`` / ``Incident settled``
+line with the same id says."""
 
 from __future__ import annotations
 
@@ -11,16 +13,15 @@ from typing import Any
 
 from smart_monitor.outputs.snapshot import write_metadata
 
-__all__ = ["record_recovery"]
+__all__ = ["record_end"]
 
 
-def record_recovery(snapshot: Path, block: Mapping[str, Any], step: int) -> None:
-    """Merge ``block`` into the snapshot's ``incident``, ``"status": "recovered"``.
-    Raises OSError or ValueError when the snapshot is gone (retention, a user) or its
-    metadata unreadable: the caller logs it, the run goes on."""
+def record_end(snapshot: Path, block: Mapping[str, Any], step: int) -> None:
+    """Merge ``block`` (its ``status`` included) into the snapshot's ``incident``, with
+    ``recovered_step`` or ``settled_step``. Raises OSError or ValueError when the
+    snapshot is gone (retention, a user) or its metadata unreadable: the caller logs
+    it, the run goes on."""
     target = snapshot / "metadata.json"
     meta = json.loads(target.read_bytes())
-    meta["incident"] = {
-        **meta.get("incident", {}), **block, "status": "recovered", "recovered_step": step,
-    }
+    meta["incident"] = {**meta.get("incident", {}), **block, f"{block['status']}_step": step}
     write_metadata(snapshot, meta)

@@ -28,11 +28,12 @@ from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
 from smart_monitor.outputs.manifest import changes, linked
 from smart_monitor.outputs.retention import DiskBudget, enforce_budget, enforce_retention
-from smart_monitor.outputs.snapshot import TMP_PREFIX, SnapshotWriter
+from smart_monitor.outputs.snapshot import SNAPSHOT_PREFIX, SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.runtime.events import Event, SnapshotMade
 from smart_monitor.runtime.ingest import no_cyclic_gc
+from smart_monitor.runtime.links import decide_links
 from smart_monitor.runtime.notify import Notifier
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
@@ -44,6 +45,8 @@ _TURN_SECONDS = 0.25  # a backlog is read in slices this long, so stop and pings
 _UNHEALTHY_AFTER = 3  # turns failing in a row before the watchdog pings stop
 _RETIRED_KEYS = 1000  # keys of snapshots removed by retention, remembered in the state
 _STATE_BACKOFF_MAX = 300.0  # a state folder that stays full is retried every 5 minutes
+_ERROR_BACKOFF = 0.1  # a failing turn is retried after this, doubling (FAULTS.md #53)...
+_ERROR_BACKOFF_MAX = 30.0  # ...up to this: never a busy loop on a persistent error
 
 
 class Daemon:
@@ -89,6 +92,8 @@ class Daemon:
         self._dirty = False
         self._new_snapshots = False
         self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
+        self._retry_at = 0.0  # after a failed turn, wake-ups wait until then
+        self._held: set[str] = set()
 
     # -- control (safe from signal handlers: they only post) -------------------------
     def stop(self) -> None:
@@ -106,6 +111,10 @@ class Daemon:
                 kinds = self.wakeups.take(self._timeout())
                 if self.stopping.is_set():
                     break
+                if self.clock() < self._retry_at:  # backing off after a failed turn
+                    self._held |= kinds
+                    continue
+                kinds, self._held = kinds | self._held, set()
                 self._turn(kinds)
         finally:
             self._finish(close_hooks)
@@ -116,6 +125,10 @@ class Daemon:
         for d in (cfg.state_dir, cfg.snapshot_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.engine.recover()
+        links = decide_links(cfg)  # the verdict `run` checked at start, for the log and /metrics
+        self.writer.mode_in_use = (links.mode, links.why)
+        (self.log.warning if links.problem else self.log.info)(
+            "Snapshot mode", mode=links.mode, why=links.why)
         data, source = self.store.load()
         if data is not None:
             self.engine.load_state_dict(data.get("engine", {}))
@@ -125,7 +138,8 @@ class Daemon:
             self.engine.dispatch.remember(self.retired)
         self.engine.listeners.append(self._on_event)
         close_hooks = attach_hooks(
-            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set()
+            self.engine, cfg, self.log, lambda: self.behind and not self.stopping.is_set(),
+            self._status,
         )
         self.watcher.start()
         self.log.info(
@@ -138,6 +152,8 @@ class Daemon:
         return close_hooks
 
     def _timeout(self) -> float:
+        if self._retry_at > self.clock():
+            return self._retry_at - self.clock()
         deadlines = [self._next_reconcile, self._next_ping]
         if self.watcher.kind == "polling":
             deadlines.append(self._next_poll)
@@ -186,8 +202,9 @@ class Daemon:
                     "Worker error", error=repr(exc), where=f"{frame.filename}:{frame.lineno}",
                     errors=self.errors,
                 )
-            if self.errors_in_row < _UNHEALTHY_AFTER:
-                self.wakeups.post("rescan")  # retry the rest now; then events and reconcile
+            delay = min(_ERROR_BACKOFF * 2 ** (self.errors_in_row - 1), _ERROR_BACKOFF_MAX)
+            self._retry_at = self.clock() + delay
+            self.wakeups.post("rescan")  # retry the rest then
         self._report()
 
     def _read(self) -> None:
@@ -230,7 +247,8 @@ class Daemon:
         never be silent (FAULTS.md #48). Said once per snapshot."""
         root = self.writer.root
         for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if path.name.startswith(TMP_PREFIX) or path.name in self.changed or not linked(path):
+            ours = path.name.startswith(SNAPSHOT_PREFIX)  # never someone else's (#58)
+            if not ours or path.name in self.changed or not linked(path):
                 continue
             try:
                 found = changes(path)

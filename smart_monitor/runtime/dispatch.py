@@ -7,6 +7,7 @@ its metadata alone rather than nothing at all."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -15,30 +16,52 @@ from pathlib import Path
 from typing import Any
 
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
-from smart_monitor.outputs.incident import record_recovery
-from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
+from smart_monitor.outputs.incident import record_end
+from smart_monitor.outputs.snapshot import (
+    SnapshotError,
+    SnapshotResult,
+    SnapshotWriter,
+    pending_metadata,
+    update_pin,
+)  # fmt: skip
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
+from smart_monitor.policy import Incident
 from smart_monitor.runtime.events import (
     Detected,
     Event,
+    IncidentRecovered,
+    IncidentSettled,
     Listener,
     Restarted,
     SnapshotFailed,
     SnapshotMade,
 )  # fmt: skip
+from smart_monitor.runtime.pins import owed_pins
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
-from smart_monitor.triggers import Trigger
+from smart_monitor.triggers import Trigger, kind_of
 
 __all__ = ["Dispatch"]
 
 _VANISHED_RETRIES = 3
 _COPY_STOP_SECONDS = 1.0  # at stop, a copy that ends within this is kept; later ones abandoned
+_RETRY_FIRST = 2.0  # a pin that failed is retried after this, doubling (FAULTS.md #55)...
+_RETRY_MAX = 60.0  # ...up to this, for as long as a candidate checkpoint exists
 
 
 @dataclass(slots=True)
 class _Waiting:
     request: SnapshotRequest
     deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """A pin to try again: into ``folder`` (its metadata-only snapshot), or the whole
+    snapshot when not even the metadata could be written."""
+
+    request: SnapshotRequest
+    folder: Path | None
+    at: float
 
 
 class Dispatch:
@@ -62,7 +85,9 @@ class Dispatch:
         self.listeners: list[Listener] = []
         self.done_keys: set[str] = set()
         self._waiting: list[_Waiting] = []
-        self._incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
+        self._incident_snapshots: dict[str, list[Path]] = {}  # open incident id -> snapshots
+        self._retries: dict[str, _Retry] = {}  # by snapshot key
+        self._failures: dict[str, int] = {}  # failed pins in a row, by snapshot key
         self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
 
     # -- what the daemon asks -------------------------------------------------------
@@ -74,7 +99,13 @@ class Dispatch:
         return bool(self._waiting) or (self.copier is not None and self.copier.busy)
 
     def next_deadline(self) -> float | None:
-        return min((w.deadline for w in self._waiting), default=None)
+        times = [w.deadline for w in self._waiting] + [r.at for r in self._retries.values()]
+        return min(times, default=None)
+
+    def resume_pins(self) -> None:
+        """At start: retry the pins a SIGKILL or a failure left owed (``pins.py``)."""
+        for request, folder in owed_pins(self.writer):
+            self._retries[request.key] = _Retry(request, folder, self.clock())
 
     def remember(self, keys: Iterable[str]) -> None:
         """Keys of snapshots made before (found on disk, or removed by retention)."""
@@ -103,20 +134,39 @@ class Dispatch:
             )
         if outcome.snapshot is not None:
             self._request(outcome.snapshot)
-        for incident in outcome.extra.get("recovered", ()):
-            self.log.info(
-                "Incident recovered",
-                step=outcome.step, incident=incident.id, problem=incident.problem,
-                started=incident.started, peak_step=incident.peak_step,
-                peak_trigger=incident.peak_trigger, last_detection=incident.last,
-                detections=incident.detections, severity=incident.severity,
-            )
-            path = self._incident_snapshots.pop(incident.id, None)
-            if path is not None:
-                try:
-                    record_recovery(path, incident.block(), outcome.step)
-                except (OSError, ValueError) as exc:  # deleted by retention, or by hand
-                    self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
+        for status in ("recovered", "settled"):
+            for incident in outcome.extra.get(status, ()):
+                self._ended(incident, outcome.step)
+
+    def _ended(self, incident: Incident, step: int) -> None:
+        """An incident recovered (info) or settled at a worse loss level (warning): the
+        log line, its snapshots' metadata, the event an alert resolves on, or not."""
+        settled = incident.status == "settled"
+        getattr(self.log, "warning" if settled else "info")(
+            "Incident settled" if settled else "Incident recovered",
+            step=step, incident=incident.id, problem=incident.problem,
+            started=incident.started, peak_step=incident.peak_step,
+            peak_trigger=incident.peak_trigger, last_detection=incident.last,
+            detections=incident.detections, severity=incident.severity, **incident.levels(),
+        )
+        paths = self._incident_snapshots.pop(incident.id, [])
+        for path in paths:
+            try:
+                record_end(path, incident.block(), step)
+            except (OSError, ValueError) as exc:  # deleted by retention, or by hand
+                self.log.warning("Incident not recorded", incident=incident.id, error=str(exc))
+        common = (incident.id, incident.problem, incident.started, step, incident.severity)
+        if settled:
+            assert incident.level_before is not None and incident.level_now is not None
+            first = incident.kinds[0] if incident.kinds else kind_of(incident.peak_trigger)
+            self.emit(IncidentSettled(
+                *common, incident.level_before, incident.level_now, incident.ratio, first
+            ))
+        else:
+            self.emit(IncidentRecovered(
+                *common, incident.peak_trigger, paths[-1] if paths else None,
+                incident.level_before, incident.level_now,
+            ))
 
     def _detected(self, t: Trigger, logged: bool = True) -> None:
         self.counts["detections"] += 1
@@ -152,9 +202,16 @@ class Dispatch:
         if self.copier is not None:
             for done in self.copier.collect():
                 self._copied(done)
+        now = self.clock()
+        for key, retry in list(self._retries.items()):
+            if now >= retry.at:
+                del self._retries[key]
+                if retry.folder is None:
+                    self._snapshot(retry.request)
+                else:
+                    self._pin_into(retry.request, retry.folder)
         if not self._waiting:
             return
-        now = self.clock()
         still = []
         newest = max(self.index.complete, default=-1)
         for w in self._waiting:
@@ -178,19 +235,17 @@ class Dispatch:
                 self._copied(done)
 
     def _snapshot(self, request: SnapshotRequest, vanished: tuple[str, ...] = ()) -> None:
-        """Make the snapshot: on this thread when it links (milliseconds), on the copier
-        when it copies. ``vanished``: the candidate checkpoints already rotated away."""
-        metadata = dict(request.metadata)
-        metadata["key"] = request.key
+        """Make the snapshot: on this thread when it links (milliseconds). A copy takes
+        minutes: the snapshot is published at once with its metadata alone (the actions
+        fire now, never behind a copy: FAULTS.md #57) and its ``model/`` is copied in on
+        the copier. ``vanished``: the candidate checkpoints already rotated away."""
+        metadata = {**request.metadata, "key": request.key}
         while True:
             ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
             if ck is None and vanished:
-                metadata["note"] = "every candidate checkpoint vanished before it was pinned: " + (
-                    ", ".join(vanished)
-                )
+                metadata["note"] = _vanished_note(vanished)
             if ck is not None and self.copier is not None and self.writer.copies(ck):
-                job = CopyJob(request.key, request.name, metadata, ck, (request, vanished))
-                self.copier.submit(job)  # published when done; poll() collects it
+                self._copy_later(request, metadata, ck, vanished)
                 return
             try:
                 result = self.writer.write(request.name, metadata, ck)
@@ -198,36 +253,81 @@ class Dispatch:
                 if exc.reason == "source_vanished" and ck is not None:
                     vanished = self._vanished(request, ck, exc, vanished)
                     continue
-                self._failed(request, exc.reason, exc.detail)
+                self._pin_failed(request, None, metadata, ck, exc.reason, exc.detail)
                 return
             except OSError as exc:
-                self._failed(request, "io_error", str(exc))
+                self._pin_failed(request, None, metadata, ck, "io_error", str(exc))
                 return
-            self._created(request, metadata, ck, result)
+            self._published(request, metadata, result, announce=False)
+            self._created(request, ck, result)
+            self.emit(SnapshotMade(request, result.path, result.bytes))
+            return
+
+    def _copy_later(
+        self, request: SnapshotRequest, metadata: dict[str, Any], ck: Checkpoint,
+        vanished: tuple[str, ...],
+    ) -> None:
+        assert self.copier is not None
+        pending = pending_metadata(metadata, ck.name, "copying",
+                                   f"{ck.name} is being copied into model/")
+        try:
+            result = self.writer.write(request.name, pending, None)
+        except (SnapshotError, OSError) as exc:
+            self._pin_failed(request, None, metadata, ck, "io_error", str(exc))
+            return
+        self.log.info("Snapshot pending", step=request.step, checkpoint=ck.name,
+                      reason="copying", path=str(result.path))
+        self._published(request, pending, result, announce=True)
+        self.copier.submit(CopyJob(request.key, request.name, pending, ck, (request, vanished),
+                                   result.path))
+
+    def _pin_into(
+        self, request: SnapshotRequest, folder: Path, vanished: tuple[str, ...] = ()
+    ) -> None:
+        """Give a published metadata-only snapshot its checkpoint: after a vanished
+        candidate, or when a failed pin is retried (#55)."""
+        while True:
+            ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
+            if ck is None:
+                self._settle(request, folder, _vanished_note(vanished) if vanished else
+                             "no complete checkpoint existed before this step")
+                return
+            if self.copier is not None and self.writer.copies(ck):
+                self.copier.submit(CopyJob(request.key, request.name, {}, ck,
+                                           (request, vanished), folder))
+                return
+            try:
+                result = self.writer.pin_into(folder, ck)
+            except SnapshotError as exc:
+                if exc.reason == "source_vanished":
+                    vanished = self._vanished(request, ck, exc, vanished)
+                    continue
+                self._pin_failed(request, folder, {}, ck, exc.reason, exc.detail)
+                return
+            except OSError as exc:
+                self._pin_failed(request, folder, {}, ck, "io_error", str(exc))
+                return
+            self._created(request, ck, result)
             return
 
     def _copied(self, done: CopyDone) -> None:
-        """A copy made off the worker ended: published, vanished (try the next
-        candidate), abandoned at stop (keep the metadata alone) or failed."""
+        """A copy made off the worker ended: in place, vanished (try the next
+        candidate), abandoned at stop (the metadata says so) or failed."""
         request, vanished = done.job.context
-        ck, exc = done.job.checkpoint, done.error
+        ck, exc, folder = done.job.checkpoint, done.error, done.job.folder
+        assert folder is not None  # the dispatcher publishes the metadata first
         if exc is None:
             assert done.result is not None
-            self._created(request, done.job.metadata, ck, done.result)
+            self._created(request, ck, done.result)
         elif exc.reason == "source_vanished":
-            self._snapshot(request, self._vanished(request, ck, exc, vanished))
+            self._pin_into(request, folder, self._vanished(request, ck, exc, vanished))
         elif exc.reason == "cancelled":
             self.log.warning("Copy abandoned", step=request.step, checkpoint=ck.name,
                              detail=exc.detail)
-            metadata = {**done.job.metadata,
-                        "note": f"stopped while copying {ck.name}: its copy was abandoned"}
-            try:
-                self._created(request, metadata, None,
-                              self.writer.write(request.name, metadata, None))
-            except (SnapshotError, OSError) as err:
-                self._failed(request, "io_error", str(err))
+            self._settle(request, folder, f"stopped while copying {ck.name}: its copy was "
+                         "abandoned")
         else:
-            self._failed(request, exc.reason, exc.detail)
+            self._pin_failed(request, folder, {}, ck, exc.reason, exc.detail)
 
     def _vanished(
         self, request: SnapshotRequest, ck: Checkpoint, exc: SnapshotError,
@@ -238,33 +338,94 @@ class Dispatch:
         self.index.forget(ck.step)
         return (*vanished, ck.name)
 
-    def _created(
-        self, request: SnapshotRequest, metadata: Mapping[str, Any], ck: Checkpoint | None,
-        result: SnapshotResult,
+    def _published(
+        self, request: SnapshotRequest, metadata: Mapping[str, Any], result: SnapshotResult,
+        announce: bool,
     ) -> None:
+        """A snapshot folder is in place (its ``model/`` may come later)."""
         self.done_keys.add(request.key)
         self.counts["snapshots"] += 1
         if "incident" in metadata:
-            self._incident_snapshots[metadata["incident"]["id"]] = result.path
+            self._incident_snapshots.setdefault(metadata["incident"]["id"], []).append(
+                result.path
+            )
+        if announce:
+            self.emit(SnapshotMade(request, result.path, result.bytes))
+
+    def _created(
+        self, request: SnapshotRequest, ck: Checkpoint | None, result: SnapshotResult
+    ) -> None:
+        """The snapshot is complete (its ``model/`` in place, or never to come)."""
+        self._failures.pop(request.key, None)
+        mode, _why = self.writer.mode_in_use
+        if result.mode == "copy" and mode != "copy":  # a link refused since the start (#54)
+            why = f"{ck.name if ck else 'a checkpoint'} could not be linked: copied in full"
+            self.writer.mode_in_use = ("copy", why)
+            self.log.warning("Snapshot mode", mode="copy", why=why, was=mode)
         getattr(self.log, request.severity.value)(
             "Created snapshot",
             step=request.step, triggers=[t.name for t in request.triggers],
             severity=request.severity.value, checkpoint=ck.name if ck else "none",
             mode=result.mode or "none", path=str(result.path),
         )
-        self.emit(SnapshotMade(request, result.path, result.bytes))
+
+    def _settle(self, request: SnapshotRequest, folder: Path, note: str) -> None:
+        """A metadata-only snapshot stays so: its metadata says why."""
+        try:
+            update_pin(folder, None, note)
+        except (OSError, ValueError) as exc:  # removed by retention or by hand
+            self.log.warning("Snapshot not updated", path=str(folder), error=str(exc))
+            return
+        self._created(request, None, SnapshotResult(folder, None, 0, 0))
 
     def _checkpoint_for(self, request: SnapshotRequest) -> Checkpoint | None:
+        """A new best model keeps ``checkpoint-<step>`` itself (else the newest before);
+        an anomaly at step S the newest checkpoint strictly before S (FAULTS.md #56): HF
+        saves ``checkpoint-S`` after step S's update, so for a NaN at S it already holds
+        the damaged weights. One rule whichever backend saw ``checkpoint-S`` first."""
         if request.exact_checkpoint:
             exact = self.index.get(request.step)
-            if exact is not None:
-                return exact
-        return self.index.newest_at_or_before(request.step)
+            return exact if exact is not None else self.index.newest_at_or_before(request.step)
+        return self.index.newest_at_or_before(request.step - 1)
 
-    def _failed(self, request: SnapshotRequest, reason: str, detail: str) -> None:
+    def _pin_failed(
+        self, request: SnapshotRequest, folder: Path | None, metadata: Mapping[str, Any],
+        ck: Checkpoint | None, reason: str, detail: str,
+    ) -> None:
+        """A pin that could not be written (no space, EIO, EACCES): the anomaly keeps a
+        metadata-only snapshot saying so, and the pin is retried with a doubling backoff
+        while a candidate checkpoint exists (FAULTS.md #55). Logged once per snapshot."""
         self.counts["snapshot_failures"] += 1
-        self.log.error(
-            "Snapshot failed", step=request.step, triggers=[t.name for t in request.triggers],
-            severity=request.severity.value, reason=reason, detail=detail or None,
-        )
-        self.emit(SnapshotFailed(request, reason))
+        if reason == "snapshot_removed":  # retention removed it meanwhile: nothing to pin
+            self.log.warning("Snapshot removed before its pin", step=request.step,
+                             path=detail)
+            return
+        tries = self._failures[request.key] = self._failures.get(request.key, 0) + 1
+        delay = min(_RETRY_FIRST * 2 ** (tries - 1), _RETRY_MAX)
+        note = (f"{ck.name if ck else 'the checkpoint'} could not be pinned ({reason}): "
+                "retried while it exists")
+        if folder is None:
+            try:
+                pending = pending_metadata(metadata, ck.name if ck else None, reason, note)
+                result = self.writer.write(request.name, pending, None)
+                folder = result.path
+                self._published(request, metadata, result, announce=False)
+            except (SnapshotError, OSError):
+                folder = None  # not even the metadata: the whole snapshot is retried
+        else:
+            with contextlib.suppress(OSError, ValueError):  # the log line says it anyway
+                update_pin(folder, reason, note)
+        if tries == 1:
+            self.log.error(
+                "Snapshot failed", step=request.step,
+                triggers=[t.name for t in request.triggers], severity=request.severity.value,
+                reason=reason, detail=detail or None, checkpoint=ck.name if ck else None,
+                kept="metadata" if folder else "nothing", path=str(folder) if folder else None,
+                retry_seconds=delay,
+            )
+            self.emit(SnapshotFailed(request, reason))
+        self._retries[request.key] = _Retry(request, folder, self.clock() + delay)
+
+
+def _vanished_note(vanished: tuple[str, ...]) -> str:
+    return "every candidate checkpoint vanished before it was pinned: " + ", ".join(vanished)

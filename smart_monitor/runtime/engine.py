@@ -70,12 +70,18 @@ class Engine:
         for tmp in self.writer.remove_temporaries():
             self.log.warning("Removed unfinished snapshot", path=str(tmp))
         self.dispatch.remember(str(m["key"]) for _, m in self.writer.published() if "key" in m)
+        self.dispatch.resume_pins()
 
     # -- checkpoints ----------------------------------------------------------------
     def scan_checkpoints(self) -> list[Checkpoint]:
         new = self.index.scan()
+        for path, why in self.index.problems:  # once per path; it is skipped meanwhile
+            self.log.error("Checkpoint unreadable", path=str(path), error=why,
+                           hint="the trainer's umask or the folder's mode; retried at each scan")
+        self.index.problems.clear()
         for ck in new:
             self.log.info("Checkpoint complete", name=ck.name, step=ck.step)
+            self.pipeline.checkpoint_seen(ck.step)  # a step before it is a new run (#52)
             if self.scanner is not None:
                 self.scanner.submit(ck)  # read off this thread; poll() collects it
         return new

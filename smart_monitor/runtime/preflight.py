@@ -7,22 +7,21 @@ each output folder must exist or be creatable, and be writable, which is tried f
 yes to root everywhere, and nothing but a real ``mkdir`` knows about ``/proc`` or a read-only
 mount); the checkpoint folder, when it exists, must be listable. It leaves nothing behind.
 
-``check_links`` tries one hard link from the trainer's files into the snapshot folder.
-Under ``fs.protected_hardlinks`` a user may not link another user's file it cannot
+``check_links`` says whether snapshots can link the trainer's files (``links.py``):
+under ``fs.protected_hardlinks`` a user may not link another user's file it cannot
 write, and no one may link across file systems: every snapshot would then be a full
 copy of the checkpoint, which is what fills a disk. Said once at start with the fix.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from pathlib import Path
 
 from smart_monitor.config import Config, ConfigError
-from smart_monitor.outputs.pin import reflink
 from smart_monitor.outputs.snapshot import TMP_PREFIX
+from smart_monitor.runtime.links import decide_links
 
 __all__ = ["check_links", "check_paths"]
 
@@ -48,10 +47,27 @@ def _probe_writable(key: str, folder: Path) -> None:
         raise ConfigError(f"{key}: {here} is not writable ({ancestor}: {reason})") from None
 
 
+def _check_readable(path: Path) -> None:
+    """Raise ConfigError when the metrics file (or folder), or a folder above it, may
+    not be read: a run folder at 0700 (FAULTS.md #53). Missing is fine: it is awaited."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        elif path.exists():
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        raise ConfigError(
+            f"metrics_file: {path} cannot be read ({os.strerror(exc.errno or 0)})"
+        ) from None
+
+
 def check_paths(config: Config) -> None:
     """Every problem here is a config error: one line naming the key (exit 2)."""
     for key in _OUTPUTS:
         _probe_writable(key, getattr(config, key))
+    if config.metrics_file is not None:
+        _check_readable(config.metrics_file)
     ck = config.checkpoint_dir
     if ck is not None and ck.exists():
         if not ck.is_dir():
@@ -64,52 +80,7 @@ def check_paths(config: Config) -> None:
             ) from None
 
 
-def _trainer_file(config: Config) -> Path | None:
-    """A file the trainer wrote in its checkpoint folder (the metrics file often lives
-    there); None without a checkpoint folder: then nothing is ever pinned."""
-    ck = config.checkpoint_dir
-    if ck is None or not ck.is_dir():
-        return None
-    for dirpath, _dirs, names in os.walk(ck):
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            if p.is_file() and not p.is_symlink():
-                return p
-    return None
-
-
 def check_links(config: Config) -> str | None:
-    """None when snapshots can share the trainer's blocks (reflink or hard link), or
-    nothing can be tried yet; else one line saying why not and what to change. The
-    snapshot folder must exist (``check_paths`` and the lock made it)."""
-    if config.snapshot.mode == "copy":
-        return None
-    src = _trainer_file(config)
-    if src is None:
-        return None
-    snap = config.snapshot_dir
-    target = snap / f"{TMP_PREFIX}linkprobe-{os.getpid()}"
-    try:
-        if reflink(src, src.stat(), target):
-            return None
-        os.link(src, target)
-        return None
-    except OSError as exc:
-        if exc.errno == errno.EXDEV:
-            why = f"{snap} and {src.parent} are on different file systems"
-        elif exc.errno in (errno.EPERM, errno.EACCES):
-            st = src.stat()
-            why = (
-                f"this user (uid {os.getuid()}) may not hard-link {src} (owner uid "
-                f"{st.st_uid} gid {st.st_gid}; fs.protected_hardlinks)"
-            )
-        else:
-            why = f"link {src} -> {snap}: {os.strerror(exc.errno or 0)}"
-        return (
-            f"snapshot.mode: cannot hard-link checkpoints into snapshot_dir: {why}; every "
-            "snapshot would be a full copy. Run the monitor as the trainer's user or group, "
-            "put snapshot_dir on the trainer's file system (a reflink one: XFS, btrfs), "
-            'or set snapshot.mode = "copy" to accept full copies'
-        )
-    finally:
-        target.unlink(missing_ok=True)
+    """None when snapshots can share the trainer's blocks (reflink or hard link); else
+    one line saying why not and what to change (``links.decide_links``)."""
+    return decide_links(config).problem

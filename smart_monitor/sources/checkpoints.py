@@ -64,17 +64,24 @@ class CheckpointIndex:
         self.regex = pattern_regex(config.pattern)
         self.complete: dict[int, Checkpoint] = {}
         self._pending: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
+        self.unreadable: dict[Path, str] = {}  # path -> why, while it stays so (#53)
+        self.problems: list[tuple[Path, str]] = []  # newly unreadable: the engine logs each
 
     def scan(self) -> list[Checkpoint]:
         if self.root is None:
             return []
         try:
             entries = list(self.scandir(self.root))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
             self.complete.clear()
+            return []
+        except OSError as exc:  # EACCES, EIO: said once; what it held cannot be pinned
+            self.complete.clear()
+            self._unreadable({self.root: _why(exc)}, [self.root])
             return []
         seen: set[int] = set()
         new: list[Checkpoint] = []
+        bad: dict[Path, str] = {}
         top = self.root.resolve()
         for entry in entries:
             m = self.regex.match(entry.name)
@@ -85,13 +92,30 @@ class CheckpointIndex:
             if step in self.complete:
                 continue
             ck = Checkpoint(entry.name, step, Path(entry.path))
-            if self._is_complete(ck):
+            try:
+                complete = self._is_complete(ck)
+            except OSError as exc:  # a trainer with umask 077: skip this one, go on (#53)
+                bad[ck.path] = _why(exc)
+                continue
+            if complete:
                 self.complete[step] = ck
                 self._pending.pop(entry.name, None)
                 new.append(ck)
         for step in [s for s in self.complete if s not in seen]:
             del self.complete[step]  # rotated away by the trainer
+        self._unreadable(bad, [self.root, *(p for p in self.unreadable if p.parent == self.root)])
         return sorted(new, key=lambda c: c.step)
+
+    def _unreadable(self, found: dict[Path, str], scope: list[Path]) -> None:
+        """Remember what cannot be read now; ``problems`` gets each path once, when it
+        becomes unreadable (again), so the log says it once, not at every scan."""
+        for path in scope:
+            if path not in found:
+                self.unreadable.pop(path, None)  # readable again, or gone
+        for path, why in found.items():
+            if path not in self.unreadable:
+                self.problems.append((path, why))
+            self.unreadable[path] = why
 
     def _is_complete(self, ck: Checkpoint) -> bool:
         path = ck.path
@@ -125,6 +149,10 @@ class CheckpointIndex:
 
     def forget(self, step: int) -> None:
         self.complete.pop(step, None)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or repr(exc)
 
 
 def _inside(link: Path, top: Path) -> bool:

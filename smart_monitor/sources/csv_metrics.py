@@ -69,6 +69,10 @@ class CsvFollower:
     def pending(self) -> bool:
         return False  # a row is a record: nothing is gathered
 
+    @property
+    def mid_record(self) -> bool:
+        return False  # a row without its newline is not read until the newline arrives
+
     def flush(self) -> list[dict[str, Any]]:
         return []
 

@@ -36,6 +36,11 @@ _EVENTS = "events.out.tfevents."
 _CSV = ("metrics.csv", "results.csv")  # Lightning, Ultralytics
 # Folders the search never enters: checkpoints and snapshots hold no metrics.
 _SKIP = ("checkpoint-", "tmp-checkpoint-", "anomaly_", ".tmp-", ".")
+# A file that ends inside a record is being written: its pending step may have more
+# scalars to come, so it waits longer than the quiet period, up to past the writers'
+# default flush interval (SummaryWriter and tf.summary: 120 s). A trainer killed
+# mid-write still has its last complete step given out.
+_MID_RECORD_WAIT = 150.0
 
 EventHandler = Callable[[str, Mapping[str, Any]], None]
 Malformed = Callable[[str, str, "int | None"], None]
@@ -51,6 +56,9 @@ class _Follower(Protocol):
 
     @property
     def pending(self) -> bool: ...
+
+    @property
+    def mid_record(self) -> bool: ...
 
     def read(self) -> list[dict[str, Any]]: ...
 
@@ -195,8 +203,12 @@ class FolderSource:
     @property
     def deadline(self) -> float:
         """When a pending step is due to be given out (inf: none is pending)."""
-        due = [self._changed[p] + self.quiet for p, f in self.followers.items() if f.pending]
+        due = [self._due(p, f) for p, f in self.followers.items() if f.pending]
         return min(due, default=float("inf"))
+
+    def _due(self, path: Path, f: _Follower) -> float:
+        wait = max(self.quiet, _MID_RECORD_WAIT) if f.mid_record else self.quiet
+        return self._changed.get(path, self.clock()) + wait
 
     # -- reading --------------------------------------------------------------------
     def batches(self) -> Iterator[list[dict[str, Any]]]:
@@ -227,7 +239,7 @@ class FolderSource:
                     yield done + entries  # a newer file has data: the older ones are done
                 if f.position == before or path not in self.followers:
                     break
-            if not changed and f.pending and now - self._changed.get(path, now) >= self.quiet:
+            if not changed and f.pending and now >= self._due(path, f):
                 yield f.flush()
             earlier.append(f)
 

@@ -211,6 +211,12 @@ class EventFileFollower:
     def position(self) -> int:
         return self.reader.offset
 
+    @property
+    def mid_record(self) -> bool:
+        """The file ends inside a record: the writer is mid-write, and that record may
+        hold more scalars of the pending step."""
+        return self.reader.truncated
+
     def flush(self) -> list[dict[str, Any]]:
         return self.gather.flush()
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.explain import Explanation, causes_sentence
+from smart_monitor.meanings import Entry
 from smart_monitor.outputs.retention import DiskBudget
 from smart_monitor.outputs.snapshot import SnapshotWriter
 
 __all__ = [
-    "SnapshotInfo", "format_budget", "format_metadata", "format_snapshots", "read_snapshots",
-    "resolve",
+    "SnapshotInfo", "format_budget", "format_entry", "format_explanation", "format_metadata",
+    "format_snapshots", "read_snapshots", "resolve",
 ]
 
 _HISTORY_SHOWN = 5  # last [step, value] pairs that ``show`` prints of each history
@@ -165,3 +168,48 @@ def _num(v: Any) -> str:
 
 def _compact(value: Any) -> str:
     return json.dumps(value, separators=(", ", ": "), default=str)
+
+
+# -- what a snapshot means (``explain.py``), as ``show`` and ``explain`` print it -------
+_SHOWN_CAUSES = 3
+
+
+def format_explanation(ex: Explanation) -> str:
+    """The two sections ``show`` prints under the metadata: short, so the likely causes
+    are the first few (``explain`` and the metadata have them all)."""
+    causes = ex.causes[:_SHOWN_CAUSES]
+    more = [f"more: smart-monitor explain {ex.trigger}"] if len(ex.causes) > len(causes) else []
+    return _sections(
+        None, [f"{ex.evidence}.", ex.what, causes_sentence((*causes, *more))],
+        [*_numbered(ex.checks), f"Action: {ex.action}", f"Rollback: {ex.rollback}"],
+    )
+
+
+def format_entry(entry: Entry, name: str = "") -> str:
+    """An entry as ``smart-monitor explain`` prints it, headed by the trigger ``name``
+    asked for and its family."""
+    title = entry.family if name in ("", entry.family) else f"{name} ({entry.family})"
+    critical = [f"If critical: {entry.if_critical}"] if entry.if_critical else []
+    stays = ["If critical (it stays or repeats), most likely first:",
+             *(f"- {c}" for c in entry.critical_causes)] if entry.critical_causes else []
+    return _sections(
+        title, [entry.what, "Likely causes, most likely first:",
+                *(f"- {c}" for c in entry.causes), *stays],
+        [*_numbered(entry.checks), f"Action: {entry.action}", *critical],
+    )
+
+
+def _sections(title: str | None, meaning: Sequence[str], todo: Sequence[str]) -> str:
+    """Wrapped to 88 columns; a path or a resume call is never broken (copy, paste)."""
+    out = [title] if title else []
+    for head, paragraphs in (("What it means:", meaning), ("What to do:", todo)):
+        out.append(head)
+        for p in paragraphs:
+            hang = "     " if p[:1].isdigit() else "    "  # under a check's text
+            out.append(textwrap.fill(p, 88, initial_indent="  ", subsequent_indent=hang,
+                                     break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)
+
+
+def _numbered(checks: Sequence[str]) -> list[str]:
+    return [f"{i}. {c}" for i, c in enumerate(checks, 1)]

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smart_monitor.explain import explain
 from smart_monitor.outputs.atomic import write_atomic
 from smart_monitor.records import (
     EvalRecord,
@@ -178,6 +179,9 @@ img.plot{width:100%;border:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #eee;
 text-align:left;white-space:nowrap}td.n{text-align:right}.critical{color:#d62728}.warning{color:#c65f00}
 .info{color:#2ca02c}p.none{color:#777}
+div.snap{display:flex;gap:1em;align-items:flex-start;margin:1em 0;border-top:1px solid #eee}
+img.snap-plot{width:45%;flex:none;border:1px solid #ddd}h3{font-size:1em}
+div.why{font-size:13px;min-width:0;overflow-wrap:anywhere}
 """
 
 
@@ -220,6 +224,36 @@ def _tables(infos: Sequence[SnapshotInfo], page_dir: Path) -> str:
     return "\n".join(out)
 
 
+def _explained(infos: Sequence[SnapshotInfo]) -> str:
+    """Each snapshot's ``loss_history.png`` with, beside it, what it means and what to
+    do (``explain.py``, from its metadata as it is now)."""
+    out = ["<h2>What each snapshot means</h2>"] if infos else []
+    for n, info in enumerate(infos):
+        try:
+            meta = json.loads((info.path / "metadata.json").read_bytes())
+        except (OSError, ValueError) as exc:  # removed by retention meanwhile, or by hand
+            out.append(f'<p class="none">{html.escape(f"{info.path.name}: {exc}")}</p>')
+            continue
+        ex = explain(meta, str(info.path.absolute()))
+        title = html.escape(f"{', '.join(info.triggers)} at step {info.step} ({info.severity})")
+        plot = info.path / "loss_history.png"
+        img = (
+            f'<img class="snap-plot" id="snap-{n}" alt="loss before {title}" '
+            'onload="this.dataset.rendered=this.naturalWidth" '
+            f'src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+            if plot.is_file() else '<p class="none snap-plot">No plot.</p>'
+        )
+        checks = "".join(f"<li>{html.escape(c)}</li>" for c in ex.checks)
+        out.append(
+            f'<div class="snap" id="explain-{n}">{img}<div class="why">'
+            f'<h3 class="{html.escape(info.severity)}">{title}</h3>'
+            f"<p><b>What it means.</b> {html.escape(ex.meaning)}</p><p><b>What to do.</b></p>"
+            f"<ol>{checks}</ol><p><b>Action:</b> {html.escape(ex.action)}</p>"
+            f"<p><b>Rollback:</b> {html.escape(ex.rollback)}</p></div></div>"
+        )
+    return "\n".join(out)
+
+
 def write_report(
     metrics: Path, snapshot_dir: Path, target: Path, aliases: dict[str, str], max_line_bytes: int
 ) -> Path:
@@ -250,6 +284,7 @@ def write_report(
         body.append(f"<h2>{html.escape(alt.capitalize())}</h2>")
         body.append(_img(png, name, f"{alt} against step", steps))
     body.append(_tables(infos, target.parent.resolve()))
+    body.append(_explained(infos))
     page = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>smart_monitor report: {html.escape(metrics.name)}</title>"
