@@ -112,7 +112,8 @@ _PROBLEM = {
 }
 
 
-# A loss series' own trigger kinds (detectors/series.py): its name, then one of these.
+# A loss series' trigger names (detectors/series.py) read back as kinds (kind_of): its
+# name, then one of these; the trigger's own kind is the seed's.
 _SERIES_SUFFIXES = {
     "_nonfinite": "loss_nonfinite", "_spike": "loss_spike",
     "_divergence_detected": "divergence_detected",
@@ -120,7 +121,8 @@ _SERIES_SUFFIXES = {
 
 
 def base_kind(kind: str) -> str:
-    """The seed's kind behind a loss series' kind; a seed kind itself.
+    """The seed's kind behind a loss series' trigger name read back from a log line
+    (``kind_of``), for ``on_triggers`` and the stats table; a seed kind itself.
 
     >>> base_kind("val_cls_loss_nonfinite"), base_kind("train_gen_loss_spike")
     ('loss_nonfinite', 'loss_spike')
@@ -138,10 +140,10 @@ def base_kind(kind: str) -> str:
 def problem_of(kind: str) -> str:
     """The problem a trigger kind reports (incidents group by it); itself by default.
 
-    >>> problem_of("loss_zscore"), problem_of("lr_zscore"), problem_of("val_cls_loss_nonfinite")
-    ('loss_spike', 'lr_zscore', 'nonfinite')
+    >>> problem_of("loss_zscore"), problem_of("lr_zscore")
+    ('loss_spike', 'lr_zscore')
     """
-    return _PROBLEM.get(kind) or _PROBLEM.get(base_kind(kind), kind)
+    return _PROBLEM.get(kind, kind)
 
 
 def kind_of(name: str) -> str:

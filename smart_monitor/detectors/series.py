@@ -4,16 +4,18 @@ The main train loss has the seed's detectors and names (``loss_nonfinite``, ...)
 other loss series of a record (``smart_monitor/series.py`` says which keys are losses)
 gets its own non-finite check, ``LossSpike`` and ``Divergence``, and its triggers carry
 its filename-safe name in place of ``loss``: ``val_cls_loss_nonfinite``,
-``train_gen_loss_spike_87.3pct``. The main eval loss is ``eval_loss``.
+``train_gen_loss_spike_87.3pct`` (their kinds stay the seed's: ``loss_nonfinite``, ...).
+The main eval loss (``eval_loss``) gets the non-finite check only: its rises are the
+best model's and overfitting's to judge, as before.
 
 A non-finite train loss is critical, as the main one. The series non-finite in one
-record are one problem and one trigger, named for the first. A non-finite eval loss is judged
-by its consequence: critical when it persists (the series' previous value was not finite
-either) or when the evaluation collapsed with it (a higher-is-better eval metric of the
-same record below half its best); a warning when the model's metrics are intact (one
-bad batch in the loss computation, which the next evaluation shows recovered). An eval
-loss that diverges is a warning: that is overfitting, which the run survives. While the
-main train loss is non-finite, a non-finite eval loss is no news (``loss_nonfinite``
+record are one problem and one trigger, named for the first. A non-finite eval loss is
+judged by its consequence: critical when it persists (the series' previous value was not
+finite either) or when the evaluation collapsed with it (a higher-is-better eval metric
+of the same record below half its best); a warning when the model's metrics are intact
+(one bad batch in the loss computation, which the next evaluation shows recovered). An
+eval loss that diverges is a warning: that is overfitting, which the run survives. While
+the main train loss is non-finite, a non-finite eval loss is no news (``loss_nonfinite``
 already said the run broke).
 """
 
@@ -143,7 +145,7 @@ class SeriesLosses:
         details = {"value": repr(record.raw[first]), "series": keys, "collapsed": collapsed,
                    "persists": persists}  # fmt: skip
         severity = Severity.CRITICAL if critical else Severity.WARNING
-        return Trigger(name, name, severity, record.step, details)
+        return Trigger("loss_nonfinite", name, severity, record.step, details)
 
     def _metrics(self, record: EvalRecord) -> str | None:
         """Learn the bests of the record's higher-is-better eval metrics; the first one
@@ -207,10 +209,9 @@ class SeriesLosses:
 
 
 def _renamed(t: Trigger, key: str, evaluation: bool) -> Trigger:
-    """The seed's trigger on a series: ``loss`` in its name becomes the series' name.
-    An eval loss rising for good is overfitting, not a run going away: a warning."""
-    prefix = safe_name(key)
-    kind = f"{prefix}_{t.kind.removeprefix('loss_')}"
-    name = f"{prefix}_{t.name.removeprefix('loss_')}"
+    """The seed's trigger on a series: ``loss`` in its name becomes the series' name; its
+    kind stays the seed's (cooldowns, incidents, on_triggers, the meanings table). An
+    eval loss rising for good is overfitting, not a run going away: a warning."""
+    name = f"{safe_name(key)}_{t.name.removeprefix('loss_')}"
     severity = Severity.WARNING if evaluation or classify(key).split == "eval" else t.severity
-    return Trigger(kind, name, severity, t.step, {**t.details, "series": key})
+    return Trigger(t.kind, name, severity, t.step, {**t.details, "series": key})
