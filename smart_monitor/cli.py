@@ -25,6 +25,7 @@ from smart_monitor.tools.summary import (
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
+EXIT_NO_LOSS = 4  # replay: no loss series in the run (the monitor would be blind)
 
 
 def _config_error(message: str) -> NoReturn:
@@ -139,9 +140,10 @@ def replay(
     plots: bool,
 ) -> None:
     """Run the pipeline over a finished run (JSONL metrics, HF trainer_state.json,
-    TensorBoard event files or a Lightning metrics.csv)."""
+    TensorBoard event files or a Lightning/Ultralytics CSV). Exit 4 when no loss series
+    was found (the warning names the tags seen and the alias that would fix it)."""
     from smart_monitor.hooks.attach import attach_plots
-    from smart_monitor.runtime.replay import DetectionReport
+    from smart_monitor.runtime.replay import DetectionReport, format_series
     from smart_monitor.runtime.replay import replay as run_replay
 
     config = _load(config_file, metrics, checkpoints, output)
@@ -160,6 +162,9 @@ def replay(
     )
     if report:
         click.echo(detections.format())
+        click.echo(format_series(engine.series))
+    if engine.ingest.watch.blind:
+        sys.exit(EXIT_NO_LOSS)
 
 
 @main.command()

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from smart_monitor.triggers import KINDS, kind_of
+from smart_monitor.triggers import KINDS, base_kind, kind_of
 
 __all__ = ["Config", "ConfigError", "load_config", "redact_url", "run_name"]
 
@@ -167,6 +167,8 @@ class RecordsConfig(_Section):
         default_factory=lambda: {"lr": "learning_rate", "global_step": "step"}
     )
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1 << 30)
+    # The main train loss's tag or column; empty: by the series rule (smart_monitor/series.py)
+    loss: str = ""
 
 
 class SourceConfig(_Section):
@@ -243,7 +245,7 @@ class ActionConfig(_Section):
     @classmethod
     def _known_kinds(cls, names: list[str]) -> list[str]:
         """A misspelt kind would never match: the action would silently never run."""
-        unknown = [n for n in names if kind_of(n) not in KINDS]
+        unknown = [n for n in names if base_kind(kind_of(n)) not in KINDS]
         if unknown:
             raise ValueError(f"unknown trigger {unknown[0]!r} (kinds: {', '.join(sorted(KINDS))})")
         return names

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from smart_monitor.series import main_loss_key
+
 __all__ = [
     "DEFAULT_ALIASES",
     "MAX_DEPTH",
@@ -174,15 +176,19 @@ def to_record(
     if not _EVAL.isdisjoint(data):
         acc = data.get("eval_accuracy", data.get("accuracy"))
         return EvalRecord(_step(data), _loss(data, "eval_loss"), _as_float("accuracy", acc), data)
-    if "loss" in data or "learning_rate" in data or "grad_norm" in data:
-        return TrainRecord(
-            _step(data),
-            _loss(data, "loss"),
-            _number(data, "learning_rate"),
-            _number(data, "grad_norm"),
-            data,
-        )
-    return None
+    if "loss" in data:
+        loss: float | None = _loss(data, "loss")
+    else:  # no plain ``loss``: the main loss by the series rule (``total_loss``, a GAN's)
+        main = main_loss_key(tuple(data))
+        if main is None and "learning_rate" not in data and "grad_norm" not in data:
+            return None
+        try:
+            loss = None if main is None else _loss(data, main)
+        except MalformedLine:  # a setting named like a loss (``"loss_fn": "mse"``)
+            loss = None
+    return TrainRecord(
+        _step(data), loss, _number(data, "learning_rate"), _number(data, "grad_norm"), data
+    )
 
 
 def _apply_aliases(data: Mapping[str, Any], aliases: Mapping[str, str]) -> Mapping[str, Any]:
@@ -234,7 +240,9 @@ def _step(data: Mapping[str, Any]) -> int:
 def _optional_step(data: Mapping[str, Any]) -> int | None:
     step = data.get("step")
     if step is None:
-        return None
+        step = data.get("iteration")  # Detectron2's metrics.json
+        if step is None:
+            return None
     if type(step) is int and 0 <= step <= MAX_STEP:  # the common case, first
         return step
     if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):

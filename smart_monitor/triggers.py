@@ -15,6 +15,7 @@ __all__ = [
     "WEIGHT_NORM_ZSCORE",
     "Severity",
     "Trigger",
+    "base_kind",
     "kind_of",
     "problem_of",
     "short_name",
@@ -111,6 +112,31 @@ _PROBLEM = {
 }
 
 
+# A loss series' trigger names (detectors/series.py) read back as kinds (kind_of): its
+# name, then one of these; the trigger's own kind is the seed's.
+_SERIES_SUFFIXES = {
+    "_nonfinite": "loss_nonfinite", "_spike": "loss_spike",
+    "_divergence_detected": "divergence_detected",
+}
+
+
+def base_kind(kind: str) -> str:
+    """The seed's kind behind a loss series' trigger name read back from a log line
+    (``kind_of``), for ``on_triggers`` and the stats table; a seed kind itself.
+
+    >>> base_kind("val_cls_loss_nonfinite"), base_kind("train_gen_loss_spike")
+    ('loss_nonfinite', 'loss_spike')
+    >>> base_kind("grad_norm_nonfinite")
+    'grad_norm_nonfinite'
+    """
+    if kind in KINDS:
+        return kind
+    for suffix, seed in _SERIES_SUFFIXES.items():
+        if kind.endswith(suffix):
+            return seed
+    return kind
+
+
 def problem_of(kind: str) -> str:
     """The problem a trigger kind reports (incidents group by it); itself by default.
 
@@ -133,4 +159,4 @@ def kind_of(name: str) -> str:
 
 def stats_label(kind: str) -> str:
     """``loss_zscore`` -> ``loss_zscore_*``, the seed's table label."""
-    return f"{kind}_*" if kind in NUMBERED_KINDS else kind
+    return f"{kind}_*" if base_kind(kind) in NUMBERED_KINDS else kind

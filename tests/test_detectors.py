@@ -4,6 +4,7 @@ after every update) in tests/test_detectors_oracle.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -78,7 +79,16 @@ def stream(seed: int = 3) -> list[Record]:
         ),
     )
     out = [to_record(r) for r in simulate(spec)]
-    return [r for r in out if r is not None]
+    return [_with_aux_loss(r) for r in out if r is not None]
+
+
+def _with_aux_loss(r: Record) -> Record:
+    """A second train loss series beside the main one (issue 14), which spikes at 900
+    and goes NaN at 950: what series_losses watches."""
+    if not isinstance(r, TrainRecord) or r.loss is None:
+        return r
+    aux = r.loss * 0.5 * (6.0 if r.step == 900 else 1.0)
+    return dataclasses.replace(r, raw={**r.raw, "aux_loss": math.nan if r.step == 950 else aux})
 
 
 def names(triggers: list[list[Trigger]]) -> list[tuple[int, str, str]]:

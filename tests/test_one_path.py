@@ -15,8 +15,10 @@ from synthetic import Anomaly, RunSpec, simulate
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.replay import replay
 
-_OWN = re.compile(  # not shared
-    r" (Started|Stopped|Opened metrics file|Plots not drawn|Snapshot mode) "
+# not shared; ``Watching series``: run says it once the first records are in, replay at
+# the end, when every series is known
+_OWN = re.compile(
+    r" (Started|Stopped|Opened metrics file|Plots not drawn|Snapshot mode|Watching series) "
 )
 
 

@@ -29,8 +29,15 @@ def test_configured_alias_for_train_loss() -> None:
     assert isinstance(r, TrainRecord) and r.loss == 2.0
 
 
-def test_train_loss_without_alias_is_not_a_step_metric() -> None:
-    assert parse_line(b'{"step": 3, "train/loss": 2.0}') is None
+def test_a_record_without_plain_loss_takes_its_main_loss_by_the_series_rule() -> None:
+    # issue 14: any name with "loss" in it is a loss; the plainest is the main one
+    r = parse_line(b'{"step": 3, "train/loss": 2.0}')
+    assert isinstance(r, TrainRecord) and r.loss == 2.0
+    r = parse_line(b'{"iteration": 19, "loss_cls": 0.5, "total_loss": 1.5, "lr": 1e-5}')
+    assert isinstance(r, TrainRecord) and (r.step, r.loss, r.learning_rate) == (19, 1.5, 1e-5)
+    r = parse_line(b'{"step": 1, "train_gen_loss": NaN, "train_disc_loss": NaN}')
+    assert isinstance(r, TrainRecord) and r.loss is not None and math.isnan(r.loss)
+    assert parse_line(b'{"step": 3, "epoch": 2.0}') is None  # nothing a detector reads
 
 
 @pytest.mark.parametrize(

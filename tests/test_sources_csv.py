@@ -10,11 +10,14 @@ from typing import Any
 
 from live_harness import SMART_MONITOR
 
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.csv_metrics import CsvFollower
 
 
 def follower(path: Path, events: list[str]) -> CsvFollower:
-    return CsvFollower(path, {}, lambda name, fields: events.append(name))
+    return CsvFollower(
+        path, SeriesBook({}), lambda name, fields: events.append(name), lambda *a: None
+    )
 
 
 def lightning_csv(
@@ -118,5 +121,5 @@ def test_resume_from_saved_state_reads_only_new_rows(tmp_path: Path) -> None:
     state = json.loads(json.dumps(f.state_dict()))
     with open(path, "a") as fh:
         fh.write("10,0.4\n")
-    again = CsvFollower(path, {}, lambda name, fields: None, state)
+    again = CsvFollower(path, SeriesBook({}), lambda name, fields: None, lambda *a: None, state)
     assert again.read() == [{"step": 10, "loss": 0.4}]

@@ -14,6 +14,7 @@ from smart_monitor.detectors.evaluation import AccuracyDrop, BestModel
 from smart_monitor.detectors.labels import ConflictingLabels
 from smart_monitor.detectors.loss import Divergence, LossSpike, NonFinite
 from smart_monitor.detectors.predictions import InvertedLossPattern, PredictionOutliers
+from smart_monitor.detectors.series import SeriesLosses
 from smart_monitor.detectors.zscore import LossZScore, LrZScore
 
 __all__ = ["REGISTRY", "Detector", "build_detectors"]
@@ -29,9 +30,13 @@ REGISTRY: dict[str, Callable[[DetectorsConfig], Detector]] = {
     "prediction_outliers": lambda c: PredictionOutliers(c.predictions),
     "inverted_loss_pattern": lambda c: InvertedLossPattern(c.predictions),
     "conflicting_labels": lambda c: ConflictingLabels(c.conflicting_labels),
+    "series_losses": SeriesLosses,  # each part follows its own section's ``enabled``
 }
 
-_SECTION = {"prediction_outliers": "predictions", "inverted_loss_pattern": "predictions"}
+_SECTION = {
+    "prediction_outliers": "predictions", "inverted_loss_pattern": "predictions",
+    "series_losses": "nonfinite",
+}
 
 
 def build_detectors(config: DetectorsConfig) -> dict[str, Detector]:

@@ -106,6 +106,14 @@ class _EngineCollector(Collector):
         )
         info.add_metric([*self.identity, mode, why], 1)
         yield info
+        series = GaugeMetricFamily(
+            "smart_monitor_series_value",
+            "Last value of every series the run logs, by its name and role (series.py).",
+            labels=[*IDENTITY, "series", "role"],
+        )
+        for name, role, value in self.engine.series.values():
+            series.add_metric([*self.identity, name, role], value)
+        yield series
         budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
         for name, text, value in (
             ("held", "Bytes the snapshots add to their file system.", budget.held),

@@ -116,6 +116,7 @@ class Daemon:
         self.tailer = open_metrics(
             config.metrics_file, config.source.format, config.records,
             config.source.quiet_seconds, self._tail_event, self.engine.ingest.malformed, clock,
+            self.engine.series,
         )
         self.watcher = Watcher(
             config.metrics_file, config.checkpoint_dir, config.watch.backend, self.wakeups, log,

@@ -15,6 +15,7 @@ from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.runtime.dispatch import Dispatch
 from smart_monitor.runtime.ingest import Ingest
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.checkpoints import Checkpoint, CheckpointIndex
 from smart_monitor.triggers import Trigger
 
@@ -40,13 +41,18 @@ class Engine:
         self.clock = clock
         self.pipeline = Pipeline(config)
         self.counts: Counter[str] = Counter()
+        # the run's series, named by one rule for every reader (the sources share it)
+        aliases = dict(config.records.aliases)
+        if config.records.loss:
+            aliases[config.records.loss] = "loss"
+        self.series = SeriesBook(aliases)
         self.dispatch = Dispatch(
             log, self.pipeline, index, writer, config.snapshot.checkpoint_wait_seconds,
             self.counts, clock,
         )
         self.ingest = Ingest(
-            self.pipeline, self.dispatch.act, log, config.records.aliases,
-            config.records.max_line_bytes, self.counts, clock,
+            self.pipeline, self.dispatch.act, log, aliases, config.records.max_line_bytes,
+            self.counts, clock, self.series,
         )
         self.scanner: CheckpointScanner | None = None
         if config.checkpoint_scan.enabled:  # imported only when on
@@ -114,6 +120,7 @@ class Engine:
         and act on the checkpoint scans that finished."""
         self.collect_scans()
         self.dispatch.poll()
+        self.ingest.watch.after()  # a run gone quiet without a loss series is still said
 
     def finish(self, scan_timeout: float | None = None) -> None:
         """On stop or at the end of a replay: make what waits with what exists (the
@@ -131,13 +138,15 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts)}
+        state = {"pipeline": self.pipeline.state_dict(), "counts": dict(self.counts),
+                 "series": self.series.state_dict()}  # fmt: skip
         if self.scanner is not None:
             state["checkpoint_scan"] = self.scanner.detector.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.pipeline.load_state_dict(state.get("pipeline", {}))
+        self.series.load_state_dict(state.get("series", {}))
         self.counts.update(state.get("counts", {}))
         if self.scanner is not None:
             self.scanner.detector.load_state_dict(state.get("checkpoint_scan", {}))

@@ -15,6 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -22,12 +23,15 @@ import orjson
 from smart_monitor.batch import Row, blocking_keys, blocks, train_row
 from smart_monitor.pipeline import Outcome, Pipeline
 from smart_monitor.records import MalformedLine, Record, parse_line, to_record
+from smart_monitor.runtime.watching import SeriesWatch
+from smart_monitor.series import SeriesBook
 
 __all__ = ["Ingest", "no_cyclic_gc"]
 
 _MALFORMED_LOG_FIRST = 100  # then one line in every _MALFORMED_LOG_EVERY
 _MALFORMED_LOG_EVERY = 1000
 
+_RAW = itemgetter(4)  # a batch.Row's record
 _Between = list[tuple[int, Callable[[], None]]]  # (k, handle): run before train row k
 
 
@@ -41,6 +45,7 @@ class Ingest:
         max_line_bytes: int,
         counts: Counter[str],
         clock: Callable[[], float] = time.monotonic,
+        series: SeriesBook | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.act = act
@@ -51,6 +56,8 @@ class Ingest:
         self.counts = counts
         self.clock = clock
         self.last_record_at: float | None = None  # clock() of the last record (metrics)
+        self.series = SeriesBook(aliases) if series is None else series
+        self.watch = SeriesWatch(self.series, log, clock)
 
     def handle_lines(self, lines: list[bytes | None], offset: int) -> None:
         """Consecutive lines from byte ``offset`` on, as ``LineSplitter`` blocks them
@@ -64,6 +71,8 @@ class Ingest:
         found = [train_row(d, blocking) for d in parsed]
         others = _indexes_of_none(found)
         rows: list[Row] = list(filter(None, found)) if others else cast(list[Row], found)
+        # every series' last value (the other lines: handle_line), in C: a loop of its own
+        deque(map(self.series.last.update, map(_RAW, rows)), maxlen=0)
         between: _Between = []
         done = 0  # lines whose length is in ``offset``
         for before, i in enumerate(others):
@@ -80,6 +89,7 @@ class Ingest:
             elif line:
                 between.append((k, partial(self.handle_line, line, offset)))
         self._handle_rows(rows, between)
+        self.watch.after()
 
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
         """One line the bulk path left: another kind of record, or a bad line."""
@@ -89,6 +99,7 @@ class Ingest:
             self.malformed(exc.reason, exc.detail, offset)
             return
         if record is not None:
+            self.series.observe(record.raw)
             self._record(record)
 
     def handle_entries(self, entries: Iterable[Mapping[str, Any]]) -> None:
@@ -96,13 +107,16 @@ class Ingest:
         or CSV source), like ``handle_lines``."""
         rows: list[Row] = []
         between: _Between = []
+        note = self.series.last.update
         for entry in entries:
+            note(entry)
             row = train_row(entry, self.blocking)
             if row is not None:
                 rows.append(row)
             else:
                 between.append((len(rows), partial(self._handle_entry, entry)))
         self._handle_rows(rows, between)
+        self.watch.after()
 
     def _handle_entry(self, entry: Mapping[str, Any]) -> None:
         try:

@@ -15,6 +15,7 @@ from smart_monitor.events import Detected, Event, Listener
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.runtime.ingest import no_cyclic_gc
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.checkpoints import CheckpointIndex
 from smart_monitor.sources.files import iter_line_chunks, trainer_state_history
 from smart_monitor.sources.metrics_source import FolderSource, open_metrics
@@ -24,7 +25,7 @@ from smart_monitor.triggers import stats_label
 # and how to stop it: runtime drives the core, the layer above composes the hooks.
 Attach = Callable[[Engine], Callable[[], None]]
 
-__all__ = ["DetectionReport", "replay"]
+__all__ = ["DetectionReport", "format_series", "replay"]
 
 _PROGRESS_MIN_BYTES = 32 << 20  # a progress bar only for files that take a while
 
@@ -59,6 +60,22 @@ class DetectionReport:
         return "\n".join(lines)
 
 
+def format_series(book: SeriesBook) -> str:
+    """``replay --report``'s table of series: name, role, last value.
+
+    >>> b = SeriesBook({}); b.observe({"step": 3, "loss": 0.5, "epoch": 1.0})
+    >>> print(format_series(b))
+    series                          role                    last value
+    epoch                           ignored                          1
+    loss                            train_loss                     0.5
+    """
+    lines = [f"{'series':31} {'role':20} {'last value':>13}"]
+    lines += [f"{name[:31]:31} {role:20} {value:>13.6g}" for name, role, value in book.values()]
+    if len(lines) == 1:
+        lines.append("(no series)")
+    return "\n".join(lines)
+
+
 def replay(
     config: Config,
     metrics: Path,
@@ -90,10 +107,12 @@ def replay(
     engine.scan_checkpoints()
     engine.scan_checkpoints()  # folders without a marker settle on the second scan
     log.info("Started", mode="replay", metrics=str(metrics), checkpoints=str(config.checkpoint_dir))
+    engine.ingest.watch.defer = True  # Watching series at the end, every series known
     history = trainer_state_history(metrics)
     source = open_metrics(  # a JSONL tailer is only for run: replay reads the file whole
         metrics, config.source.format, config.records, config.source.quiet_seconds,
         lambda name, fields: log.info(name, **fields), engine.ingest.malformed, lambda: 0.0,
+        engine.series,
     )
     with no_cyclic_gc():
         if history is not None:
@@ -106,6 +125,7 @@ def replay(
         else:  # a folder given: the JSONL file the tailer would follow
             path = source.path if source is not None else metrics
             _replay_jsonl(engine, path, config.records.max_line_bytes, progress)
+    engine.ingest.watch.finish()  # Watching series; No loss series when blind
     engine.finish()
     stop_plots()  # every snapshot's loss_history.png is drawn before replay returns
     log.info("Stopped", mode="replay", **{k: v for k, v in sorted(engine.counts.items())})

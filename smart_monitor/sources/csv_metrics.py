@@ -1,5 +1,11 @@
-"""Lightning ``CSVLogger``'s ``metrics.csv``: one row per ``log_metrics`` call, the
-columns that call set filled in, the others empty.
+"""CSV metric logs: Lightning ``CSVLogger``'s ``metrics.csv`` (one row per
+``log_metrics`` call, the columns that call set filled in, the others empty) and
+Ultralytics' ``results.csv`` (one row per epoch, space-padded cells, ``epoch`` as the
+step). Column names go through the run's ``SeriesBook``, as TensorBoard tags do; the
+step is the ``step`` column (``global_step``, ``iteration``), else ``epoch``.
+
+A cell that is not a number (text where a number belongs) or a row shorter than the
+header is malformed: counted and logged like a bad JSON line, the rest of the row read.
 
 When a metric appears that the header lacks, the logger rewrites the whole file in
 place under a new header, every old row kept in order. That is a replacement, not a
@@ -17,13 +23,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from smart_monitor.sources.tensorboard import split_step, tag_key
+from smart_monitor.series import SeriesBook, classify
+from smart_monitor.sources.steps import split_step
 
 __all__ = ["CsvFollower"]
 
 _HEAD_MAX = 1 << 16  # a header longer than this is read whole, line by line
+_SLICE = 1 << 22  # bytes of rows per read(): a long file is read in slices
 
 EventHandler = Callable[[str, Mapping[str, Any]], None]
+Malformed = Callable[[str, str, "int | None"], None]
 
 
 class CsvFollower:
@@ -33,13 +42,15 @@ class CsvFollower:
     def __init__(
         self,
         path: Path,
-        aliases: Mapping[str, str],
+        book: SeriesBook,
         event: EventHandler,
+        malformed: Malformed,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = path
-        self.aliases = dict(aliases)
+        self.book = book
         self.event = event
+        self.malformed = malformed
         self.header = ""
         self.rows = 0  # data rows handled
         self.offset = 0  # end of the last handled row, under ``header``
@@ -88,7 +99,12 @@ class CsvFollower:
                 self.rows = 0
             elif self.header:  # a new column (or a rename over it): the old rows come first
                 skip = self.rows
-            data = fh.read()
+            if skip:
+                data = fh.read()  # past the rows already handled: the file whole
+            else:  # a backlog in slices (the caller comes back): memory bounded
+                data = fh.read(_SLICE)
+                if len(data) == _SLICE and b"\n" not in data:
+                    data += fh.readline()  # one row longer than a slice
             offset = fh.tell()
         cut = data.rfind(b"\n") + 1
         offset -= len(data) - cut
@@ -101,20 +117,32 @@ class CsvFollower:
         return self._entries(header, lines[skip:])
 
     def _entries(self, header: str, lines: list[str]) -> list[dict[str, Any]]:
-        names = [tag_key(name, self.aliases) for name in next(csv.reader([header]))]
+        columns = [c.strip() for c in next(csv.reader([header]))]
+        names = [self.book.key(c) for c in columns]  # by itself: a CSV has no split folders
+        roles = [classify(c).role for c in columns]
+        at = roles.index("step") if "step" in roles else (
+            columns.index("epoch") if "epoch" in columns else -1
+        )
         out: list[dict[str, Any]] = []
         for row in csv.reader(lines):
             self.rows += 1
+            if len(row) < len(names):
+                self.malformed("short_row", f"{self.path.name} row {self.rows}", None)
             values: dict[str, float] = {}
             step: int | None = None
-            for name, cell in zip(names, row, strict=False):
+            for i, (name, cell) in enumerate(zip(names, row, strict=False)):
+                cell = cell.strip()
                 if not cell:
                     continue
                 try:
                     value = float(cell)
                 except ValueError:
-                    continue  # a text column: nothing to monitor
-                if name == "step":
+                    self.malformed(
+                        "bad_cell", f"{self.path.name} row {self.rows} {columns[i]}={cell[:40]!r}",
+                        None,
+                    )
+                    continue
+                if i == at:
                     step = int(value) if value.is_integer() and value >= 0 else None
                 else:
                     values[name] = value

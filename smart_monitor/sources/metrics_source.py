@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from smart_monitor.config import RecordsConfig
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.tailer import Tailer
 
 __all__ = [
@@ -32,7 +34,7 @@ __all__ = [
 Format = Literal["jsonl", "tensorboard", "csv"]
 EXTRA_HINT = "pip install 'smart-monitor[tensorboard]'"
 _EVENTS = "events.out.tfevents."
-_CSV = "metrics.csv"
+_CSV = ("metrics.csv", "results.csv")  # Lightning, Ultralytics
 # Folders the search never enters: checkpoints and snapshots hold no metrics.
 _SKIP = ("checkpoint-", "tmp-checkpoint-", "anomaly_", ".tmp-", ".")
 # A file that ends inside a record is being written: its pending step may have more
@@ -112,7 +114,7 @@ def _files(root: Path, fmt: Format | None) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(_SKIP)]
         for name in filenames:
             events = name.startswith(_EVENTS)
-            if (events and fmt != "csv") or (name == _CSV and fmt != "tensorboard"):
+            if (events and fmt != "csv") or (name in _CSV and fmt != "tensorboard"):
                 found.append(Path(dirpath, name))
     return sorted(found, key=_started)
 
@@ -131,21 +133,50 @@ def jsonl_in(root: Path) -> Path | None:
 
 
 def _started(path: Path) -> tuple[float, list[Any]]:
-    """Event files by the time in their name (``events.out.tfevents.<time>.<host>...``);
+    """Event files by their first event's wall time (the file-version event a writer
+    puts first), else the time in their name (``events.out.tfevents.<time>.<host>...``);
     then the path, numbers as numbers (``version_10`` after ``version_9``)."""
     when = 0.0
     if path.name.startswith(_EVENTS):
-        with contextlib.suppress(ValueError):  # a name not of that shape: by path alone
-            when = float(path.name[len(_EVENTS) :].split(".", 1)[0])
+        found = _first_wall_time(path)
+        if found is not None:
+            when = found
+        else:
+            with contextlib.suppress(ValueError):  # a name not of that shape: by path alone
+                when = float(path.name[len(_EVENTS) :].split(".", 1)[0])
     parts = re.split(r"(\d+)", str(path))
     return when, [int(p) if p.isdigit() else p for p in parts]
+
+
+_WALL_TIMES: dict[str, float] = {}  # a file's first event never changes: read once
+
+
+def _first_wall_time(path: Path) -> float | None:
+    """The ``wall_time`` of an event file's first record, read without tensorboard: the
+    record is length (8 bytes), its CRC (4), then the ``Event``, whose field 1 (a double,
+    tag byte 0x09) comes first. None while the file holds no complete first event."""
+    key = str(path)
+    if key in _WALL_TIMES:
+        return _WALL_TIMES[key]
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(21)
+    except OSError:
+        return None
+    if len(head) < 21 or head[12] != 0x09:
+        return None
+    (when,) = struct.unpack("<d", head[13:21])
+    _WALL_TIMES[key] = when
+    return float(when)
 
 
 class FolderSource:
     """Follows the TensorBoard or CSV metrics files at ``path``. ``batches()`` yields
     the new entries, oldest file first; a step still being gathered is given out once
     its file was quiet for ``quiet_seconds`` (``deadline``: when the next one is due).
-    ``finish()``: every pending step, at the end of a replay."""
+    ``finish()``: every pending step, at the end of a replay. Tags and columns are
+    named by ``book`` (the engine's, shared with the ingest), a file's folder below
+    ``path`` taking part (Keras's ``validation/``, an ``add_scalars`` subfolder)."""
 
     def __init__(
         self,
@@ -157,11 +188,12 @@ class FolderSource:
         event: EventHandler,
         malformed: Malformed,
         clock: Callable[[], float],
+        book: SeriesBook | None = None,
     ) -> None:
         self.path = path
         self.fmt = fmt
         self.forced = forced
-        self.aliases = dict(aliases)
+        self.book = SeriesBook(aliases) if book is None else book
         self.quiet = quiet_seconds
         self.event = event
         self.malformed = malformed
@@ -246,16 +278,21 @@ class FolderSource:
 
     def _follow(self, path: Path) -> _Follower | None:
         state = self._restored.pop(str(path), None)
+        folder = path.parent  # its place below the folder followed ("": a file followed)
+        place = str(folder.relative_to(self.path)) if folder.is_relative_to(self.path) else ""
+        place = "" if place == "." else place
         follower: _Follower
         try:
             if self.fmt == "tensorboard":
                 from smart_monitor.sources.tensorboard import EventFileFollower
 
-                follower = EventFileFollower(path, self.aliases, self.event, self.malformed, state)
+                follower = EventFileFollower(
+                    path, self.book, place, self.event, self.malformed, state
+                )
             else:
                 from smart_monitor.sources.csv_metrics import CsvFollower
 
-                follower = CsvFollower(path, self.aliases, self.event, state)
+                follower = CsvFollower(path, self.book, self.event, self.malformed, state)
         except FileNotFoundError:
             return None
         verb = "Resumed" if state else "Opened"
@@ -273,9 +310,11 @@ def open_metrics(
     event: EventHandler,
     malformed: Malformed,
     clock: Callable[[], float],
+    book: SeriesBook | None = None,
 ) -> Tailer | FolderSource | None:
     """The reader of ``metrics_file``: the JSONL tailer, or a follower of TensorBoard
-    or CSV files (``records``: the ``[records]`` config, its aliases and line limit)."""
+    or CSV files (``records``: the ``[records]`` config, its aliases and line limit;
+    ``book``: the run's series, named by the engine's rule)."""
     if path is None:
         return None
     fmt = detect_format(path, forced)
@@ -283,5 +322,5 @@ def open_metrics(
         found = jsonl_in(path) if path.is_dir() else None  # a folder: its JSONL file
         return Tailer(found or path, records.max_line_bytes, event)
     return FolderSource(
-        path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock
+        path, fmt, forced, records.aliases, quiet_seconds, event, malformed, clock, book
     )

@@ -27,9 +27,10 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.util import tensor_util
 
-__all__ = [
-    "EventFileFollower", "EventFileReader", "StepGatherer", "scalars", "split_step", "tag_key",
-]
+from smart_monitor.series import SeriesBook
+from smart_monitor.sources.steps import split_step
+
+__all__ = ["EventFileFollower", "EventFileReader", "StepGatherer", "scalars", "split_step"]
 
 EventHandler = Callable[[str, Mapping[str, Any]], None]
 Malformed = Callable[[str, str, "int | None"], None]  # Engine.malformed: counted, logged
@@ -37,38 +38,6 @@ Malformed = Callable[[str, str, "int | None"], None]  # Engine.malformed: counte
 _BATCH = 4096  # events per read(): a backlog is read in slices
 _FRAME = 16  # length (8) + its CRC (4) before the data, the data's CRC (4) after
 _READ_AHEAD = 1 << 16  # bytes read at once: a backlog is not two reads per record
-
-# HF Trainer (``train/``, ``eval/``), Lightning (``lr-AdamW``, ``val_loss``) and a
-# plain SummaryWriter's usual names -> record keys; [records] aliases come first.
-_TAGS = {
-    "train/loss": "loss", "train_loss": "loss", "Loss/train": "loss",
-    "train/learning_rate": "learning_rate", "lr": "learning_rate",
-    "train/grad_norm": "grad_norm",
-    "train/epoch": "epoch",
-    "eval/loss": "eval_loss", "val_loss": "eval_loss", "Loss/val": "eval_loss",
-    "val_acc": "eval_accuracy", "val_accuracy": "eval_accuracy",
-}
-
-
-def tag_key(tag: str, aliases: Mapping[str, str]) -> str:
-    """The record key for a scalar's tag.
-
-    >>> [tag_key(t, {}) for t in ("train/loss", "eval/accuracy", "lr-AdamW", "lr-Adam/pg2")]
-    ['loss', 'eval_accuracy', 'learning_rate', 'lr-Adam/pg2']
-    >>> tag_key("train/train_loss", {}), tag_key("my/loss", {"my/loss": "loss"})
-    ('train_loss', 'loss')
-    """
-    name = aliases.get(tag) or _TAGS.get(tag)
-    if name is not None:
-        return name
-    if tag.startswith("lr-") and ("/" not in tag or tag.endswith("/pg1")):
-        return "learning_rate"  # LearningRateMonitor: the first param group's
-    if tag.startswith("train/"):
-        return tag[6:]  # HF's summary keys too: train/train_runtime -> train_runtime
-    if tag.startswith(("eval/", "val/")):
-        return "eval_" + tag.split("/", 1)[1]
-    return tag
-
 
 def scalars(raw: bytes) -> tuple[int, list[tuple[str, float]]]:
     """The step and the scalar values of one serialized ``Event`` (old-style
@@ -182,10 +151,11 @@ class StepGatherer:
 
     Train, eval and HF's end-of-training summary keys of one step become separate
     entries, as the JSONL of the same run has them (an eval at step S is not a train
-    record at S). ``start`` is the file offset of the first scalar not yet in an
-    entry given out: where a restart must read from.
+    record at S). A tag's key is the run's ``SeriesBook``'s, for a file in folder
+    ``place``. ``start`` is the file offset of the first scalar not yet in an entry
+    given out: where a restart must read from.
 
-    >>> g = StepGatherer({})
+    >>> g = StepGatherer(SeriesBook({}))
     >>> g.add(0, 10, [("train/loss", 2.0), ("train/learning_rate", 1e-3)], 50)
     []
     >>> g.add(50, 10, [("eval/loss", 2.5)], 80)
@@ -196,9 +166,11 @@ class StepGatherer:
     (80, [{'step': 20, 'loss': 1.9}], 100)
     """
 
-    def __init__(self, aliases: Mapping[str, str]) -> None:
-        self.aliases = dict(aliases)
+    def __init__(self, book: SeriesBook, place: str = "") -> None:
+        self.book = book
+        self.place = place
         self._keys: dict[str, str] = {}  # tag -> key, memoised: tags repeat every step
+        self._version = book.version
         self.step: int | None = None
         self.values: dict[str, float] = {}
         self.start = 0
@@ -222,10 +194,13 @@ class StepGatherer:
             self.step = step
             self.start = offset
         keys = self._keys
+        if self._version != self.book.version:  # a plainer main series took over
+            keys.clear()
+            self._version = self.book.version
         for tag, value in values:
             key = keys.get(tag)
             if key is None:
-                key = keys[tag] = tag_key(tag, self.aliases)
+                key = keys[tag] = self.book.key(tag, self.place)
             self.values[key] = value
         self._end = end
         return out
@@ -239,37 +214,6 @@ class StepGatherer:
         return split_step(step, values)
 
 
-def split_step(step: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
-    """One step's values as the trainer's JSONL would hold them: train, eval and
-    end-of-training summary apart (each kind only when present), in the order the
-    trainer logged them.
-
-    >>> split_step(5, {"loss": 1.0, "eval_loss": 2.0, "train_runtime": 3.0})
-    [{'step': 5, 'loss': 1.0}, {'step': 5, 'eval_loss': 2.0}, {'step': 5, 'train_runtime': 3.0}]
-    """
-    parts: dict[str, dict[str, Any]] = {}
-    for key, value in values.items():
-        kind = _kind(key)
-        part = parts.get(kind)
-        if part is None:
-            part = parts[kind] = {"step": step}
-        part[key] = value
-    return list(parts.values())
-
-
-_SUMMARY_KEYS = frozenset(
-    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
-     "train_loss"}
-)
-
-
-def _kind(key: str) -> str:
-    if key.startswith(("eval_", "test_")) or key == "accuracy":
-        return "eval"
-    return "summary" if key in _SUMMARY_KEYS else "train"
-
-
-
 class EventFileFollower:
     """One event file followed live: ``read()`` gives the entries of the steps
     completed since the last call, ``flush()`` the pending one. The state is the
@@ -279,13 +223,15 @@ class EventFileFollower:
     def __init__(
         self,
         path: Path,
-        aliases: Mapping[str, str],
+        book: SeriesBook,
+        place: str,
         event: EventHandler,
         malformed: Malformed,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = path
-        self.aliases = aliases
+        self.book = book
+        self.place = place
         self.event = event
         self.malformed = malformed
         self.truncations = 0
@@ -303,7 +249,7 @@ class EventFileFollower:
         st = os.stat(self.path)
         self.ident = (st.st_dev, st.st_ino)
         self.reader = EventFileReader(str(self.path))
-        self.gather = StepGatherer(self.aliases)
+        self.gather = StepGatherer(self.book, self.place)
         self._waited_at = -1
         self._holes_said = 0
 
