@@ -115,6 +115,35 @@ class AccuracyDropConfig(_Section):
     threshold_pct: float = Field(10.0, gt=0)
 
 
+class OverfittingConfig(_Section):
+    enabled: bool = True
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    min_rel_delta: float = Field(0.05, ge=0)
+    noise_k: float = Field(1.0, ge=0)
+    train_alpha: float = Field(0.2, gt=0, le=1)
+    train_tolerance: float = Field(0.05, ge=0)
+
+
+class NotLearningConfig(_Section):
+    enabled: bool = True
+    min_records: int = Field(30, ge=3)
+    window: int = Field(5, ge=1)
+    min_rel_drop: float = Field(0.05, ge=0)
+    noise_k: float = Field(2.0, ge=0)
+    trend_t: float = Field(3.0, ge=0)
+    min_evals: int = Field(8, ge=2)
+    min_gain_pct: float = Field(1.0, ge=0)
+    zero_lr: float = Field(1e-10, ge=0)
+
+
+class TextureConfig(_Section):
+    enabled: bool = True
+    min_ratio: float = Field(1.65, ge=1)
+    min_z: float = Field(30.0, gt=0)
+    rare_steps: int = Field(2000, ge=0)
+
+
 class PredictionsConfig(_Section):
     enabled: bool = True
     high_loss: float = Field(2.0, gt=0)
@@ -137,6 +166,9 @@ class DetectorsConfig(_Section):
     nonfinite: NonFiniteConfig = NonFiniteConfig()
     best_model: BestModelConfig = BestModelConfig()
     accuracy_drop: AccuracyDropConfig = AccuracyDropConfig()
+    overfitting: OverfittingConfig = OverfittingConfig()
+    not_learning: NotLearningConfig = NotLearningConfig()
+    texture: TextureConfig = TextureConfig()
     predictions: PredictionsConfig = PredictionsConfig()
     conflicting_labels: ConflictingLabelsConfig = ConflictingLabelsConfig()
 

@@ -187,6 +187,8 @@ class Policy:
         escalated: list[Incident] = []
         for t in triggers:
             problem = problem_of(t.kind)
+            if t.severity is Severity.INFO and problem in _TRANSIENT:
+                continue  # the run's texture (detectors/texture.py): logged, no incident
             incident = self.open.get(problem)
             logged = True
             if problem in _NO_INCIDENT:
@@ -197,7 +199,8 @@ class Policy:
                 snap = opened[problem]
             elif incident is not None:
                 escalates = t.severity.rank > Severity(incident.severity).rank
-                logged = escalates or t.kind not in incident.kinds
+                stronger = _score(t) > incident.peak_score  # a new peak is news
+                logged = escalates or stronger or t.kind not in incident.kinds
                 self._extend(incident, step, t)
                 snap = escalates and t.severity is Severity.CRITICAL and problem in _TRANSIENT
                 if snap:
@@ -225,7 +228,7 @@ class Policy:
             if snap and episode is not None and episode.last == step:
                 episode.snapshots += 1
         if not fresh:
-            severity = severity_of(held or quiet)
+            severity = severity_of(held or quiet or triggers)
             return Decision((), tuple(held), "", severity, (), tuple(quiet), tuple(notes))
         incidents = tuple(self.open[p] for p, snap in opened.items() if snap) + tuple(escalated)
         name = fresh[0].name if len(fresh) == 1 else MULTIPLE

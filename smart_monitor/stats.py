@@ -12,7 +12,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Any
 
-__all__ = ["RollingMedian", "RollingWindow"]
+__all__ = ["BlipHistory", "Ewma", "RollingMedian", "RollingWindow"]
 
 
 class RollingWindow:
@@ -173,6 +173,83 @@ class RollingMedian:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reset([(int(s), float(v)) for s, v in state.get("items", [])][-self.size :])
+
+
+class Ewma:
+    """An exponentially weighted mean: a level that follows a trend and forgets noise.
+
+    >>> e = Ewma(0.5)
+    >>> [e.add(v) for v in (1.0, 3.0, 3.0)]
+    [1.0, 2.0, 2.5]
+    >>> e.value
+    2.5
+    """
+
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float, value: float | None = None) -> None:
+        self.alpha = alpha
+        self.value = value
+
+    def add(self, value: float) -> float:
+        """Take in ``value``; the new level (the first value is the level itself)."""
+        old = self.value
+        self.value = new = value if old is None else self.alpha * value + (1 - self.alpha) * old
+        return new
+
+
+class BlipHistory:
+    """The one-step blips a run has produced (their size as a ratio to the baseline, at
+    their step), so that a new one can be judged against the run's own texture: how
+    many earlier blips were at least as large, and so how often such a blip comes
+    (its return period in steps). Keeps the ``size`` largest, which is all a count of
+    "at least as large" of a large blip needs.
+
+    >>> h = BlipHistory()
+    >>> h.start(0)
+    >>> for step, ratio in ((300, 1.7), (900, 1.8), (1200, 1.2)):
+    ...     h.add(step, ratio)
+    >>> h.judge(1500, 1.7)
+    (2, 750.0)
+    >>> h.judge(1500, 2.5)
+    (0, None)
+    """
+
+    __slots__ = ("_items", "since", "size")
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.since: int | None = None  # the run's first step
+        self._items: list[tuple[int, float]] = []
+
+    def start(self, step: int) -> None:
+        if self.since is None:
+            self.since = step
+
+    def judge(self, step: int, ratio: float) -> tuple[int, float | None]:
+        """Earlier blips at least ``ratio`` and their return period (None: never)."""
+        count = sum(1 for _, r in self._items if r >= ratio)
+        if not count:
+            return 0, None
+        return count, (step - (self.since if self.since is not None else step)) / count
+
+    def add(self, step: int, ratio: float) -> None:
+        self._items.append((step, ratio))
+        if len(self._items) > self.size:
+            self._items.remove(min(self._items, key=lambda p: p[1]))
+
+    def rewind(self, step: int) -> None:
+        self._items = [p for p in self._items if p[0] <= step]
+        if self.since is not None and self.since > step:
+            self.since = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"since": self.since, "items": [list(p) for p in self._items]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        since = state.get("since")
+        self.since = None if since is None else int(since)
+        self._items = [(int(s), float(r)) for s, r in state.get("items", [])][-self.size :]
 
 
 def _median(ordered: list[float]) -> float:
