@@ -21,11 +21,20 @@ class BestModel:
     ``min_rel_delta`` of it, and comes ``min_steps`` after the last one, so a lucky
     batch is not a new best model. The first value only sets the baseline.
 
+    A burst of improvements (a loss falling fast, a new best at every evaluation) does
+    not make a snapshot each: within a burst the 1st, 2nd, 4th, 8th, ... fire, and the
+    burst's last best fires when it ends (the first evaluation that does not improve),
+    while its checkpoint is still there. Each best so far is superseded by the next.
+
     >>> d = BestModel(BestModelConfig())
     >>> d.update(EvalRecord(500, 0.90, None, {}))
     []
     >>> d.update(EvalRecord(1000, 0.6234, None, {}))[0].name
     'best_model_loss_0.6234'
+    >>> [len(d.update(EvalRecord(1000 + 500 * i, 0.6 - 0.05 * i, None, {}))) for i in range(1, 5)]
+    [1, 0, 1, 0]
+    >>> [(t.name, t.step) for t in d.update(EvalRecord(4000, 0.5, None, {}))]
+    [('best_model_loss_0.4000', 3000)]
     """
 
     kind = "best_model_loss"
@@ -38,6 +47,8 @@ class BestModel:
         self.train_ewma: float | None = None
         self.train_best: float | None = None
         self.train_best_step: int | None = None
+        self.burst = 0  # improvements in a row
+        self.pending: tuple[int, float, str] | None = None  # a burst's best not yet fired
 
     def update(self, record: Record) -> list[Trigger]:
         if isinstance(record, EvalRecord) and isfinite(record.eval_loss):
@@ -58,12 +69,29 @@ class BestModel:
             self.best, self.best_step = loss, step
             return []
         if not self._improves(loss, self.best):
-            return []
+            return self._ended()
         if self.best_step is not None and step - self.best_step < self.config.min_steps:
             return []
         self.best, self.best_step = loss, step
-        details = {"value": loss, "source": "eval_loss"}
-        return [Trigger(self.kind, f"{self.kind}_{loss:.4f}", Severity.INFO, step, details)]
+        return self._improved(step, loss, "eval_loss")
+
+    def _improved(self, step: int, value: float, source: str) -> list[Trigger]:
+        """A new best: fired at once if its place in the burst is a power of two."""
+        self.burst += 1
+        if self.burst & (self.burst - 1):
+            self.pending = (step, value, source)
+            return []
+        self.pending = None
+        return [self._trigger(step, value, source)]
+
+    def _ended(self) -> list[Trigger]:
+        """No improvement: the burst is over; its last best, if not yet fired, now."""
+        pending, self.pending, self.burst = self.pending, None, 0
+        return [self._trigger(*pending)] if pending else []
+
+    def _trigger(self, step: int, value: float, source: str) -> Trigger:
+        details = {"value": value, "source": source, "burst": self.burst}
+        return Trigger(self.kind, f"{self.kind}_{value:.4f}", Severity.INFO, step, details)
 
     def _train(self, step: int, loss: float) -> list[Trigger]:
         a = self.config.train_alpha
@@ -77,15 +105,14 @@ class BestModel:
         ):
             return []
         if not self._improves(self.train_ewma, self.train_best):
-            return []
+            return self._ended()
         self.train_best, self.train_best_step = self.train_ewma, step
-        details = {"value": self.train_ewma, "source": "train_loss_smoothed"}
-        name = f"{self.kind}_{self.train_ewma:.4f}"
-        return [Trigger(self.kind, name, Severity.INFO, step, details)]
+        return self._improved(step, self.train_ewma, "train_loss_smoothed")
 
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
-        """Before the first eval record, the smoothed train loss can make a best model:
-        the recurrence runs here (cheap, and exactly as ``update`` computes it)."""
+        """Before the first eval record, the smoothed train loss can make a best model or
+        end a burst: the recurrence runs here (cheap, and exactly as ``update`` computes
+        it)."""
         if self.eval_seen or block.loss is None:
             return stop
         ewma, best, best_step = self.train_ewma, self.train_best, self.train_best_step
@@ -96,7 +123,8 @@ class BestModel:
         margin = max(self.config.min_delta, self.config.min_rel_delta * abs(best))
         for i, (step, loss, *_) in enumerate(block.rows[start:stop], start):
             ewma = a * loss + (1 - a) * ewma  # type: ignore[operator]
-            if step - best_step >= min_steps and ewma < best - margin:
+            # in a burst, a record that does not improve ends it (and may fire)
+            if step - best_step >= min_steps and (self.burst or ewma < best - margin):
                 return i
         return stop
 
@@ -115,6 +143,8 @@ class BestModel:
             self.best = self.best_step = None
         if self.train_best_step is not None and self.train_best_step > step:
             self.train_ewma = self.train_best = self.train_best_step = None
+        if self.pending is not None and self.pending[0] > step:
+            self.pending = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +154,8 @@ class BestModel:
             "train_ewma": self.train_ewma,
             "train_best": self.train_best,
             "train_best_step": self.train_best_step,
+            "burst": self.burst,
+            "pending": list(self.pending) if self.pending else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -133,6 +165,9 @@ class BestModel:
         self.train_ewma = state.get("train_ewma")
         self.train_best = state.get("train_best")
         self.train_best_step = state.get("train_best_step")
+        self.burst = int(state.get("burst", 0))
+        pending = state.get("pending")
+        self.pending = (int(pending[0]), float(pending[1]), str(pending[2])) if pending else None
 
 
 class AccuracyDrop(IgnoresTrainBlocks):

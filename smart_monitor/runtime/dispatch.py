@@ -16,6 +16,7 @@ from typing import Any
 
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
 from smart_monitor.outputs.incident import record_recovery
+from smart_monitor.outputs.retention import enforce_keep_best
 from smart_monitor.outputs.snapshot import SnapshotError, SnapshotResult, SnapshotWriter
 from smart_monitor.pipeline import Outcome, Pipeline, SnapshotRequest
 from smart_monitor.runtime.events import (
@@ -32,6 +33,7 @@ from smart_monitor.triggers import Trigger
 __all__ = ["Dispatch"]
 
 _VANISHED_RETRIES = 3
+_BEST_REMEMBERED = 64  # best-model snapshots an overfitting conclusion may name
 _COPY_STOP_SECONDS = 1.0  # at stop, a copy that ends within this is kept; later ones abandoned
 
 
@@ -63,6 +65,7 @@ class Dispatch:
         self.done_keys: set[str] = set()
         self._waiting: list[_Waiting] = []
         self._incident_snapshots: dict[str, Path] = {}  # open incident id -> its snapshot
+        self._best_snapshots: dict[int, Path] = {}  # step -> its best-model snapshot
         self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
 
     # -- what the daemon asks -------------------------------------------------------
@@ -182,6 +185,8 @@ class Dispatch:
         when it copies. ``vanished``: the candidate checkpoints already rotated away."""
         metadata = dict(request.metadata)
         metadata["key"] = request.key
+        if "overfitting" in metadata:  # the best model the conclusion names
+            metadata["overfitting"] = self._best_model(metadata["overfitting"])
         while True:
             ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
             if ck is None and vanished:
@@ -205,6 +210,16 @@ class Dispatch:
                 return
             self._created(request, metadata, ck, result)
             return
+
+    def _best_model(self, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """An overfitting conclusion's evidence with the snapshot of its best model: the
+        newest best-model snapshot at or before the best step (an improvement smaller
+        than ``best_model``'s margin makes no snapshot of its own)."""
+        best_step = int(evidence.get("best_step", -1))
+        steps = [s for s in self._best_snapshots if s <= best_step]
+        path = self._best_snapshots[max(steps)] if steps else None
+        return {**evidence, "best_snapshot": str(path) if path else None,
+                "best_snapshot_step": max(steps) if steps else None}
 
     def _copied(self, done: CopyDone) -> None:
         """A copy made off the worker ended: published, vanished (try the next
@@ -246,6 +261,12 @@ class Dispatch:
         self.counts["snapshots"] += 1
         if "incident" in metadata:
             self._incident_snapshots[metadata["incident"]["id"]] = result.path
+        if all(t.kind == "best_model_loss" for t in request.triggers):
+            self._best_snapshots[request.step] = result.path
+            for step in sorted(self._best_snapshots)[:-_BEST_REMEMBERED]:
+                del self._best_snapshots[step]
+            # at most keep_best best models at once, in run and replay alike
+            enforce_keep_best(self.writer, self.pipeline.config.snapshot.keep_best, self.log)
         getattr(self.log, request.severity.value)(
             "Created snapshot",
             step=request.step, triggers=[t.name for t in request.triggers],
