@@ -104,7 +104,7 @@ class Pipeline:
             fired = detector.update(record)
             if fired:
                 triggers.extend(fired)
-            said: list[Note] | None = getattr(detector, "notes", None)  # LR changed
+            said = detector.notes  # LR changed
             if said:
                 notes.extend(said)
                 said.clear()
@@ -302,7 +302,7 @@ class Pipeline:
 
     def _last_z(self, name: str) -> float | None:
         detector = self.detectors.get(name)
-        z = getattr(detector, "last_z", None)
+        z = detector.last_z if detector is not None else None
         return None if z is None else round(float(z), 4)
 
     def rewind(self, step: int) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["BlipHistory", "Ewma", "RollingMedian", "RollingWindow"]
+__all__ = ["BlipHistory", "Ewma", "Relearn", "RollingMedian", "RollingWindow"]
 
 
 class RollingWindow:
@@ -173,6 +173,54 @@ class RollingMedian:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reset([(int(s), float(v)) for s, v in state.get("items", [])][-self.size :])
+
+
+class _Baseline(Protocol):
+    def add(self, step: int, value: float) -> None: ...
+
+
+class Relearn:
+    """Values that fired in a row, kept out of their detector's baseline (a spike must
+    not hide the next one) until ``relearn`` of them say the level moved: then they all
+    join it, a new level rather than an outlier.
+
+    >>> base, streak = RollingMedian(10), Relearn(3)
+    >>> [streak.fire(s, 5.0, base) for s in (1, 2, 3)], len(base), len(streak)
+    ([1, 2, 3], 3, 0)
+    """
+
+    __slots__ = ("items", "relearn")
+
+    def __init__(self, relearn: int) -> None:
+        self.relearn = relearn
+        self.items: list[tuple[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def clear(self) -> None:
+        """A quiet value: the streak is over."""
+        self.items.clear()
+
+    def fire(self, step: int, value: float, baseline: _Baseline) -> int:
+        """A value that fired; its place in the streak (1: the first). The ``relearn``-th
+        hands the whole streak to ``baseline`` and starts a new one."""
+        self.items.append((step, value))
+        n = len(self.items)
+        if n >= self.relearn:
+            for s, v in self.items:
+                baseline.add(s, v)
+            self.items.clear()
+        return n
+
+    def rewind(self, step: int) -> None:
+        self.items = [p for p in self.items if p[0] <= step]
+
+    def state_dict(self) -> list[list[float]]:
+        return [list(p) for p in self.items]
+
+    def load_state_dict(self, state: list[Any]) -> None:
+        self.items = [(int(s), float(v)) for s, v in state]
 
 
 class Ewma:

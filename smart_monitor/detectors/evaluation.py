@@ -8,7 +8,9 @@ from typing import Any
 from smart_monitor.batch import TrainBlock
 from smart_monitor.config import AccuracyDropConfig, BestModelConfig
 from smart_monitor.detectors.base import IgnoresTrainBlocks, isfinite
+from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, TrainRecord
+from smart_monitor.stats import Ewma
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["AccuracyDrop", "BestModel"]
@@ -41,6 +43,8 @@ class BestModel:
 
     def __init__(self, config: BestModelConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.best: float | None = None
         self.best_step: int | None = None
         self.eval_seen = False
@@ -94,8 +98,7 @@ class BestModel:
         return Trigger(self.kind, f"{self.kind}_{value:.4f}", Severity.INFO, step, details)
 
     def _train(self, step: int, loss: float) -> list[Trigger]:
-        a = self.config.train_alpha
-        self.train_ewma = loss if self.train_ewma is None else a * loss + (1 - a) * self.train_ewma
+        self.train_ewma = Ewma(self.config.train_alpha, self.train_ewma).add(loss)
         if self.train_best is None:
             self.train_best, self.train_best_step = self.train_ewma, step
             return []
@@ -118,11 +121,11 @@ class BestModel:
         ewma, best, best_step = self.train_ewma, self.train_best, self.train_best_step
         if ewma is None or best is None or best_step is None:
             return start
-        a = self.config.train_alpha
+        smooth = Ewma(self.config.train_alpha, ewma)
         min_steps = self.config.train_min_steps
         margin = max(self.config.min_delta, self.config.min_rel_delta * abs(best))
         for i, (step, loss, *_) in enumerate(block.rows[start:stop], start):
-            ewma = a * loss + (1 - a) * ewma  # type: ignore[operator]
+            ewma = smooth.add(loss)  # type: ignore[arg-type]
             # in a burst, a record that does not improve ends it (and may fire)
             if step - best_step >= min_steps and (self.burst or ewma < best - margin):
                 return i
@@ -131,12 +134,11 @@ class BestModel:
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if self.eval_seen or block.loss is None or start >= end:
             return
-        a = self.config.train_alpha
-        ewma = self.train_ewma
-        assert ewma is not None  # screen sends the first train record to update
+        assert self.train_ewma is not None  # screen sends the first train record to update
+        smooth = Ewma(self.config.train_alpha, self.train_ewma)
         for _, loss, *_ in block.rows[start:end]:
-            ewma = a * loss + (1 - a) * ewma  # type: ignore[operator]
-        self.train_ewma = ewma
+            smooth.add(loss)  # type: ignore[arg-type]
+        self.train_ewma = smooth.value
 
     def rewind(self, step: int) -> None:
         if self.best_step is not None and self.best_step > step:
@@ -187,6 +189,8 @@ class AccuracyDrop(IgnoresTrainBlocks):
 
     def __init__(self, config: AccuracyDropConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.best: float | None = None
         self.best_step: int | None = None
         self.active = False

@@ -12,8 +12,9 @@ from smart_monitor.batch import Floats, TrainBlock, rolling_median
 from smart_monitor.config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig, TextureConfig
 from smart_monitor.detectors.base import IgnoresTrainBlocks
 from smart_monitor.detectors.texture import Texture
+from smart_monitor.notes import Note
 from smart_monitor.records import Record, TrainRecord
-from smart_monitor.stats import RollingMedian
+from smart_monitor.stats import Relearn, RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Divergence", "LossSpike", "NonFinite", "first_hit"]
@@ -41,10 +42,12 @@ class LossSpike:
 
     def __init__(self, config: LossSpikeConfig, texture: TextureConfig | None = None) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.texture = Texture(texture or TextureConfig())
         self.baseline = RollingMedian(config.window)
         self.scale: float | None = None
-        self.streak: list[tuple[int, float]] = []
+        self.streak = Relearn(config.relearn)
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord):
@@ -72,12 +75,7 @@ class LossSpike:
             baseline.add(record.step, loss)
             return []
         pct = (loss / median - 1.0) * 100.0
-        self.streak.append((record.step, loss))
-        first = len(self.streak) == 1  # not yet known to stay up: judged as texture
-        if len(self.streak) >= self.config.relearn:
-            for s, v in self.streak:
-                baseline.add(s, v)
-            self.streak.clear()
+        first = self.streak.fire(record.step, loss, baseline) == 1  # not yet seen to stay
         severity, details = Severity.WARNING, {"pct": pct, "value": loss, "baseline": median}
         if first:
             severity, texture = self.texture.judge(record.step, loss / median, severity)
@@ -108,21 +106,21 @@ class LossSpike:
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
         self.texture.rewind(step)
-        self.streak = [p for p in self.streak if p[0] <= step]
+        self.streak.rewind(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline.state_dict(),
             "texture": self.texture.state_dict(),
             "scale": self.scale,
-            "streak": [list(p) for p in self.streak],
+            "streak": self.streak.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline.load_state_dict(state.get("baseline", {}))
         self.texture.load_state_dict(state.get("texture", {}))
         self.scale = state.get("scale")
-        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
+        self.streak.load_state_dict(state.get("streak", []))
 
 
 class Divergence:
@@ -141,6 +139,8 @@ class Divergence:
 
     def __init__(self, config: DivergenceConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.median = RollingMedian(config.window)
         self.best = math.inf
         self.scale: float | None = None
@@ -260,6 +260,8 @@ class NonFinite(IgnoresTrainBlocks):
 
     def __init__(self, config: NonFiniteConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.last_bad_grad: int | None = None
 
     def update(self, record: Record) -> list[Trigger]:

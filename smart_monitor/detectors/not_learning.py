@@ -26,6 +26,7 @@ from typing import Any
 from smart_monitor.batch import TrainBlock
 from smart_monitor.config import NotLearningConfig
 from smart_monitor.detectors.base import isfinite
+from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, TrainRecord
 from smart_monitor.stats import RollingMedian
 from smart_monitor.triggers import Severity, Trigger
@@ -51,6 +52,8 @@ class NotLearning:
 
     def __init__(self, config: NotLearningConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.records = 0  # train records with a finite loss
         self.start: list[float] = []  # the first ``window`` losses
         self.first: list[float] = []  # the first ``min_records`` losses after warm-up

@@ -20,6 +20,7 @@ from typing import Any
 from smart_monitor.batch import TrainBlock
 from smart_monitor.config import OverfittingConfig
 from smart_monitor.detectors.base import isfinite
+from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, TrainRecord
 from smart_monitor.stats import Ewma
 from smart_monitor.triggers import Severity, Trigger
@@ -46,6 +47,8 @@ class Overfitting:
 
     def __init__(self, config: OverfittingConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.source: str | None = None  # "eval_loss" or "accuracy", the first one seen
         self.best: float | None = None  # in "lower is better" units
         self.best_step: int | None = None

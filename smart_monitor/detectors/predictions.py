@@ -9,6 +9,7 @@ from typing import Any
 
 from smart_monitor.config import PredictionsConfig
 from smart_monitor.detectors.base import NotesTrainSteps, isfinite
+from smart_monitor.notes import Note
 from smart_monitor.records import Record
 from smart_monitor.triggers import Severity, Trigger
 
@@ -28,6 +29,8 @@ class PredictionOutliers(NotesTrainSteps):
 
     def __init__(self, config: PredictionsConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
@@ -70,6 +73,8 @@ class InvertedLossPattern(NotesTrainSteps):
 
     def __init__(self, config: PredictionsConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.examples: deque[tuple[int, bool, float]] = deque(maxlen=config.inverted_window)
         self.active = False
         self.last_step = 0

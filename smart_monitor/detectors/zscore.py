@@ -13,7 +13,7 @@ from smart_monitor.detectors.loss import first_hit
 from smart_monitor.detectors.texture import Texture
 from smart_monitor.notes import Note
 from smart_monitor.records import Record, TrainRecord
-from smart_monitor.stats import RollingWindow
+from smart_monitor.stats import Relearn, RollingWindow
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["LossZScore", "LrZScore"]
@@ -55,10 +55,11 @@ class LossZScore:
 
     def __init__(self, config: LossZScoreConfig, texture: TextureConfig | None = None) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
         self.texture = Texture(texture or TextureConfig())
         self.window = RollingWindow(config.window)
         self.scale: float | None = None
-        self.streak: list[tuple[int, float]] = []
+        self.streak = Relearn(config.relearn)
         self._min_move = math.inf  # min_rise * scale, once warm
         self._last: tuple[float, float, float, float, int] | None = None  # loss, mean, ...
 
@@ -101,13 +102,9 @@ class LossZScore:
             self.streak.clear()
             window.add(record.step, loss)
             return []
-        self.streak.append((record.step, loss))
-        first = len(self.streak) == 1  # not yet known to stay up: judged as texture
-        persistent = len(self.streak) >= config.relearn  # the loss did not come back
-        if persistent:
-            for s, v in self.streak:
-                window.add(s, v)
-            self.streak.clear()
+        place = self.streak.fire(record.step, loss, window)
+        first = place == 1  # not yet seen to stay up: judged as texture
+        persistent = place >= config.relearn  # the loss did not come back
         critical = persistent and abs(z) > config.critical
         severity = Severity.CRITICAL if critical else Severity.WARNING
         details: dict[str, Any] = {"z": z, "value": loss, "mean": mean, "std": std}
@@ -143,14 +140,14 @@ class LossZScore:
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
         self.texture.rewind(step)
-        self.streak = [p for p in self.streak if p[0] <= step]
+        self.streak.rewind(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self.window.state_dict(),
             "texture": self.texture.state_dict(),
             "scale": self.scale,
-            "streak": [list(p) for p in self.streak],
+            "streak": self.streak.state_dict(),
             "last": list(self._last) if self._last else None,
         }
 
@@ -158,7 +155,7 @@ class LossZScore:
         self.window.load_state_dict(state.get("window", {}))
         self.texture.load_state_dict(state.get("texture", {}))
         self.scale = state.get("scale")
-        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
+        self.streak.load_state_dict(state.get("streak", []))
         last = state.get("last")
         self._last = None
         if last and len(last) == 5:
