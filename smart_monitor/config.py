@@ -112,7 +112,8 @@ class BestModelConfig(_Section):
 
 class AccuracyDropConfig(_Section):
     enabled: bool = True
-    threshold_pct: float = Field(10.0, gt=0)
+    threshold_pct: float = Field(5.0, gt=0)
+    noise_k: float = Field(2.0, ge=0)
 
 
 class OverfittingConfig(_Section):
@@ -149,7 +150,7 @@ class PredictionsConfig(_Section):
     high_loss: float = Field(2.0, gt=0)
     low_loss: float = Field(0.15, ge=0)
     inverted_window: int = Field(64, ge=4)
-    inverted_min_each: int = Field(10, ge=2)
+    inverted_min_each: int = Field(6, ge=2)
     inverted_alpha: float = Field(1e-4, gt=0, lt=1)
 
 

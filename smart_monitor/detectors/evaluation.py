@@ -10,10 +10,12 @@ from smart_monitor.config import AccuracyDropConfig, BestModelConfig
 from smart_monitor.detectors.base import IgnoresTrainBlocks, isfinite
 from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, TrainRecord
-from smart_monitor.stats import Ewma
+from smart_monitor.stats import Ewma, RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["AccuracyDrop", "BestModel"]
+
+_NOISE_EVALS = 16  # evaluation changes kept for the accuracy's noise
 
 
 class BestModel:
@@ -173,10 +175,12 @@ class BestModel:
 
 
 class AccuracyDrop(IgnoresTrainBlocks):
-    """Fires when eval accuracy falls ``threshold_pct`` percentage points below its best,
-    once: evals are hundreds of steps apart, so an incident cannot group them; it fires
-    again only after the accuracy came back within the threshold. Accuracy in [0, 1] is
-    read as a fraction, above 1 as a percentage.
+    """Fires when eval accuracy falls more than ``threshold_pct`` percentage points below
+    its best, and more than ``noise_k`` times its own noise (the median change between
+    successive evaluations: a small, noisy validation set moves by whole points), once:
+    evals are hundreds of steps apart, so an incident cannot group them; it fires again
+    only after the accuracy came back within the threshold. Accuracy in [0, 1] is read
+    as a fraction, above 1 as a percentage.
 
     >>> d = AccuracyDrop(AccuracyDropConfig())
     >>> d.update(EvalRecord(1, None, 0.80, {}))
@@ -194,17 +198,23 @@ class AccuracyDrop(IgnoresTrainBlocks):
         self.best: float | None = None
         self.best_step: int | None = None
         self.active = False
+        self.last: float | None = None
+        self.changes = RollingMedian(_NOISE_EVALS)  # abs change between evaluations
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, EvalRecord) or not isfinite(record.accuracy):
             return []
         acc = float(record.accuracy)  # type: ignore[arg-type]
         pct = acc * 100.0 if acc <= 1.0 else acc
+        threshold = self._threshold()  # the noise before this value
+        if self.last is not None:
+            self.changes.add(record.step, abs(pct - self.last))
+        self.last = pct
         if self.best is None or pct > self.best:
             self.best, self.best_step, self.active = pct, record.step, False
             return []
         drop = self.best - pct
-        if drop <= self.config.threshold_pct or math.isclose(drop, self.config.threshold_pct):
+        if drop <= threshold or math.isclose(drop, threshold):
             self.active = False
             return []
         if self.active:
@@ -215,15 +225,23 @@ class AccuracyDrop(IgnoresTrainBlocks):
             Trigger(self.kind, f"{self.kind}_{drop:.1f}pct", Severity.WARNING, record.step, details)
         ]
 
+    def _threshold(self) -> float:
+        noise = self.changes.median if len(self.changes) else 0.0
+        return max(self.config.threshold_pct, self.config.noise_k * noise)
+
     def rewind(self, step: int) -> None:
         self.active = False
+        self.changes.rewind(step)
         if self.best_step is not None and self.best_step > step:
             self.best = self.best_step = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "active": self.active}
+        return {"best": self.best, "best_step": self.best_step, "active": self.active,
+                "last": self.last, "changes": self.changes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
         self.best_step = state.get("best_step")
         self.active = bool(state.get("active", False))
+        self.last = state.get("last")
+        self.changes.load_state_dict(state.get("changes", {}))
