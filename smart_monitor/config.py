@@ -113,7 +113,7 @@ class BestModelConfig(_Section):
 class AccuracyDropConfig(_Section):
     enabled: bool = True
     threshold_pct: float = Field(5.0, gt=0)
-    noise_k: float = Field(2.0, ge=0)
+    noise_k: float = Field(2.5, ge=0)
 
 
 class OverfittingConfig(_Section):
@@ -140,7 +140,7 @@ class NotLearningConfig(_Section):
 
 class TextureConfig(_Section):
     enabled: bool = True
-    min_ratio: float = Field(1.65, ge=1)
+    min_ratio: float = Field(1.8, ge=1)
     min_z: float = Field(30.0, gt=0)
     rare_steps: int = Field(2000, ge=0)
 

@@ -16,6 +16,7 @@ from smart_monitor.triggers import Severity, Trigger
 __all__ = ["AccuracyDrop", "BestModel"]
 
 _NOISE_EVALS = 16  # evaluation changes kept for the accuracy's noise
+_SECOND_DIFF_SIGMA = 0.6745 * 6**0.5  # median abs of N(0, 6 sigma^2), in sigmas
 
 
 class BestModel:
@@ -176,8 +177,9 @@ class BestModel:
 
 class AccuracyDrop(IgnoresTrainBlocks):
     """Fires when eval accuracy falls more than ``threshold_pct`` percentage points below
-    its best, and more than ``noise_k`` times its own noise (the median change between
-    successive evaluations: a small, noisy validation set moves by whole points), once:
+    its best, and more than ``noise_k`` times its own noise (from the median second
+    difference of successive evaluations, which a rising trend does not inflate: a
+    small, noisy validation set moves by whole points), once:
     evals are hundreds of steps apart, so an incident cannot group them; it fires again
     only after the accuracy came back within the threshold. Accuracy in [0, 1] is read
     as a fraction, above 1 as a percentage.
@@ -199,7 +201,8 @@ class AccuracyDrop(IgnoresTrainBlocks):
         self.best_step: int | None = None
         self.active = False
         self.last: float | None = None
-        self.changes = RollingMedian(_NOISE_EVALS)  # abs change between evaluations
+        self.last_change: float | None = None
+        self.changes = RollingMedian(_NOISE_EVALS)  # abs second difference of evaluations
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, EvalRecord) or not isfinite(record.accuracy):
@@ -208,7 +211,10 @@ class AccuracyDrop(IgnoresTrainBlocks):
         pct = acc * 100.0 if acc <= 1.0 else acc
         threshold = self._threshold()  # the noise before this value
         if self.last is not None:
-            self.changes.add(record.step, abs(pct - self.last))
+            change = pct - self.last
+            if self.last_change is not None:  # a trend (accuracy still rising) cancels out
+                self.changes.add(record.step, abs(change - self.last_change))
+            self.last_change = change
         self.last = pct
         if self.best is None or pct > self.best:
             self.best, self.best_step, self.active = pct, record.step, False
@@ -226,7 +232,9 @@ class AccuracyDrop(IgnoresTrainBlocks):
         ]
 
     def _threshold(self) -> float:
-        noise = self.changes.median if len(self.changes) else 0.0
+        """``threshold_pct``, or ``noise_k`` times the accuracy's noise if larger: the
+        median abs second difference of evaluations is 1.65 sigma of white noise."""
+        noise = self.changes.median / _SECOND_DIFF_SIGMA if len(self.changes) else 0.0
         return max(self.config.threshold_pct, self.config.noise_k * noise)
 
     def rewind(self, step: int) -> None:
@@ -237,11 +245,13 @@ class AccuracyDrop(IgnoresTrainBlocks):
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "active": self.active,
-                "last": self.last, "changes": self.changes.state_dict()}
+                "last": self.last, "last_change": self.last_change,
+                "changes": self.changes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
         self.best_step = state.get("best_step")
         self.active = bool(state.get("active", False))
         self.last = state.get("last")
+        self.last_change = state.get("last_change")
         self.changes.load_state_dict(state.get("changes", {}))
