@@ -63,7 +63,7 @@ class PredictionOutliers(NotesTrainSteps):
         self.last_step = int(state.get("last_step", 0))
 
 
-_RECENT_GROUPS = 6  # the latest evaluations tested on their own
+_RECENT_GROUPS = 4  # the latest evaluations tested on their own
 
 
 class InvertedLossPattern(NotesTrainSteps):
