@@ -112,7 +112,7 @@ class BestModelConfig(_Section):
 
 class AccuracyDropConfig(_Section):
     enabled: bool = True
-    threshold_pct: float = Field(5.0, gt=0)
+    threshold_pct: float = Field(6.0, gt=0)
     noise_k: float = Field(2.5, ge=0)
 
 
@@ -128,7 +128,7 @@ class OverfittingConfig(_Section):
 
 class NotLearningConfig(_Section):
     enabled: bool = True
-    min_records: int = Field(30, ge=3)
+    min_records: int = Field(50, ge=3)
     window: int = Field(5, ge=1)
     min_rel_drop: float = Field(0.05, ge=0)
     noise_k: float = Field(2.0, ge=0)

@@ -46,7 +46,6 @@ CONCLUDED = {
     "pypi-data__pypi-mirror-359__nlpia2_RNN_TANH_2l_12ep.jsonl": "not_learning_",
     "aigoncharov__trainer_state_viz__final.json": "overfitting_from_",
     "T01_keras_overfit": "overfitting_from_6",
-    "T02_keras_never_learns": "not_learning_",
     "T03_keras_two_fits_one_logdir": "overfitting_from_6",
     "T12_lightning_tft_tensorboard": "overfitting_from_661",
     "T13_lightning_csv_overfit": "overfitting_from_372",

@@ -36,6 +36,7 @@ __all__ = ["NotLearning"]
 # For normal noise, the median abs difference of successive values is 0.954 sigma*sqrt(2).
 _DIFF_TO_STD = 1.0 / (0.954 * math.sqrt(2.0))
 _NOISE_RECORDS = 64  # successive changes kept for the noise estimate
+_MEDIAN_SPREAD = 1.2533  # sqrt(pi / 2): a median's std over a mean's, for normal noise
 
 
 class NotLearning:
@@ -96,7 +97,9 @@ class NotLearning:
             self.first.append(loss)
         self.lowest = min(self.lowest, self.recent.median)
         level, noise = self._start()
-        margin = max(config.min_rel_drop * abs(level), config.noise_k * noise)
+        # the rolling median of ``window`` records is that much less noisy than a record
+        spread = noise * _MEDIAN_SPREAD / math.sqrt(config.window)
+        margin = max(config.min_rel_drop * abs(level), config.noise_k * spread)
         if level <= noise * config.noise_k or level <= 0:
             self.done = True  # a loss about 0 by construction (policy gradient): no level
             return []
