@@ -338,13 +338,13 @@ def real_runs(config: Config, folder: Path = REAL_RUNS) -> dict[str, list[tuple[
 DEV_EXPECTED = {
     "CAMELS-CH": "clean: 0 alarms",
     "llmc_main": "clean: 0 alarms (LR changed x3)",
-    "ScaleShortcuts": "spikes: warnings, 0 critical, <= 3 snaps",
-    "QuantizedFP4": "spikes: warnings, 0 critical, <= 3 snaps",
+    "ScaleShortcuts": "spikes: info, the largest (1.8x) a warning, <= 3 snaps",
+    "QuantizedFP4": "spikes up to 1.56x: texture, info only",
     "GDN_baseline": "Run restarted, 0 alarms",
     "GRU": "divergence at 10349-10549, critical",
     "LSTM": "clean: 0 alarms (LR changed)",
     "RNN_RELU": "1 critical at 200, 1 snap, < 50 lines",
-    "RNN_TANH": "0 alarms (LR changed x3)",
+    "RNN_TANH": "not_learning before the LR cut (LR changed x3)",
     "medical-finetune": "clean: 0 alarms",
 }
 
