@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the simulator
@@ -54,6 +54,7 @@ class Case:
     make: Callable[[random.Random, RunSpec, int], Anomaly | None]
     expect: frozenset[str]
     horizon: Callable[[RunSpec], int]
+    run: dict[str, int] = field(default_factory=dict)  # RunSpec fields this kind sets
 
 
 def _reset(rng: random.Random, spec: RunSpec, step: int) -> Anomaly | None:
@@ -122,6 +123,12 @@ CASES = (
         _evals(1),
     ),
     Case(
+        "accuracy drop (about 10 points)",
+        _one("accuracy_drop", 9.5, 11),
+        frozenset({"accuracy_drop"}),
+        _evals(1),
+    ),
+    Case(
         "right answer, high loss",
         _one("perfect_answer_high_loss", 2.3, 5.0),
         frozenset({"perfect_answer_high_loss"}),
@@ -138,6 +145,13 @@ CASES = (
         _one("inverted_loss_pattern"),
         frozenset({"inverted_loss_pattern"}),
         _evals(4),
+    ),
+    Case(
+        "inverted loss pattern, evals every 500 steps, 10 examples",
+        _one("inverted_loss_pattern"),
+        frozenset({"inverted_loss_pattern"}),
+        _evals(4),
+        {"eval_every": 500, "examples_per_eval": 10},
     ),
     Case(
         "conflicting labels",
@@ -230,7 +244,7 @@ def benchmark(
                 )
                 if anomaly is None:
                     continue
-                spec = RunSpec(**{**_fields(spec), "anomalies": (anomaly,)})
+                spec = RunSpec(**{**_fields(spec), **case.run, "anomalies": (anomaly,)})
                 n += 1
                 found = None
                 t = fa[(noise, logging)]
@@ -324,13 +338,13 @@ def real_runs(config: Config, folder: Path = REAL_RUNS) -> dict[str, list[tuple[
 DEV_EXPECTED = {
     "CAMELS-CH": "clean: 0 alarms",
     "llmc_main": "clean: 0 alarms (LR changed x3)",
-    "ScaleShortcuts": "spikes: warnings, 0 critical, <= 3 snaps",
-    "QuantizedFP4": "spikes: warnings, 0 critical, <= 3 snaps",
+    "ScaleShortcuts": "spikes: info, the largest (1.8x) a warning, <= 3 snaps",
+    "QuantizedFP4": "spikes up to 1.56x: texture, info only",
     "GDN_baseline": "Run restarted, 0 alarms",
     "GRU": "divergence at 10349-10549, critical",
     "LSTM": "clean: 0 alarms (LR changed)",
     "RNN_RELU": "1 critical at 200, 1 snap, < 50 lines",
-    "RNN_TANH": "0 alarms (LR changed x3)",
+    "RNN_TANH": "not_learning before the LR cut (LR changed x3)",
     "medical-finetune": "clean: 0 alarms",
 }
 

@@ -122,7 +122,37 @@ class BestModelConfig(_Section):
 
 class AccuracyDropConfig(_Section):
     enabled: bool = True
-    threshold_pct: float = Field(10.0, gt=0, le=100)
+    threshold_pct: float = Field(6.0, gt=0, le=100)
+    noise_k: float = Field(2.5, ge=0, le=_Z)
+
+
+class OverfittingConfig(_Section):
+    enabled: bool = True
+    patience: int = Field(3, ge=1, le=_WINDOW)
+    min_delta: float = Field(0.0, ge=0, le=_RATIO)
+    min_rel_delta: float = Field(0.05, ge=0, le=_RATIO)
+    noise_k: float = Field(1.0, ge=0, le=_Z)
+    train_alpha: float = Field(0.2, gt=0, le=1)
+    train_tolerance: float = Field(0.05, ge=0, le=_RATIO)
+
+
+class NotLearningConfig(_Section):
+    enabled: bool = True
+    min_records: int = Field(50, ge=3, le=_STEPS)
+    window: int = Field(5, ge=1, le=_WINDOW)
+    min_rel_drop: float = Field(0.05, ge=0, le=_RATIO)
+    noise_k: float = Field(2.0, ge=0, le=_Z)
+    trend_t: float = Field(3.0, ge=0, le=_RATIO)
+    min_evals: int = Field(8, ge=2, le=_WINDOW)
+    min_gain_pct: float = Field(1.0, ge=0, le=100)
+    zero_lr: float = Field(1e-10, ge=0, le=_RATIO)
+
+
+class TextureConfig(_Section):
+    enabled: bool = True
+    min_ratio: float = Field(1.8, ge=1, le=_RATIO)
+    min_z: float = Field(30.0, gt=0, le=_Z)
+    rare_steps: int = Field(2000, ge=0, le=_STEPS)
 
 
 class PredictionsConfig(_Section):
@@ -130,7 +160,7 @@ class PredictionsConfig(_Section):
     high_loss: float = Field(2.0, gt=0, le=_RATIO)
     low_loss: float = Field(0.15, ge=0, le=_RATIO)
     inverted_window: int = Field(64, ge=4, le=_WINDOW)
-    inverted_min_each: int = Field(10, ge=2, le=_WINDOW)
+    inverted_min_each: int = Field(6, ge=2, le=_WINDOW)
     inverted_alpha: float = Field(1e-4, gt=0, lt=1)
 
 
@@ -147,6 +177,9 @@ class DetectorsConfig(_Section):
     nonfinite: NonFiniteConfig = NonFiniteConfig()
     best_model: BestModelConfig = BestModelConfig()
     accuracy_drop: AccuracyDropConfig = AccuracyDropConfig()
+    overfitting: OverfittingConfig = OverfittingConfig()
+    not_learning: NotLearningConfig = NotLearningConfig()
+    texture: TextureConfig = TextureConfig()
     predictions: PredictionsConfig = PredictionsConfig()
     conflicting_labels: ConflictingLabelsConfig = ConflictingLabelsConfig()
 

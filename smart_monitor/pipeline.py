@@ -111,7 +111,7 @@ class Pipeline:
             fired = detector.update(record)
             if fired:
                 triggers.extend(fired)
-            said: list[Note] | None = getattr(detector, "notes", None)  # LR changed
+            said = detector.notes  # LR changed
             if said:
                 notes.extend(said)
                 said.clear()
@@ -296,6 +296,8 @@ class Pipeline:
 
     def _request(self, step: int, decision: Decision, record: Record) -> SnapshotRequest:
         kinds = {t.kind for t in decision.snapshot}
+        if kinds == {"best_model_loss"}:  # a burst's last best fires one evaluation late
+            step = decision.snapshot[0].step
         return SnapshotRequest(
             key=f"{self.segment}:{step}:{decision.name}",
             name=decision.name,
@@ -326,7 +328,7 @@ class Pipeline:
 
     def _last_z(self, name: str) -> float | None:
         detector = self.detectors.get(name)
-        z = getattr(detector, "last_z", None)
+        z = detector.last_z if detector is not None else None
         return None if z is None else round(float(z), 4)
 
     def rewind(self, step: int) -> None:
@@ -384,7 +386,8 @@ def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]
     """``incident``: the incident this snapshot opens, ``"status": "open"``; the engine
     completes it (peak, last detection, ``recovered_step``) when the incident recovers,
     as the log's ``Incident recovered`` line with the same id says. ``conflicting_labels``:
-    the prompt and both golden answers."""
+    the prompt and both golden answers; ``overfitting``: the best step and value (the
+    engine adds the best model's snapshot); ``not_learning``: the figures."""
     out: dict[str, Any] = {}
     if decision.incidents:
         first = decision.incidents[0]
@@ -398,6 +401,11 @@ def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]
             "also": [i.id for i in decision.incidents[1:]],
         }
     for t in decision.snapshot:
-        if t.kind == "conflicting_labels":
-            out["conflicting_labels"] = dict(t.details)
+        if t.kind in _EVIDENCE:  # a conclusion's evidence, under its kind's name
+            out[t.kind] = dict(t.details)
     return out
+
+
+# Kinds whose snapshot metadata carries the trigger's details as their own block
+# (DESIGN.md: the prompt and both answers; the best model; the figures).
+_EVIDENCE = ("conflicting_labels", "overfitting", "not_learning")

@@ -48,6 +48,10 @@ _TRANSIENT = frozenset({"loss_spike"})  # problems whose incidents can recur as 
 _RECURRING_TEXT = {"loss_spike": "Recurring loss spikes"}
 _ON_LOSS = frozenset({"loss_spike", "divergence_detected"})  # judged by the loss level
 _NONFINITE = "nonfinite"
+# Conclusions about the run (overfitting, not learning) are not episodes that quiet
+# records end: the eval loss that stays worse would read as a recovery. A new best
+# ends an overfitting episode in its detector; the incident stays open for alerts.
+_CONCLUSIONS = frozenset({"overfitting", "not_learning"})
 # Back means within this many standard deviations (scaled MAD) of the level before, or
 # this share of it when those losses were flat (two-decimal logs round the noise away).
 _NOISE_SIGMAS = 2.0
@@ -236,6 +240,7 @@ class Policy:
             if step - i.last > self.config.recovery_steps
             and self.records - i.last_record >= self.config.recovery_records
             and not (i.problem == _NONFINITE and self.nonfinite)
+            and i.problem not in _CONCLUSIONS
         ]
         for i in done:
             del self.open[i.problem]
@@ -256,6 +261,8 @@ class Policy:
         escalated: list[Incident] = []
         for t in triggers:
             problem = problem_of(t.kind)
+            if t.severity is Severity.INFO and problem in _TRANSIENT:
+                continue  # the run's texture (detectors/texture.py): logged, no incident
             incident = self.open.get(problem)
             logged = True
             if problem in _NO_INCIDENT:
@@ -266,7 +273,8 @@ class Policy:
                 snap = opened[problem]
             elif incident is not None:
                 escalates = t.severity.rank > Severity(incident.severity).rank
-                logged = escalates or t.kind not in incident.kinds
+                stronger = _score(t) > incident.peak_score  # a new peak is news
+                logged = escalates or stronger or t.kind not in incident.kinds
                 self._extend(incident, step, t)
                 snap = escalates and t.severity is Severity.CRITICAL and problem in _TRANSIENT
                 if snap:
@@ -297,7 +305,7 @@ class Policy:
             if snap and episode is not None and episode.last == step:
                 episode.snapshots += 1
         if not fresh:
-            severity = severity_of(held or quiet)
+            severity = severity_of(held or quiet or triggers)
             return Decision((), tuple(held), "", severity, (), tuple(quiet), tuple(notes))
         incidents = tuple(self.open[p] for p, snap in opened.items() if snap) + tuple(escalated)
         name = fresh[0].name if len(fresh) == 1 else MULTIPLE

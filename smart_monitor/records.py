@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from smart_monitor.series import main_loss_key
+from smart_monitor.series import classify, main_loss_key
 
 __all__ = [
     "DEFAULT_ALIASES",
@@ -180,7 +180,12 @@ def to_record(
         loss: float | None = _loss(data, "loss")
     else:  # no plain ``loss``: the main loss by the series rule (``total_loss``, a GAN's)
         main = main_loss_key(tuple(data))
-        if main is None and "learning_rate" not in data and "grad_norm" not in data:
+        evaluated = None if main is not None else main_loss_key(tuple(data), "eval")
+        if evaluated is not None:  # an evaluation under its own name (``eval_g0_loss``)
+            return EvalRecord(_step(data), _loss(data, evaluated), None, data)
+        if main is None and "learning_rate" not in data and "grad_norm" not in data and not any(
+            classify(k).role == "loss" for k in data  # a GAN's losses: watched as series
+        ):
             return None
         try:
             loss = None if main is None else _loss(data, main)

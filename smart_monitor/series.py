@@ -58,6 +58,10 @@ _HIGHER = ("accuracy", "acc", "map", "precision", "recall", "f1", "bleu", "rouge
            "miou", "auc", "auroc", "dice")  # fmt: skip
 _LOWER = ("error", "err", "wer", "cer", "perplexity", "ppl", "mae", "mse", "rmse", "mape",
           "smape")  # fmt: skip
+# A GAN's generator, discriminator or critic loss: the players' losses balance, they
+# are not minimised, so a flat or jumping one is no alarm (only a non-finite one is).
+_ADVERSARIAL = frozenset({"gen", "generator", "disc", "discriminator", "critic", "adv",
+                          "adversarial", "g", "d"})  # fmt: skip
 _WORD = re.compile(r"[^0-9a-z]+")
 _LR_WORD = re.compile(r"lr\d*$")
 _NUMBERED = re.compile(r"(map|f1|iou|auc)\d*$")
@@ -78,6 +82,7 @@ class Series:
     direction: Literal["higher", "lower"] | None = None
     rank: int = 2
     core: tuple[str, ...] = ()
+    adversarial: bool = False  # a GAN's loss: not minimised, so no trend means anything
 
 
 def qualified(tag: str, place: str) -> str:
@@ -131,7 +136,8 @@ def classify(name: str) -> Series:
         if low.endswith("_epoch"):
             return Series(name, "aggregate", split)
         rank = 0 if core == ("loss",) else 1 if sorted(core) == ["loss", "total"] else 2
-        return Series(name, "loss", split, "lower", rank, core)
+        adversarial = bool(_ADVERSARIAL.intersection(words))
+        return Series(name, "loss", split, "lower", rank, core, adversarial)
     if "learning_rate" in low or low.startswith("lr-") or any(map(_LR_WORD.match, words)):
         return Series(name, "learning_rate", "train", rank=0 if low in ("lr", "learning_rate")
                       else 1)  # fmt: skip
@@ -146,15 +152,20 @@ def classify(name: str) -> Series:
 
 
 @lru_cache(maxsize=1024)
-def main_loss_key(keys: tuple[str, ...]) -> str | None:
-    """Of a record's keys (one without ``loss``), the train loss the rule makes the
-    main one: the plainest, the first among equals.
+def main_loss_key(keys: tuple[str, ...], split: str = "train") -> str | None:
+    """Of a record's keys (one without ``loss``), the train (or eval) loss the rule
+    makes the main one: the plainest, the first among equals.
 
     >>> main_loss_key(("iteration", "loss_cls", "total_loss", "lr"))
     'total_loss'
+    >>> main_loss_key(("eval_g0_loss", "eval_g0_accuracy", "step"), "eval")
+    'eval_g0_loss'
+    >>> main_loss_key(("critic_loss", "generator_loss")) is None  # a GAN's: watched apart
+    True
     """
     found = [(s.rank, i, k) for i, k in enumerate(keys)
-             if (s := classify(k)).role == "loss" and s.split == "train"]  # fmt: skip
+             if (s := classify(k)).role == "loss" and s.split == split
+             and not s.adversarial]  # fmt: skip
     return min(found)[2] if found else None
 
 
@@ -203,7 +214,7 @@ class SeriesBook:
         series = classify(name)
         if series.role == "summary":
             return self._named(name.split("/", 1)[1], name)
-        slot = _SLOTS.get((series.role, series.split))
+        slot = None if series.adversarial else _SLOTS.get((series.role, series.split))
         if slot is None and series.role == "metric" and series.core in (("accuracy",), ("acc",)):
             slot = "eval_accuracy" if series.split == "eval" else None
         if slot is not None:

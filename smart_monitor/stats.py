@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["MAD_SIGMA", "RollingMedian", "RollingWindow"]
+__all__ = ["MAD_SIGMA", "BlipHistory", "Ewma", "Relearn", "RollingMedian", "RollingWindow"]
 
 MAD_SIGMA = 1.4826  # MAD times this is the standard deviation of a normal sample
 
@@ -175,6 +175,131 @@ class RollingMedian:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reset([(int(s), float(v)) for s, v in state.get("items", [])][-self.size :])
+
+
+class _Baseline(Protocol):
+    def add(self, step: int, value: float) -> None: ...
+
+
+class Relearn:
+    """Values that fired in a row, kept out of their detector's baseline (a spike must
+    not hide the next one) until ``relearn`` of them say the level moved: then they all
+    join it, a new level rather than an outlier.
+
+    >>> base, streak = RollingMedian(10), Relearn(3)
+    >>> [streak.fire(s, 5.0, base) for s in (1, 2, 3)], len(base), len(streak)
+    ([1, 2, 3], 3, 0)
+    """
+
+    __slots__ = ("items", "relearn")
+
+    def __init__(self, relearn: int) -> None:
+        self.relearn = relearn
+        self.items: list[tuple[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def clear(self) -> None:
+        """A quiet value: the streak is over."""
+        self.items.clear()
+
+    def fire(self, step: int, value: float, baseline: _Baseline) -> int:
+        """A value that fired; its place in the streak (1: the first). The ``relearn``-th
+        hands the whole streak to ``baseline`` and starts a new one."""
+        self.items.append((step, value))
+        n = len(self.items)
+        if n >= self.relearn:
+            for s, v in self.items:
+                baseline.add(s, v)
+            self.items.clear()
+        return n
+
+    def rewind(self, step: int) -> None:
+        self.items = [p for p in self.items if p[0] <= step]
+
+    def state_dict(self) -> list[list[float]]:
+        return [list(p) for p in self.items]
+
+    def load_state_dict(self, state: list[Any]) -> None:
+        self.items = [(int(s), float(v)) for s, v in state]
+
+
+class Ewma:
+    """An exponentially weighted mean: a level that follows a trend and forgets noise.
+
+    >>> e = Ewma(0.5)
+    >>> [e.add(v) for v in (1.0, 3.0, 3.0)]
+    [1.0, 2.0, 2.5]
+    >>> e.value
+    2.5
+    """
+
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float, value: float | None = None) -> None:
+        self.alpha = alpha
+        self.value = value
+
+    def add(self, value: float) -> float:
+        """Take in ``value``; the new level (the first value is the level itself)."""
+        old = self.value
+        self.value = new = value if old is None else self.alpha * value + (1 - self.alpha) * old
+        return new
+
+
+class BlipHistory:
+    """The one-step blips a run has produced (their size as a ratio to the baseline, at
+    their step), so that a new one can be judged against the run's own texture: how
+    many earlier blips were at least as large, and so how often such a blip comes
+    (its return period in steps). Keeps the ``size`` largest, which is all a count of
+    "at least as large" of a large blip needs.
+
+    >>> h = BlipHistory()
+    >>> h.start(0)
+    >>> for step, ratio in ((300, 1.7), (900, 1.8), (1200, 1.2)):
+    ...     h.add(step, ratio)
+    >>> h.judge(1500, 1.7)
+    (2, 750.0)
+    >>> h.judge(1500, 2.5)
+    (0, None)
+    """
+
+    __slots__ = ("_items", "since", "size")
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.since: int | None = None  # the run's first step
+        self._items: list[tuple[int, float]] = []
+
+    def start(self, step: int) -> None:
+        if self.since is None:
+            self.since = step
+
+    def judge(self, step: int, ratio: float) -> tuple[int, float | None]:
+        """Earlier blips at least ``ratio`` and their return period (None: never)."""
+        count = sum(1 for _, r in self._items if r >= ratio)
+        if not count:
+            return 0, None
+        return count, (step - (self.since if self.since is not None else step)) / count
+
+    def add(self, step: int, ratio: float) -> None:
+        self._items.append((step, ratio))
+        if len(self._items) > self.size:
+            self._items.remove(min(self._items, key=lambda p: p[1]))
+
+    def rewind(self, step: int) -> None:
+        self._items = [p for p in self._items if p[0] <= step]
+        if self.since is not None and self.since > step:
+            self.since = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"since": self.since, "items": [list(p) for p in self._items]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        since = state.get("since")
+        self.since = None if since is None else int(since)
+        self._items = [(int(s), float(r)) for s, r in state.get("items", [])][-self.size :]
 
 
 def _median(ordered: list[float]) -> float:

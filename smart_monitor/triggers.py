@@ -77,7 +77,12 @@ NUMBERED_KINDS = (
     "perfect_answer_high_loss",
     "wrong_answer_low_loss",
     "weight_norm_zscore",
+    "not_learning",
 )
+# Conclusions about a run (detectors/overfitting.py, not_learning.py): warnings, once
+# per episode, whose name carries the step of the best model.
+OVERFITTING = "overfitting"
+_OVERFITTING_NAME = "overfitting_from_"
 # Fired by the optional checkpoint scan (forensics/scan.py) from a checkpoint's weights,
 # not from a record; weights_nonfinite is left out of CRITICAL_KINDS so that a stats
 # table of a run without the scan does not claim "0 (good!)" for something never checked.
@@ -93,7 +98,10 @@ CRITICAL_KINDS = (
 # Every kind a trigger can have: what ``on_triggers`` may name (a test keeps it in
 # step with the detectors).
 KINDS = frozenset(
-    (*NUMBERED_KINDS, *CRITICAL_KINDS, WEIGHTS_NONFINITE, "conflicting_labels", "MULTIPLE_TRIGGERS")
+    (
+        *NUMBERED_KINDS, *CRITICAL_KINDS, WEIGHTS_NONFINITE, OVERFITTING, "conflicting_labels",
+        "MULTIPLE_TRIGGERS",
+    )
 )
 _NUMBER_SUFFIX = re.compile(r"_-?[0-9][0-9.]*(?:e-?[0-9]+)?(pct)?$")
 # A trigger name is part of a snapshot's folder name, which NAME_MAX caps at 255 bytes:
@@ -151,12 +159,18 @@ def kind_of(name: str) -> str:
 
     >>> kind_of("loss_zscore_-3.21"), kind_of("inverted_loss_pattern_correct_high")
     ('loss_zscore', 'inverted_loss_pattern')
+    >>> kind_of("overfitting_from_20000"), kind_of("not_learning_500")
+    ('overfitting', 'not_learning')
     """
     if name.startswith("inverted_loss_pattern"):
         return "inverted_loss_pattern"
+    if name.startswith(_OVERFITTING_NAME):
+        return OVERFITTING
     return _NUMBER_SUFFIX.sub("", name)
 
 
 def stats_label(kind: str) -> str:
     """``loss_zscore`` -> ``loss_zscore_*``, the seed's table label."""
+    if kind == OVERFITTING:
+        return f"{_OVERFITTING_NAME}*"
     return f"{kind}_*" if base_kind(kind) in NUMBERED_KINDS else kind

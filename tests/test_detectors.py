@@ -43,6 +43,9 @@ BUSY = DetectorsConfig.model_validate(
         "divergence": {"window": 5, "warmup": 10, "factor": 1.1, "patience": 3},
         "best_model": {"min_rel_delta": 0.0, "train_min_steps": 20},
         "accuracy_drop": {"threshold_pct": 2.0},
+        "overfitting": {"patience": 2, "min_rel_delta": 0.0, "noise_k": 0.0,
+                        "train_tolerance": 10.0},
+        "not_learning": {"min_records": 200, "min_rel_drop": 0.9, "trend_t": 1e6},
         "predictions": {
             "high_loss": 1.0,
             "low_loss": 0.3,

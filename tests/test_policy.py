@@ -30,9 +30,10 @@ def test_consecutive_detections_are_one_incident_escalated_once() -> None:
     escalated = p.decide(1010, [spike(1010, 12.0)])
     assert escalated.severity is Severity.CRITICAL
     assert escalated.incidents[0].id == "loss_spike@1000"
-    for step, z in ((1050, 30.0), (1120, 9.5)):
-        d = p.decide(step, [spike(step, z)])
-        assert not d.snapshot and not d.suppressed and len(d.quiet) == 1
+    peak = p.decide(1050, [spike(1050, 30.0)])
+    assert not peak.snapshot and len(peak.suppressed) == 1, "a new peak is news: logged"
+    d = p.decide(1120, [spike(1120, 9.5)])
+    assert not d.snapshot and not d.suppressed and len(d.quiet) == 1
     assert p.observe(1200) == []  # 80 steps after the last detection: still open
     (done,) = p.observe(1221)
     assert (done.started, done.peak_step, done.last, done.detections) == (1000, 1050, 1120, 4)
@@ -165,7 +166,7 @@ def loss(step: int, value: float) -> TrainRecord:
 
 def test_pipeline_metadata_gets_an_incident_block_and_recovery_outcome() -> None:
     pipe = Pipeline(Config())
-    outcomes = [pipe.process(loss(s, 1.0 + 0.01 * (s % 3))) for s in range(1, 200)]
+    outcomes = [pipe.process(loss(s, 2.0 - 0.002 * s + 0.01 * (s % 3))) for s in range(1, 200)]
     assert not any(outcomes)
     first = pipe.process(loss(200, 4.0))
     assert first is not None and first.snapshot is not None
@@ -174,13 +175,15 @@ def test_pipeline_metadata_gets_an_incident_block_and_recovery_outcome() -> None
     block = first.snapshot.metadata["incident"]
     assert (block["problem"], block["started"], block["status"]) == ("loss_spike", 200, "open")
     second = pipe.process(loss(201, 5.0))
-    assert second is not None and second.snapshot is None and not second.suppressed
-    assert second.quiet == second.triggers  # kinds already logged in the incident
-    recovered = [o for s in range(202, 400) if (o := pipe.process(loss(s, 1.0))) is not None]
+    assert second is not None and second.snapshot is None and not second.quiet
+    assert second.suppressed == second.triggers  # a new peak: logged, no second snapshot
+    third = pipe.process(loss(202, 4.5))
+    assert third is not None and third.quiet == third.triggers  # below the peak: counted
+    recovered = [o for s in range(203, 400) if (o := pipe.process(loss(s, 1.0))) is not None]
     (o,) = recovered
     (incident,) = o.extra["recovered"]
-    assert (incident.started, incident.peak_step, incident.last) == (200, 201, 201)
-    assert o.step == 302
+    assert (incident.started, incident.peak_step, incident.last) == (200, 201, 202)
+    assert o.step == 303
 
 
 def test_pipeline_metadata_names_both_conflicting_answers() -> None:

@@ -29,6 +29,15 @@ EXPECTED: dict[str, list[tuple[str, int]]] = {
         ("grad_norm_nonfinite", 2),
         ("grad_norm_nonfinite", 6),
     ],
+    # memorises its data (train loss to 2e-4) while the eval loss rises from its best,
+    # 0.515 at step 2600, to 0.92: overfitting (docs/detection-real-runs.md)
+    "Hahaazaza__Neiro__final.json": [("overfitting_from_2600", 2900)],
+    # eval loss 0.321 at 1000, then 0.358, 0.394, 0.412, 0.420 while the train loss goes
+    # to 0.0002 (the WER still improves a little: the warning says what the loss does)
+    "P4P4N1CK__whisper-large-v2-japanese-5k-steps__final.json": [("overfitting_from_1000", 5000)],
+    # evaluated on six sets under their own names (eval_g0_loss ...): the main one,
+    # eval_g0_loss, is best at step 401 (1.11), then rises every evaluation
+    "aigoncharov__trainer_state_viz__final.json": [("overfitting_from_401", 802)],
 }
 
 
@@ -43,7 +52,7 @@ def alarms(path: Path) -> tuple[list[tuple[str, int]], int]:
         for t in outcome.triggers if outcome is not None else ():
             if t.kind == "best_model_loss":
                 best += 1
-            else:
+            elif t.severity.value != "info":  # info: the run's texture (detectors/texture.py)
                 out.append((t.name, t.step))
     return out, best
 
@@ -125,9 +134,12 @@ class Expect:
 
 
 SPIKY = Expect(max_snapshots=3, max_lines=200)  # one-batch spikes: see test below
+# the spikes of QuantizedFP4 (at most 1.56x) are the texture of dev-lm's healthy runs
+# (up to 1.61x there): information, each seen, none a warning (detectors/texture.py)
+TEXTURE = Expect(max_lines=200)
 DEV_EXPECTED = {
     "KellerJordan__modded-nanogpt__2024-11-10_ScaleShortcuts_4897c987.jsonl": SPIKY,
-    "KellerJordan__modded-nanogpt__2024-11-14_QuantizedFP4_433c1732.jsonl": SPIKY,
+    "KellerJordan__modded-nanogpt__2024-11-14_QuantizedFP4_433c1732.jsonl": TEXTURE,
     "KellerJordan__modded-nanogpt__2024-10-13_llmc_main.jsonl": Expect(
         events=(("LR changed", 18785), ("LR changed", 18960), ("LR changed", 19214)),
     ),
@@ -142,7 +154,10 @@ DEV_EXPECTED = {
         max_snapshots=2,
     ),
     "pypi-data__pypi-mirror-359__nlpia2_RNN_TANH_2l_12ep.jsonl": Expect(
+        # not_learning: flat above ln(vocabulary) from the start, before the LR cut at 14732
+        alarms=((200, 14732, "warning"),),
         events=(("LR changed", 15115), ("LR changed", 27047), ("LR changed", 33013)),
+        max_snapshots=1,
     ),
     "pypi-data__pypi-mirror-359__nlpia2_LSTM_2l_12ep.jsonl": Expect(
         events=(("LR changed", 27047),),
@@ -219,7 +234,11 @@ def test_one_batch_spikes_are_each_seen_and_counted(name: str) -> None:
                 found[t.step] = t.severity.value
     missed = [s for s in README_SPIKES[name] if s not in found]
     assert len(missed) <= 1, missed  # 5335 (1.38x) sits in a window with a smaller spike
-    assert set(found.values()) == {"warning"}
+    # a warning only when large and rare for the run, else the run's texture (info)
+    assert set(found.values()) <= {"warning", "info"}, found
+    largest = {"KellerJordan__modded-nanogpt__2024-11-10_ScaleShortcuts_4897c987.jsonl": 14221}
+    if name in largest:
+        assert found[largest[name]] == "warning", "a 1.8x blip, larger than any before"
 
 
 def test_a_16000_record_nan_run_is_one_snapshot_in_a_few_lines(tmp_path: Path) -> None:

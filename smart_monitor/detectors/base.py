@@ -7,6 +7,7 @@ import math
 from typing import Any, Protocol
 
 from smart_monitor.batch import TrainBlock
+from smart_monitor.notes import Note
 from smart_monitor.records import ExampleRecord, Record
 from smart_monitor.triggers import Trigger
 
@@ -21,7 +22,17 @@ class Detector(Protocol):
     ``batch.py``): ``screen`` returns the index of the first record in ``[start, stop)``
     that might fire (``stop`` if none can), conservatively; ``absorb`` then changes the
     state exactly as ``update`` would have for the quiet records ``[start, end)``.
+
+    Besides triggers the pipeline reads two things of every detector: ``notes``, log
+    events that are no detection (``LR changed``), which it drains after each record,
+    and ``last_z``, the z-score of the last value scored (snapshot metadata
+    ``z_scores``; None for a detector without one).
     """
+
+    notes: list[Note]
+
+    @property
+    def last_z(self) -> float | None: ...
 
     def update(self, record: Record) -> list[Trigger]: ...
 

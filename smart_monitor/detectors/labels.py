@@ -8,6 +8,7 @@ from typing import Any
 
 from smart_monitor.config import ConflictingLabelsConfig
 from smart_monitor.detectors.base import NotesTrainSteps
+from smart_monitor.notes import Note
 from smart_monitor.records import Record, normalise_text
 from smart_monitor.triggers import Severity, Trigger
 
@@ -43,6 +44,8 @@ class ConflictingLabels(NotesTrainSteps):
 
     def __init__(self, config: ConflictingLabelsConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         # prompt hash -> (step first seen, [[normalised answer hash, its first chars]])
         self.prompts: OrderedDict[str, tuple[int, list[list[str]]]] = OrderedDict()
         self.last_step = 0

@@ -9,13 +9,15 @@ import numpy as np
 import numpy.typing as npt
 
 from smart_monitor.batch import Floats, TrainBlock, rolling_median
-from smart_monitor.config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig
+from smart_monitor.config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig, TextureConfig
 from smart_monitor.detectors.base import IgnoresTrainBlocks
+from smart_monitor.detectors.texture import Texture
+from smart_monitor.notes import Note
 from smart_monitor.records import Record, TrainRecord
-from smart_monitor.stats import RollingMedian
+from smart_monitor.stats import Relearn, RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
-__all__ = ["Divergence", "LossSpike", "NonFinite"]
+__all__ = ["Divergence", "LossSpike", "NonFinite", "first_hit"]
 
 _MAD_TO_STD = 1.4826  # MAD times this is the std of a normal sample
 
@@ -38,11 +40,14 @@ class LossSpike:
 
     kind = "loss_spike"
 
-    def __init__(self, config: LossSpikeConfig) -> None:
+    def __init__(self, config: LossSpikeConfig, texture: TextureConfig | None = None) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
+        self.texture = Texture(texture or TextureConfig())
         self.baseline = RollingMedian(config.window)
         self.scale: float | None = None
-        self.streak: list[tuple[int, float]] = []
+        self.streak = Relearn(config.relearn)
 
     def update(self, record: Record) -> list[Trigger]:
         if not isinstance(record, TrainRecord):
@@ -53,6 +58,7 @@ class LossSpike:
         baseline = self.baseline
         config = self.config
         if len(baseline) < config.warmup:
+            self.texture.start(record.step)
             baseline.add(record.step, loss)
             return []
         median = baseline.median
@@ -69,15 +75,12 @@ class LossSpike:
             baseline.add(record.step, loss)
             return []
         pct = (loss / median - 1.0) * 100.0
-        self.streak.append((record.step, loss))
-        if len(self.streak) >= self.config.relearn:
-            for s, v in self.streak:
-                baseline.add(s, v)
-            self.streak.clear()
-        details = {"pct": pct, "value": loss, "baseline": median}
-        return [
-            Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", Severity.WARNING, record.step, details)
-        ]
+        first = self.streak.fire(record.step, loss, baseline) == 1  # not yet seen to stay
+        severity, details = Severity.WARNING, {"pct": pct, "value": loss, "baseline": median}
+        if first:
+            severity, texture = self.texture.judge(record.step, loss / median, severity)
+            details.update(texture)
+        return [Trigger(self.kind, f"{self.kind}_{pct:.1f}pct", severity, record.step, details)]
 
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
         """Candidates: above the median by threshold_pct and by min_rise (the robust-z
@@ -93,27 +96,31 @@ class LossSpike:
         hit = (median > 0) & (rise * 100.0 > config.threshold_pct * median) & (
             rise > config.min_rise * self.scale
         )
-        return _first(hit, start, stop)
+        return first_hit(hit, start, stop)
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
-        if block.loss is not None:
+        if block.loss is not None and start < end:
+            self.texture.start(block.rows[start][0])
             self.baseline.extend(*block.tail(block.loss, start, end, self.baseline.size))
 
     def rewind(self, step: int) -> None:
         self.baseline.rewind(step)
-        self.streak = [p for p in self.streak if p[0] <= step]
+        self.texture.rewind(step)
+        self.streak.rewind(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline.state_dict(),
+            "texture": self.texture.state_dict(),
             "scale": self.scale,
-            "streak": [list(p) for p in self.streak],
+            "streak": self.streak.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline.load_state_dict(state.get("baseline", {}))
+        self.texture.load_state_dict(state.get("texture", {}))
         self.scale = state.get("scale")
-        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
+        self.streak.load_state_dict(state.get("streak", []))
 
 
 class Divergence:
@@ -132,6 +139,8 @@ class Divergence:
 
     def __init__(self, config: DivergenceConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.median = RollingMedian(config.window)
         self.best = math.inf
         self.scale: float | None = None
@@ -185,7 +194,7 @@ class Divergence:
         hit = finite & (levels > best * config.factor) & (
             levels - best > config.min_rise * self.scale
         )
-        return _first(hit, start, stop)
+        return first_hit(hit, start, stop)
 
     def _levels(self, block: TrainBlock, start: int, end: int) -> Floats:
         """The median after each record of ``[start, end)``. The median takes in every
@@ -251,6 +260,8 @@ class NonFinite(IgnoresTrainBlocks):
 
     def __init__(self, config: NonFiniteConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.last_bad_grad: int | None = None
 
     def update(self, record: Record) -> list[Trigger]:
@@ -293,7 +304,7 @@ class NonFinite(IgnoresTrainBlocks):
         self.last_bad_grad = state.get("last_bad_grad")
 
 
-def _first(hit: npt.NDArray[np.bool_], start: int, stop: int) -> int:
+def first_hit(hit: npt.NDArray[np.bool_], start: int, stop: int) -> int:
     """The block index of the first True in ``hit`` (which starts at ``start``)."""
     found = np.flatnonzero(hit)
     return start + int(found[0]) if len(found) else stop

@@ -9,6 +9,7 @@ from typing import Any
 
 from smart_monitor.config import PredictionsConfig
 from smart_monitor.detectors.base import NotesTrainSteps, isfinite
+from smart_monitor.notes import Note
 from smart_monitor.records import Record
 from smart_monitor.triggers import Severity, Trigger
 
@@ -28,6 +29,8 @@ class PredictionOutliers(NotesTrainSteps):
 
     def __init__(self, config: PredictionsConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.last_step = 0
 
     def update(self, record: Record) -> list[Trigger]:
@@ -60,16 +63,26 @@ class PredictionOutliers(NotesTrainSteps):
         self.last_step = int(state.get("last_step", 0))
 
 
+_RECENT_GROUPS = 4  # the latest evaluations tested on their own
+
+
 class InvertedLossPattern(NotesTrainSteps):
     """Over the last ``inverted_window`` examples, right answers cost significantly more
     than wrong ones (one-sided Mann-Whitney U, p < ``inverted_alpha``, at least
     ``inverted_min_each`` of each): the model is confidently wrong. Fires when the
-    pattern appears and again only after it has gone away."""
+    pattern appears and again only after it has gone away.
+
+    The examples of the latest evaluations are tested on their own too (those of the
+    last 1, 2, ... ``_RECENT_GROUPS`` steps, ``inverted_alpha`` shared among the tests):
+    when evaluations are far apart with few examples each, a window still half full of
+    examples from before the change would hide it for many evaluations."""
 
     kind = "inverted_loss_pattern"
 
     def __init__(self, config: PredictionsConfig) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score
         self.examples: deque[tuple[int, bool, float]] = deque(maxlen=config.inverted_window)
         self.active = False
         self.last_step = 0
@@ -80,12 +93,12 @@ class InvertedLossPattern(NotesTrainSteps):
             return []
         record, step = found
         self.examples.append((step, record.matches, float(record.loss)))  # type: ignore[arg-type]
-        right = [loss for _, ok, loss in self.examples if ok]
-        wrong = [loss for _, ok, loss in self.examples if not ok]
-        if min(len(right), len(wrong)) < self.config.inverted_min_each:
+        least = self.config.inverted_min_each
+        tests = [t for t in self._suffixes() if min(len(t[0]), len(t[1])) >= least]
+        if not tests:
             return []
-        p = mann_whitney_p(right, wrong)
-        if p >= self.config.inverted_alpha:
+        p, right, wrong = min((mann_whitney_p(r, w), r, w) for r, w in tests)
+        if p * len(tests) >= self.config.inverted_alpha:
             self.active = False
             return []
         if self.active:
@@ -100,6 +113,24 @@ class InvertedLossPattern(NotesTrainSteps):
         }
         name = f"{self.kind}_correct_high"
         return [Trigger(self.kind, name, Severity.CRITICAL, step, details)]
+
+    def _suffixes(self) -> list[tuple[list[float], list[float]]]:
+        """(right losses, wrong losses) of the examples of the last 1, 2, ... steps (up to
+        ``_RECENT_GROUPS``) and of the whole window."""
+        out: list[tuple[list[float], list[float]]] = []
+        right: list[float] = []
+        wrong: list[float] = []
+        groups = 0
+        last: int | None = None
+        for step, ok, loss in reversed(self.examples):
+            if step != last and last is not None:
+                groups += 1
+                if groups <= _RECENT_GROUPS:
+                    out.append((list(right), list(wrong)))
+            last = step
+            (right if ok else wrong).append(loss)
+        out.append((right, wrong))
+        return out
 
     def rewind(self, step: int) -> None:
         kept = [e for e in self.examples if e[0] <= step]

@@ -28,6 +28,7 @@ from typing import Any
 from smart_monitor.batch import TrainBlock
 from smart_monitor.config import DetectorsConfig
 from smart_monitor.detectors.loss import Divergence, LossSpike
+from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, TrainRecord
 from smart_monitor.series import classify, main_loss_key, safe_name
 from smart_monitor.triggers import Severity, Trigger
@@ -82,6 +83,8 @@ class SeriesLosses:
         self.best: dict[str, tuple[float, int]] = {}  # eval metric -> (best, its step)
         self._keys: dict[tuple[str, ...], tuple[str, ...]] = {}  # record keys -> watched
         self.train_bad = False  # the main train loss is non-finite: the run is already broken
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.last_z: float | None = None  # no z-score of its own
 
     def _watched(self, raw: Any) -> tuple[str, ...]:
         """The keys of ``raw`` this detector watches (memoised on the key set)."""
@@ -117,8 +120,9 @@ class SeriesLosses:
                 bad.append(key)
                 continue
             watched.bad_at = None
-            if key == "eval_loss":
-                continue  # the main eval loss: best model and overfitting judge it, as before
+            if key == "eval_loss" or classify(key).adversarial:
+                continue  # the main eval loss: best model and overfitting judge it, as
+                # before; a GAN's losses are not minimised: only a non-finite one is news
             point = TrainRecord(record.step, float(value), None, None, raw)
             for detector in (watched.spike, watched.divergence):
                 if detector is not None:

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 
 from smart_monitor.batch import Floats, TrainBlock, rolling_mean, rolling_mean_std
-from smart_monitor.config import LossZScoreConfig, LrZScoreConfig
-from smart_monitor.detectors.loss import _first
+from smart_monitor.config import LossZScoreConfig, LrZScoreConfig, TextureConfig
+from smart_monitor.detectors.loss import first_hit
+from smart_monitor.detectors.texture import Texture
 from smart_monitor.notes import Note
 from smart_monitor.records import Record, TrainRecord
-from smart_monitor.stats import RollingWindow
+from smart_monitor.stats import Relearn, RollingWindow
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["LossZScore", "LrZScore"]
@@ -52,11 +53,13 @@ class LossZScore:
 
     kind = "loss_zscore"
 
-    def __init__(self, config: LossZScoreConfig) -> None:
+    def __init__(self, config: LossZScoreConfig, texture: TextureConfig | None = None) -> None:
         self.config = config
+        self.notes: list[Note] = []  # this detector says nothing but triggers
+        self.texture = Texture(texture or TextureConfig())
         self.window = RollingWindow(config.window)
         self.scale: float | None = None
-        self.streak: list[tuple[int, float]] = []
+        self.streak = Relearn(config.relearn)
         self._min_move = math.inf  # min_rise * scale, once warm
         self._last: tuple[float, float, float, float, int] | None = None  # loss, mean, ...
 
@@ -79,6 +82,7 @@ class LossZScore:
         config = self.config
         n = len(window)
         if n < config.warmup:
+            self.texture.start(record.step)
             window.add(record.step, loss)
             return []
         mean = window.mean
@@ -98,15 +102,15 @@ class LossZScore:
             self.streak.clear()
             window.add(record.step, loss)
             return []
-        self.streak.append((record.step, loss))
-        persistent = len(self.streak) >= config.relearn  # the loss did not come back
-        if persistent:
-            for s, v in self.streak:
-                window.add(s, v)
-            self.streak.clear()
+        place = self.streak.fire(record.step, loss, window)
+        first = place == 1  # not yet seen to stay up: judged as texture
+        persistent = place >= config.relearn  # the loss did not come back
         critical = persistent and abs(z) > config.critical
         severity = Severity.CRITICAL if critical else Severity.WARNING
-        details = {"z": z, "value": loss, "mean": mean, "std": std}
+        details: dict[str, Any] = {"z": z, "value": loss, "mean": mean, "std": std}
+        if loss > mean > 0 and first:  # a rise not yet seen to stay: is it texture?
+            severity, texture = self.texture.judge(record.step, loss / mean, severity, z)
+            details.update(texture)
         return [Trigger(self.kind, f"{self.kind}_{z:.2f}", severity, record.step, details)]
 
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
@@ -126,28 +130,32 @@ class LossZScore:
         slack = 1e-9 * (np.abs(means) + self._min_move)
         floor = np.maximum(config.min_rel_std * np.abs(means), 1e-12)
         limit = config.threshold * np.maximum(stds, floor) * (1 - 1e-6)
-        return _first((move > self._min_move - slack) & (move > limit - slack), start, stop)
+        return first_hit((move > self._min_move - slack) & (move > limit - slack), start, stop)
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
-        if block.loss is not None:
+        if block.loss is not None and start < end:
+            self.texture.start(block.rows[start][0])
             self.window.extend(*block.tail(block.loss, start, end, self.window.size))
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
-        self.streak = [p for p in self.streak if p[0] <= step]
+        self.texture.rewind(step)
+        self.streak.rewind(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self.window.state_dict(),
+            "texture": self.texture.state_dict(),
             "scale": self.scale,
-            "streak": [list(p) for p in self.streak],
+            "streak": self.streak.state_dict(),
             "last": list(self._last) if self._last else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window.load_state_dict(state.get("window", {}))
+        self.texture.load_state_dict(state.get("texture", {}))
         self.scale = state.get("scale")
-        self.streak = [(int(s), float(v)) for s, v in state.get("streak", [])]
+        self.streak.load_state_dict(state.get("streak", []))
         last = state.get("last")
         self._last = None
         if last and len(last) == 5:
@@ -302,7 +310,7 @@ class LrZScore:
         means = rolling_mean(self.window.values(), rates, config.window)
         off = np.abs(values - prev_lr - means * gap)
         limit = config.threshold * config.min_rel_std * np.abs(prev_lr)
-        return _first(off > limit * (1 - 1e-9) - 1e-300, start, stop)
+        return first_hit(off > limit * (1 - 1e-9) - 1e-300, start, stop)
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.learning_rate is None or start >= end:

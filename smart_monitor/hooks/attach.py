@@ -92,10 +92,14 @@ def _draw_when_free(snapshot: Path, hold: Callable[[], bool]) -> None:
 
 
 def draw_in_child(snapshots: Sequence[Path]) -> None:
-    """``python -m smart_monitor.tools.report SNAPSHOT...``; raises with its last error line."""
+    """``python -m smart_monitor.tools.report SNAPSHOT...``; raises with its last error line.
+    A snapshot removed meanwhile (an older best model past ``keep_best``) needs no plot."""
+    snapshots = [s for s in snapshots if s.is_dir()]
+    if not snapshots:
+        return
     cmd = [sys.executable, "-m", "smart_monitor.tools.report", *map(str, snapshots)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PLOT_CHILD_SECONDS)
-    if done.returncode != 0:
+    if done.returncode != 0 and all(s.is_dir() for s in snapshots):
         lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
         raise RuntimeError(lines[-1])
 

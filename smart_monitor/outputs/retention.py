@@ -20,9 +20,13 @@ give way to it). Over either, snapshots *release* their weights (``model/`` goes
 ``metadata.json``, the plots and a ``released`` note stay, so the record of what
 happened is never lost): the oldest non-critical first, then the oldest critical. A
 snapshot whose checkpoint the trainer still has frees nothing and is passed over, so
-the newest best model (its checkpoint not yet rotated) keeps its weights. Apart from
-that, a best model supersedes the weights of older best-model snapshots beyond the
-newest ``keep_best``.
+the newest best model (its checkpoint not yet rotated) keeps its weights.
+
+Best models are bounded on their own (``enforce_keep_best``): at most ``keep_best``
+best-model snapshot folders exist at once, older ones are removed whole (a long run
+otherwise lists a hundred of them), and the best model an overfitting conclusion names
+(``metadata.json``'s ``overfitting.best_snapshot``) is kept on top of them while its
+episode lasts, that is until a newer best model arrives.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from smart_monitor.outputs.snapshot import (
 
 __all__ = [
     "DiskBudget", "SnapshotCache", "added_bytes", "disk_budget", "enforce_budget",
-    "enforce_retention",
+    "enforce_keep_best", "enforce_retention", "superseded_keys",
 ]
 
 Snap = tuple[Path, dict[str, Any]]
@@ -159,6 +163,73 @@ def _is_best(meta: dict[str, Any]) -> bool:
     return bool(triggers) and all(t.startswith(_BEST) for t in triggers)
 
 
+def _episode_best(snaps: list[Snap]) -> Path | None:
+    """The best model named by the newest overfitting snapshot, while no best model is
+    newer than that conclusion (a new best ends the episode)."""
+    for _path, meta in reversed(snaps):
+        if _is_best(meta):
+            return None
+        named = meta.get("overfitting", {}).get("best_snapshot")
+        if isinstance(named, str) and named:
+            return Path(named)
+    return None
+
+
+_SUPERSEDED = "superseded_keys"  # metadata key: best models removed in favour of this one
+_SUPERSEDED_KEPT = 1000
+
+
+def enforce_keep_best(writer: SnapshotWriter, keep_best: int, log: Any) -> list[str]:
+    """Remove best-model snapshots older than the newest ``keep_best`` (the one an open
+    overfitting episode names stays); returns the removed ones' idempotency keys. The
+    newest best model notes them (``superseded_keys``, carried forward), so that a replay
+    over the same output, or a restart, does not make them again."""
+    snaps = _oldest_first(SnapshotCache(), writer)
+    protected = _episode_best(snaps)
+    # made within one second (a replay): the step orders them
+    best = sorted((s for s in snaps if _is_best(s[1])),
+                  key=lambda s: (str(s[1].get("created_at", "")), int(s[1].get("step", 0))))
+    removed: list[str] = []
+    carried: list[str] = []
+    for path, meta in best[:-keep_best] if keep_best else []:
+        if protected is not None and path.name == protected.name:
+            continue
+        if _remove(path, log):
+            removed.append(str(meta.get("key", "")))
+            carried.extend(superseded_keys(meta))
+            log.info(
+                "Removed snapshot", path=str(path), step=meta.get("step"),
+                triggers=meta.get("triggers", []), severity=meta.get("severity"),
+                reason="keep_best", keep_best=keep_best,
+            )
+    keys = [k for k in removed if k]
+    if keys:
+        path, meta = best[-1]
+        kept = [*meta.get(_SUPERSEDED, []), *carried, *keys][-_SUPERSEDED_KEPT:]
+        try:
+            write_metadata(path, {**meta, _SUPERSEDED: kept})
+        except OSError as exc:
+            log.warning("Superseded keys not noted", path=str(path), error=str(exc))
+    return keys
+
+
+def superseded_keys(meta: dict[str, Any]) -> list[str]:
+    """The keys of the best models a best-model snapshot superseded (see above)."""
+    return [str(k) for k in meta.get(_SUPERSEDED, [])]
+
+
+def _remove(path: Path, log: Any) -> bool:
+    """Rename to a temporary name, then delete: a reader never sees half of it."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, doomed)
+    except OSError as exc:
+        log.error("Snapshot removal failed", path=str(path), error=str(exc))
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
 def enforce_retention(
     writer: SnapshotWriter, max_count: int, max_bytes: int, log: Any,
     cache: SnapshotCache | None = None,
@@ -183,13 +254,8 @@ def enforce_retention(
             break
         if path == keep:
             continue
-        doomed = path.with_name(f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(path, doomed)
-        except OSError as exc:
-            log.error("Snapshot removal failed", path=str(path), error=str(exc))
+        if not _remove(path, log):
             continue
-        shutil.rmtree(doomed, ignore_errors=True)
         cache.forget(path)
         count -= 1
         total -= sizes.get(path, 0)
@@ -278,11 +344,13 @@ def enforce_budget(
     frees nothing: it is passed over until its checkpoint is rotated away."""
     cache = cache or SnapshotCache()
     every = _oldest_first(cache, writer)
+    protected = _episode_best(every)  # the best an open overfitting episode names stays
     snaps = [s for s in every if os.path.isdir(os.path.join(s[0], "model"))]
     best = [s for s in snaps if _is_best(s[1])]
     for snap in best[: -config.keep_best]:
-        _release(writer.root, snap, "superseded", log, keep_best=config.keep_best)
-        cache.forget(snap[0])
+        if protected is None or snap[0].name != protected.name:
+            _release(writer.root, snap, "superseded", log, keep_best=config.keep_best)
+            cache.forget(snap[0])
     snaps = [s for s in snaps if os.path.isdir(os.path.join(s[0], "model"))]
     sizes = {p: cache.added(p) for p, _ in every}
     budget, free, floor = _limits(writer.root, config, usage)

@@ -27,6 +27,7 @@ from smart_monitor.events import (
 )  # fmt: skip
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
 from smart_monitor.outputs.incident import record_end
+from smart_monitor.outputs.retention import enforce_keep_best
 from smart_monitor.outputs.snapshot import (
     SnapshotError,
     SnapshotResult,
@@ -43,6 +44,7 @@ from smart_monitor.triggers import Trigger, kind_of
 __all__ = ["Dispatch"]
 
 _VANISHED_RETRIES = 3
+_BEST_REMEMBERED = 64  # best-model snapshots an overfitting conclusion may name
 _COPY_STOP_SECONDS = 1.0  # at stop, a copy that ends within this is kept; later ones abandoned
 _RETRY_FIRST = 2.0  # a pin that failed is retried after this, doubling (FAULTS.md #55)...
 _RETRY_MAX = 60.0  # ...up to this, for as long as a candidate checkpoint exists
@@ -88,6 +90,7 @@ class Dispatch:
         self._incident_snapshots: dict[str, list[Path]] = {}  # open incident id -> snapshots
         self._retries: dict[str, _Retry] = {}  # by snapshot key
         self._failures: dict[str, int] = {}  # failed pins in a row, by snapshot key
+        self._best_snapshots: dict[int, Path] = {}  # step -> its best-model snapshot
         self.copier: Copier | None = None  # set by the daemon: copies then run off the worker
 
     # -- what the daemon asks -------------------------------------------------------
@@ -240,6 +243,8 @@ class Dispatch:
         fire now, never behind a copy: FAULTS.md #57) and its ``model/`` is copied in on
         the copier. ``vanished``: the candidate checkpoints already rotated away."""
         metadata = {**request.metadata, "key": request.key}
+        if "overfitting" in metadata:  # the best model the conclusion names
+            metadata["overfitting"] = self._best_model(metadata["overfitting"])
         while True:
             ck = None if len(vanished) >= _VANISHED_RETRIES else self._checkpoint_for(request)
             if ck is None and vanished:
@@ -310,6 +315,16 @@ class Dispatch:
             self._created(request, ck, result)
             return
 
+    def _best_model(self, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """An overfitting conclusion's evidence with the snapshot of its best model: the
+        newest best-model snapshot at or before the best step (an improvement smaller
+        than ``best_model``'s margin makes no snapshot of its own)."""
+        best_step = int(evidence.get("best_step", -1))
+        steps = [s for s in self._best_snapshots if s <= best_step]
+        path = self._best_snapshots[max(steps)] if steps else None
+        return {**evidence, "best_snapshot": str(path) if path else None,
+                "best_snapshot_step": max(steps) if steps else None}
+
     def _copied(self, done: CopyDone) -> None:
         """A copy made off the worker ended: in place, vanished (try the next
         candidate), abandoned at stop (the metadata says so) or failed."""
@@ -349,6 +364,12 @@ class Dispatch:
             self._incident_snapshots.setdefault(metadata["incident"]["id"], []).append(
                 result.path
             )
+        if all(t.kind == "best_model_loss" for t in request.triggers):
+            self._best_snapshots[request.step] = result.path
+            for step in sorted(self._best_snapshots)[:-_BEST_REMEMBERED]:
+                del self._best_snapshots[step]
+            # at most keep_best best models at once, in run and replay alike
+            enforce_keep_best(self.writer, self.pipeline.config.snapshot.keep_best, self.log)
         if announce:
             self.emit(SnapshotMade(request, result.path, result.bytes))
 

@@ -1,0 +1,249 @@
+"""The conclusions a person draws from a run (overfitting, not learning), the run's
+texture (a loss blip judged against the run's own blips) and bounded best models, on
+real runs from ../shared/real-runs and on small streams; each stateful part resumed from
+a JSON round-trip of its state at a random record."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_retention import Clock
+
+from smart_monitor.config import (
+    BestModelConfig,
+    Config,
+    NotLearningConfig,
+    OverfittingConfig,
+    TextureConfig,
+)
+from smart_monitor.detectors.evaluation import BestModel
+from smart_monitor.detectors.not_learning import NotLearning
+from smart_monitor.detectors.overfitting import Overfitting
+from smart_monitor.detectors.texture import Texture
+from smart_monitor.detectors.zscore import LossZScore
+from smart_monitor.outputs.log import make_logger
+from smart_monitor.outputs.retention import enforce_keep_best, superseded_keys
+from smart_monitor.outputs.snapshot import SnapshotWriter
+from smart_monitor.pipeline import Pipeline
+from smart_monitor.records import EvalRecord, Record, TrainRecord, to_record
+from smart_monitor.sources.checkpoints import Checkpoint
+from smart_monitor.triggers import Severity, Trigger, kind_of, stats_label
+
+REAL_RUNS = Path(__file__).parents[1].parent / "shared" / "real-runs"
+DEV = REAL_RUNS / "dev"
+
+
+def jsonl(path: Path) -> list[Record]:
+    out = [to_record(json.loads(line)) for line in path.read_text().splitlines()]
+    return [r for r in out if r is not None]
+
+
+def fired(detector: Any, records: list[Record]) -> list[Trigger]:
+    return [t for r in records for t in detector.update(r)]
+
+
+def resumed(make: Any, records: list[Record], seed: int) -> list[Trigger]:
+    """Stop at a random record, rebuild from a JSON round-trip of the state, go on."""
+    cut = random.Random(seed).randrange(1, len(records))
+    first = make()
+    out = fired(first, records[:cut])
+    second = make()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    return out + fired(second, records[cut:])
+
+
+def curve(evals: list[float], train: list[float]) -> list[Record]:
+    out: list[Record] = []
+    for i, (e, t) in enumerate(zip(evals, train, strict=True)):
+        out.append(TrainRecord(i * 100 + 50, t, 1e-4, None, {}))
+        out.append(EvalRecord(i * 100 + 100, e, None, {}))
+    return out
+
+
+# -- overfitting ---------------------------------------------------------------------
+T13 = [43.43, 43.47, 43.52, 47.30, 54.41, 59.72]  # dev-tb T13 val_loss, epochs 0-5
+
+
+def test_overfitting_named_for_the_best_step_once_per_episode() -> None:
+    """dev-tb T13: best at epoch 0, then +9 %, +25 %, +38 % while train falls."""
+    records = curve([*T13, 61.0, 62.0, 63.0], [44.7, 44.0, 42.0, 38.0, 33.0, 30.4, 29, 28, 27])
+    (t,) = fired(Overfitting(OverfittingConfig()), records)
+    assert (t.name, t.step, t.severity) == ("overfitting_from_100", 600, Severity.WARNING)
+    assert t.details["best_value"] == 43.43 and t.details["evaluations_worse"] == 3
+    assert kind_of(t.name) == "overfitting" and stats_label("overfitting") == "overfitting_from_*"
+
+
+def test_a_new_best_ends_the_episode_and_a_second_one_is_news() -> None:
+    evals = [*T13, 30.0, 38.0, 46.0, 54.0]
+    names = [t.name for t in fired(Overfitting(OverfittingConfig()), curve(evals, [40.0] * 10))]
+    assert names == ["overfitting_from_100", "overfitting_from_700"]
+
+
+def test_no_overfitting_when_the_train_loss_rises_too() -> None:
+    """Both going up is a divergence (its own detector), not overfitting."""
+    train = [44.7, 44.0, 43.0, 50.0, 60.0, 70.0]
+    assert not fired(Overfitting(OverfittingConfig()), curve(T13, train))
+
+
+def test_an_eval_metric_in_its_direction_when_there_is_no_eval_loss() -> None:
+    accs = [0.70, 0.74, 0.75, 0.66, 0.62, 0.60]
+    records = [EvalRecord(i * 100, None, a, {}) for i, a in enumerate(accs)]
+    (t,) = fired(Overfitting(OverfittingConfig()), records)
+    assert (t.name, t.details["best_value"], t.details["source"]) == (
+        "overfitting_from_200", 0.75, "accuracy"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["xueh88401-web__qwen2.5-7b-medical-finetune__trainer_log.jsonl",  # +1.7 %: mild
+     "CooperBigFoot__CAMELS-CH__version_17_metrics.jsonl"],  # flat, never improved
+)
+def test_mild_drift_and_a_flat_eval_are_no_overfitting(name: str) -> None:
+    assert not fired(Overfitting(OverfittingConfig()), jsonl(DEV / name))
+
+
+# -- not learning --------------------------------------------------------------------
+RNN_TANH = DEV / "pypi-data__pypi-mirror-359__nlpia2_RNN_TANH_2l_12ep.jsonl"
+
+
+def test_a_run_broken_from_its_first_record_is_not_learning() -> None:
+    """nlpia2 RNN_TANH: 17.7-19.5 for five epochs (worse than a uniform guess)."""
+    (t,) = fired(NotLearning(NotLearningConfig()), jsonl(RNN_TANH))
+    assert t.name == "not_learning_55" and t.step < 14732, "before the LR cut that saves it"
+    assert t.details["reason"] == "loss" and t.details["lowest_level"] > 17
+    assert t.details["start_level"] > 17 and t.details["slope_t"] > -3
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pypi-data__pypi-mirror-359__nlpia2_LSTM_2l_12ep.jsonl",
+     "KellerJordan__modded-nanogpt__2024-10-13_llmc_main.jsonl",
+     "CooperBigFoot__CAMELS-CH__version_17_metrics.jsonl"],
+)
+def test_runs_that_learned_then_converged_are_never_judged(name: str) -> None:
+    detector = NotLearning(NotLearningConfig())
+    assert not fired(detector, jsonl(DEV / name))
+    assert detector.done, "it learned, early: nothing is judged again"
+
+
+def test_a_learning_rate_of_zero_since_the_start() -> None:
+    records: list[Record] = [TrainRecord(s, 2.0 + 0.3 * (s % 2), 0.0, None, {}) for s in range(60)]
+    (t,) = fired(NotLearning(NotLearningConfig()), records)
+    assert t.details["reason"] == "learning_rate" and t.details["max_learning_rate"] == 0.0
+
+
+def test_an_eval_accuracy_that_never_moved_when_no_train_loss_is_logged() -> None:
+    records: list[Record] = [EvalRecord(s, None, 0.5 + 0.002 * (s % 3), {}) for s in range(10)]
+    (t,) = fired(NotLearning(NotLearningConfig()), records)
+    assert (t.name, t.details["reason"]) == ("not_learning_8", "accuracy")
+
+
+def test_warm_up_records_do_not_count() -> None:
+    """A flat loss while the LR still rises is no verdict; after it, 50 records are."""
+    records: list[Record] = [
+        TrainRecord(s, 3.0 + 0.2 * (s % 3), 1e-6 * (s + 1), None, {}) for s in range(100)
+    ]
+    (t,) = fired(NotLearning(NotLearningConfig()), records + [
+        TrainRecord(s, 3.0 + 0.2 * (s % 3), 5e-5, None, {}) for s in range(100, 160)
+    ])
+    assert t.step == 149
+
+
+# -- texture ---------------------------------------------------------------------------
+def test_a_blip_is_a_warning_only_when_large_and_rare_for_the_run() -> None:
+    texture = Texture(TextureConfig(min_ratio=1.5, rare_steps=1000))
+    texture.start(0)
+    seen = [(s, texture.judge(s, 2.0, Severity.WARNING)) for s in (100, 400, 700, 5000)]
+    assert [sev.value for _, (sev, _) in seen] == ["warning", "info", "info", "warning"]
+    _, details = seen[2][1]
+    assert (details["earlier_at_least"], details["return_period_steps"]) == (2, 350.0)
+    assert texture.judge(800, 1.3, Severity.WARNING)[0] is Severity.INFO, "small: texture"
+    assert texture.judge(900, 1.3, Severity.CRITICAL)[0] is Severity.CRITICAL
+
+
+def test_dev_lm_blips_are_information_and_each_says_how_often() -> None:
+    name = "tyler-romero__nanogpt-speedrun__2dbf7fa6.jsonl"
+    pipeline = Pipeline(Config())
+    found = []
+    for r in jsonl(REAL_RUNS / "dev-lm" / name):
+        out = pipeline.process(r)
+        found += [t for t in out.triggers if t.kind != "best_model_loss"] if out else []
+    assert len(found) >= 9 and {t.severity for t in found} == {Severity.INFO}
+    assert not [o for o in found if "texture" not in o.details]
+    assert max(t.details["ratio"] for t in found) > 1.55, "the largest blips stay visible"
+
+
+def test_a_loss_that_stays_up_is_no_texture() -> None:
+    d = LossZScore(Config().detectors.loss_zscore)
+    series = [TrainRecord(s, 3.0 + 0.01 * (s % 5), None, None, {}) for s in range(40)]
+    up = [TrainRecord(40 + s, 3.6, None, None, {}) for s in range(6)]
+    severities = [t.severity.value for t in fired(d, series + up)]
+    assert severities[:2] == ["info", "warning"], severities
+    assert "critical" in severities
+
+
+def test_texture_resumes_from_json() -> None:
+    records = jsonl(REAL_RUNS / "dev-lm" / "tyler-romero__nanogpt-speedrun__2dbf7fa6.jsonl")
+    train = [r for r in records if isinstance(r, TrainRecord)][:3500]
+
+    def make() -> LossZScore:
+        return LossZScore(Config().detectors.loss_zscore)
+
+    whole = [(t.step, t.severity, t.details.get("earlier_at_least")) for t in fired(make(), train)]
+    for seed in range(3):
+        got = [(t.step, t.severity, t.details.get("earlier_at_least"))
+               for t in resumed(make, train, seed)]
+        assert got == whole
+
+
+@pytest.mark.parametrize(("make", "records"), [
+    (lambda: Overfitting(OverfittingConfig()), curve([*T13, 30.0, 35.0, 40.0, 45.0], [40.0] * 10)),
+    (lambda: NotLearning(NotLearningConfig()), jsonl(RNN_TANH)),
+    (lambda: BestModel(BestModelConfig()), curve([1.0 - 0.05 * i for i in range(12)] + [2.0],
+                                                  [1.0] * 13)),
+])
+def test_new_detectors_resume_at_a_random_record(make: Any, records: list[Record]) -> None:
+    whole = [(t.name, t.step) for t in fired(make(), records)]
+    assert whole
+    for seed in range(5):
+        assert [(t.name, t.step) for t in resumed(make, records, seed)] == whole
+
+
+# -- best models -----------------------------------------------------------------------
+def test_a_burst_of_improvements_fires_at_powers_of_two_and_at_its_end() -> None:
+    evals = [1.0 - 0.05 * i for i in range(12)] + [2.0]  # 11 new bests, then worse
+    d = BestModel(BestModelConfig())
+    records: list[Record] = [EvalRecord(i * 100, v, None, {}) for i, v in enumerate(evals)]
+    got = [t.step for t in fired(d, records)]
+    assert got == [100, 200, 400, 800, 1100], "1st, 2nd, 4th, 8th and the last of the burst"
+
+
+def write(writer: SnapshotWriter, tmp: Path, step: int, trigger: str, **extra: Any) -> Path:
+    ck = tmp / "run" / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "model.safetensors").write_bytes(b"x" * 1000)
+    meta = {"triggers": [trigger], "severity": "info", "step": step, "key": f"0:{step}", **extra}
+    return writer.write(trigger, meta, Checkpoint(ck.name, step, ck)).path
+
+
+def test_at_most_keep_best_folders_and_the_episode_best_on_top(tmp_path: Path) -> None:
+    writer = SnapshotWriter(tmp_path / "snaps", "copy", clock=Clock())  # type: ignore[arg-type]
+    log, _ = make_logger(tmp_path / "logs", stderr=None)
+    paths = [write(writer, tmp_path, s, f"best_model_loss_{1 - s / 10:.4f}") for s in range(1, 5)]
+    write(writer, tmp_path, 5, "overfitting_from_1",  # its best is older than keep_best
+          overfitting={"best_step": 1, "best_snapshot": str(paths[0])})
+    assert enforce_keep_best(writer, 3, log) == [], "the episode's best stays on top"
+    write(writer, tmp_path, 6, "best_model_loss_0.4000")  # a newer best ends the episode
+    assert enforce_keep_best(writer, 3, log) == ["0:1", "0:2"]
+    assert sorted(m["step"] for _, m in writer.published()) == [3, 4, 5, 6]
+    write(writer, tmp_path, 7, "best_model_loss_0.3000")
+    assert enforce_keep_best(writer, 3, log) == ["0:3"]
+    noted = {k for _, meta in writer.published() for k in superseded_keys(meta)}
+    assert noted == {"0:1", "0:2", "0:3"}, "a replay or a restart will not remake them"
+    text = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert text.count("reason=keep_best") == 3
