@@ -10,6 +10,7 @@ import math
 import random
 from typing import Any
 
+import numpy as np
 import pytest
 from synthetic import Anomaly, RunSpec, simulate
 
@@ -365,3 +366,19 @@ def test_a_loss_that_starts_at_zero_never_alarms() -> None:
     series = [train(i, 0.0) for i in range(60)] + [train(60, 0.0001), train(61, 0.0005)]
     assert not feed(LossZScore(LossZScoreConfig()), series)
     assert not feed(LossSpike(LossSpikeConfig()), series)
+
+
+def test_divergence_is_no_lucky_stretch_of_a_heavy_tailed_loss() -> None:
+    """A fine-tune's per-step loss with heavy tails (lucky batches near 0, hard ones at
+    3x) has a noisy rolling median; its lowest stretch is no baseline (dev-tb T18 fired
+    four criticals on a falling run). A level that truly doubles still fires."""
+    rng = np.random.default_rng(7)
+
+    def fired(levels: list[float]) -> list[int]:
+        d = Divergence(DivergenceConfig())
+        noise = rng.lognormal(0.0, 0.8, len(levels))
+        return [t.step for i, (lv, z) in enumerate(zip(levels, noise, strict=True))
+                for t in d.update(TrainRecord(i, lv * z, None, None, {}))]
+
+    assert fired([0.2] * 3000) == []
+    assert fired([0.2] * 1500 + [0.5] * 500) != []

@@ -176,12 +176,15 @@ def test_divergence_matches_numpy_oracle() -> None:
         finite.append(x)
         if len(finite) < cfg.warmup:
             continue
-        level = float(np.median(finite[-cfg.window :]))
+        window = np.array(finite[-cfg.window :])
+        level = float(np.median(window))
+        # the median's standard error, from the window's MAD, times 6 (loss.py _NOISE_SE)
+        noise = 6.0 * 1.2533 * 1.4826 * float(np.median(abs(window - level))) / len(window) ** 0.5
         scale = abs(level) if scale is None else scale
         if (
             0 < best < math.inf
             and level > best * cfg.factor
-            and level - best > cfg.min_rise * scale
+            and level - best > max(cfg.min_rise * scale, noise)
         ):
             above += 1
             fire = above >= cfg.patience and armed

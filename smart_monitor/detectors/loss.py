@@ -20,6 +20,8 @@ from smart_monitor.triggers import Severity, Trigger
 __all__ = ["Divergence", "LossSpike", "NonFinite", "first_hit"]
 
 _MAD_TO_STD = 1.4826  # MAD times this is the std of a normal sample
+_NOISE_SE = 6.0  # standard errors of the rolling median a divergence must rise beyond: the
+# lowest and the highest of many medians of one noisy level lie about 3 apart each way
 
 
 class LossSpike:
@@ -166,7 +168,7 @@ class Divergence:
         if not (
             0 < best < math.inf
             and level > best * self.config.factor
-            and level - best > self.config.min_rise * self.scale
+            and level - best > max(self.config.min_rise * self.scale, self._noise())
         ):
             self.above = 0
             self.fired = False
@@ -179,6 +181,15 @@ class Divergence:
         self.fired = True
         details = {"smoothed": level, "best": best, "ratio": level / best}
         return [Trigger(self.kind, self.kind, Severity.CRITICAL, record.step, details)]
+
+    def _noise(self) -> float:
+        """How far the lowest of many rolling medians of a noisy loss falls below its
+        level by chance: the median's standard error (1.2533 sigma / sqrt(n), sigma from
+        the window's MAD), times ``_NOISE_SE``. A per-step loss with heavy tails (a
+        fine-tune's lucky batches) has a noisy median; its best is no baseline to
+        diverge from by ``factor`` alone."""
+        n = len(self.median)
+        return _NOISE_SE * 1.2533 * _MAD_TO_STD * self.median.mad / math.sqrt(n) if n else 0.0
 
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
         if block.loss is None:
