@@ -123,12 +123,13 @@ class Live:
         cfg: Config,
         notify_env: dict[str, str] | None = None,
         factory: ObserverFactory = make_observer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = cfg
         self.out = cfg.log_dir.parent
         log, daily = make_logger(cfg.log_dir, stderr=None)
         self.daemon = Daemon(
-            cfg, log, daily, Notifier(notify_env or {}), observer_factory=factory,
+            cfg, log, daily, Notifier(notify_env or {}), clock=clock, observer_factory=factory,
             hooks=lambda engine, hold, status: attach_hooks(engine, cfg, log, hold, status),
         )
         self.error: BaseException | None = None

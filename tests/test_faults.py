@@ -282,7 +282,10 @@ def test_fault_14_backlog_ready_and_watchdog_before_it_is_done(
     n = 150_000
     append(cfg.metrics_file, lines(1, n))
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "100000"}
-    live = Live(cfg, env)
+    # the daemon's clock runs 20x: its 0.25 s turns and the pings are 12.5 ms apart, so
+    # the backlog spans several turns however fast this machine reads it
+    start = time.monotonic()
+    live = Live(cfg, env, clock=lambda: start + 20 * (time.monotonic() - start))
     notify_socket.records = lambda: live.records
     live.wait_records(n, timeout=120)
     wait_until(lambda: any("READY=1" in m for m, _ in notify_socket.messages), "READY=1")

@@ -88,10 +88,13 @@ def test_fault_59_finite_extremes_poison_no_window(tmp_path: Path) -> None:
     edited[ev]["eval_loss"] = -1e308
     got = triggers(replay(write(tmp_path / "extremes.jsonl", edited), tmp_path / "out"))
     bad = [f"step={recs[i]['step']} trigger=loss_nonfinite" for i in (neg, pos)]
-    assert [t for t in got if t not in bad] == base
+    # best models fire thinned within a burst of improvements (1st, 2nd, 4th, ...): the
+    # absurd eval, left out, shifts which of a burst fire; every other detection is equal
+    assert [t for t in got if t not in bad and "best_model" not in t] == [
+        t for t in base if "best_model" not in t]
     assert all(got.count(t) == 1 for t in bad)
     assert any(f"step={r['step']} trigger=best_model" in t
-               for r in recs[ev + 1:] for t in base), "a best model after the bad eval"
+               for r in recs[ev + 1:] for t in got), "a best model after the bad eval"
     jump = [dict(r, step=r["step"] + (10**18 if i >= train[80] else 0))
             for i, r in enumerate(recs)]
     moved = triggers(replay(write(tmp_path / "jump.jsonl", jump), tmp_path / "jumped"))
