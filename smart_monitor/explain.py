@@ -268,7 +268,8 @@ def _norm(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
 
 def _overfitting(d: Mapping[str, Any], meta: Mapping[str, Any], step: int) -> str:
     best = _conclusion(meta, "overfitting", d)
-    rest = _figures(best, skip=("best_value", "best_step", "best_snapshot", "snapshot"))
+    rest = _figures(best, skip=("best_value", "best_step", "best_snapshot", "snapshot",
+                                "best_snapshot_step"))
     return (
         f"eval at step {step} worse than its best {_num(best.get('best_value'))} at step "
         f"{best.get('best_step')}: {rest}"
@@ -396,4 +397,8 @@ def _best_snapshot(meta: Mapping[str, Any], name: str) -> str:
     if not best:
         return f"the best model ({where}) has no snapshot: keep its checkpoint if it still exists."
     model = PurePath(str(best)) / "model"
+    kept = block.get("best_snapshot_step")
+    if kept is not None and kept != block.get("best_step"):  # a best too small to snapshot
+        return (f"the best model ({where}) made no snapshot of its own; the nearest kept "
+                f"(step {kept}) is in {model}: use it, not the latest weights.")
     return f"use the best model ({where}), kept in {model}, not the latest weights."

@@ -369,3 +369,15 @@ def test_docstring_examples() -> None:
 
     assert doctest.testmod(meanings).failed == 0
     assert doctest.testmod(explain_module).failed == 0
+
+
+def test_an_overfitting_rollback_names_the_nearest_best_model_kept() -> None:
+    """A best too small over the last to get a snapshot of its own (best models are
+    thinned): the rollback says which best model it points to."""
+    block = {"best_step": 2600, "best_value": 0.515, "best_snapshot": "/s/anomaly_best",
+             "best_snapshot_step": 1800}
+    meta = {"triggers": ["overfitting_from_2600"], "severity": "warning", "step": 2900,
+            "checkpoint": None, "overfitting": block}
+    rollback = explain(meta, Path("/s/anomaly_overfitting")).to_dict()["rollback"]
+    assert "step 2600" in rollback and "(step 1800)" in rollback
+    assert "/s/anomaly_best/model" in rollback
