@@ -34,6 +34,7 @@ from live_harness import (
     write_checkpoint,
     write_config_file,
 )
+from test_faults_config import NOBODY, cli, one_line_exit_2
 from test_faults_disk import fill
 from test_faults_worker import Hook, nan_lines
 from test_faults_worker import hook as hook  # the fixture, for this module's tests
@@ -153,20 +154,6 @@ def test_fault_60_bad_crc_resyncs_and_a_later_nan_is_caught(tmp_path: Path) -> N
 
 
 # -- 62: config values at the edge -----------------------------------------------------
-def cli(*args: str | Path, user: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*user, str(SMART_MONITOR), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, check=False)
-
-
-def one_line_exit_2(res: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    err = res.stderr.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
-
-
 def _paths(tmp_path: Path) -> str:
     metrics = tmp_path / "run" / "metrics.jsonl"
     append(metrics, lines(1, 5))
@@ -242,7 +229,6 @@ def test_fault_62_an_empty_config_file_is_the_defaults(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False), "metrics_file: required")
 
 
-NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
 @pytest.fixture
