@@ -7,7 +7,9 @@
     .venv/bin/python benchmarks/real_runs_table.py --check   # exit 1 if the doc is stale
 
 Columns: records read; detections at warning and at critical (every detection, logged
-or summed up); anomaly snapshots made (best models apart) and best-model folders left;
+or summed up); anomaly snapshots made (best models apart) and best-model snapshots made
+(thinned within a burst of improvements; ``run``'s budget keeps the weights of
+``keep_best`` of them);
 the conclusions drawn (``overfitting_from_<step>``, ``not_learning_<records>``, with the
 step they came at). tests/test_real_runs_table.py holds the expectations.
 """
@@ -144,10 +146,10 @@ def run_one(folder: str, path: Path) -> Row:
         snapshots = best = 0
         for _, meta in engine.writer.published():
             kinds = {str(t) for t in meta.get("triggers", [])}
-            if all(t.startswith("best_model_loss") for t in kinds):
-                best += 1
-            else:
+            if not all(t.startswith("best_model_loss") for t in kinds):
                 snapshots += 1
+            else:
+                best += 1
         for line in "".join(p.read_text() for p in sorted(config.log_dir.glob("*.log"))).split(
             "\n"
         ):

@@ -26,7 +26,7 @@ from smart_monitor.detectors.overfitting import Overfitting
 from smart_monitor.detectors.texture import Texture
 from smart_monitor.detectors.zscore import LossZScore
 from smart_monitor.outputs.log import make_logger
-from smart_monitor.outputs.retention import enforce_keep_best, superseded_keys
+from smart_monitor.outputs.retention import enforce_keep_best
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.records import EvalRecord, Record, TrainRecord, to_record
@@ -231,19 +231,21 @@ def write(writer: SnapshotWriter, tmp: Path, step: int, trigger: str, **extra: A
     return writer.write(trigger, meta, Checkpoint(ck.name, step, ck)).path
 
 
-def test_at_most_keep_best_folders_and_the_episode_best_on_top(tmp_path: Path) -> None:
+def test_at_most_keep_best_hold_weights_and_the_episode_best_on_top(tmp_path: Path) -> None:
     writer = SnapshotWriter(tmp_path / "snaps", "copy", clock=Clock())  # type: ignore[arg-type]
     log, _ = make_logger(tmp_path / "logs", stderr=None)
+
+    def held() -> list[int]:
+        return sorted(m["step"] for p, m in writer.published() if (p / "model").is_dir())
+
     paths = [write(writer, tmp_path, s, f"best_model_loss_{1 - s / 10:.4f}") for s in range(1, 5)]
     write(writer, tmp_path, 5, "overfitting_from_1",  # its best is older than keep_best
           overfitting={"best_step": 1, "best_snapshot": str(paths[0])})
-    assert enforce_keep_best(writer, 3, log) == [], "the episode's best stays on top"
+    enforce_keep_best(writer, 3, log)
+    assert held() == [1, 2, 3, 4, 5], "the episode's best keeps its weights on top"
     write(writer, tmp_path, 6, "best_model_loss_0.4000")  # a newer best ends the episode
-    assert enforce_keep_best(writer, 3, log) == ["0:1", "0:2"]
-    assert sorted(m["step"] for _, m in writer.published()) == [3, 4, 5, 6]
-    write(writer, tmp_path, 7, "best_model_loss_0.3000")
-    assert enforce_keep_best(writer, 3, log) == ["0:3"]
-    noted = {k for _, meta in writer.published() for k in superseded_keys(meta)}
-    assert noted == {"0:1", "0:2", "0:3"}, "a replay or a restart will not remake them"
+    enforce_keep_best(writer, 3, log)
+    assert held() == [3, 4, 5, 6]
+    assert sorted(m["step"] for _, m in writer.published()) == [1, 2, 3, 4, 5, 6]  # metadata stays
     text = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
-    assert text.count("reason=keep_best") == 3
+    assert text.count("reason=superseded") == 2

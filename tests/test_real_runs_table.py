@@ -4,6 +4,7 @@ concludes (overfitting, not learning, a quiet normal texture)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -107,4 +108,10 @@ def test_conclusions_where_the_readmes_draw_them(rows: dict[str, Row], name: str
 
 
 def test_best_models_are_bounded_everywhere(rows: dict[str, Row]) -> None:
-    assert all(r.best_models <= KEEP_BEST for r in rows.values())
+    """Within a burst of improvements the 1st, 2nd, 4th, 8th ... best fire (and the
+    last): a replay makes about log2(records) per burst, not one per record (one HF run
+    here made 99 of 420 before). In ``run`` the budget keeps the weights of ``keep_best``
+    of them alone (tests/test_faults_disk.py, case 31); their metadata stays, as every
+    snapshot a ``Created snapshot`` line names does (the contract's check)."""
+    for r in rows.values():
+        assert r.best_models <= KEEP_BEST + 3 * math.log2(max(r.records, 2)), r

@@ -22,11 +22,12 @@ happened is never lost): the oldest non-critical first, then the oldest critical
 snapshot whose checkpoint the trainer still has frees nothing and is passed over, so
 the newest best model (its checkpoint not yet rotated) keeps its weights.
 
-Best models are bounded on their own (``enforce_keep_best``): at most ``keep_best``
-best-model snapshot folders exist at once, older ones are removed whole (a long run
-otherwise lists a hundred of them), and the best model an overfitting conclusion names
-(``metadata.json``'s ``overfitting.best_snapshot``) is kept on top of them while its
-episode lasts, that is until a newer best model arrives.
+Best models are bounded on their own (``enforce_keep_best``, in ``run`` and ``replay``
+alike): at most ``keep_best`` of them hold weights, older ones are released
+(``superseded``; their metadata stays, as every snapshot a ``Created snapshot`` line
+names does), and the best model an overfitting conclusion names
+(``metadata.json``'s ``overfitting.best_snapshot``) keeps its weights on top of them
+while its episode lasts, that is until a newer best model arrives.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from smart_monitor.outputs.snapshot import (
 
 __all__ = [
     "DiskBudget", "SnapshotCache", "added_bytes", "disk_budget", "enforce_budget",
-    "enforce_keep_best", "enforce_retention", "superseded_keys",
+    "enforce_keep_best", "enforce_retention",
 ]
 
 Snap = tuple[Path, dict[str, Any]]
@@ -101,6 +102,9 @@ class SnapshotCache:
                 if known is None or known[0] != mtime:
                     with open(meta, "rb") as fh:
                         known = (mtime, json.loads(fh.read()))
+                    # rewritten: released by another hand (keep_best on the dispatcher),
+                    # or a pin come in; its sizes are learnt again
+                    self._sizes.pop(Path(entry.path), None)
             except (OSError, ValueError):
                 continue
             if not isinstance(known[1], dict) or "created_at" not in known[1]:
@@ -175,47 +179,23 @@ def _episode_best(snaps: list[Snap]) -> Path | None:
     return None
 
 
-_SUPERSEDED = "superseded_keys"  # metadata key: best models removed in favour of this one
-_SUPERSEDED_KEPT = 1000
-
-
-def enforce_keep_best(writer: SnapshotWriter, keep_best: int, log: Any) -> list[str]:
-    """Remove best-model snapshots older than the newest ``keep_best`` (the one an open
-    overfitting episode names stays); returns the removed ones' idempotency keys. The
-    newest best model notes them (``superseded_keys``, carried forward), so that a replay
-    over the same output, or a restart, does not make them again."""
-    snaps = _oldest_first(SnapshotCache(), writer)
+def enforce_keep_best(
+    writer: SnapshotWriter, keep_best: int, log: Any, cache: SnapshotCache | None = None
+) -> None:
+    """Release the weights of the best models older than the newest ``keep_best`` (the
+    one an open overfitting episode names keeps them)."""
+    cache = cache or SnapshotCache()
+    snaps = _oldest_first(cache, writer)
     protected = _episode_best(snaps)
-    # made within one second (a replay): the step orders them
-    best = sorted((s for s in snaps if _is_best(s[1])),
-                  key=lambda s: (str(s[1].get("created_at", "")), int(s[1].get("step", 0))))
-    removed: list[str] = []
-    carried: list[str] = []
-    for path, meta in best[:-keep_best] if keep_best else []:
-        if protected is not None and path.name == protected.name:
-            continue
-        if _remove(path, log):
-            removed.append(str(meta.get("key", "")))
-            carried.extend(superseded_keys(meta))
-            log.info(
-                "Removed snapshot", path=str(path), step=meta.get("step"),
-                triggers=meta.get("triggers", []), severity=meta.get("severity"),
-                reason="keep_best", keep_best=keep_best,
-            )
-    keys = [k for k in removed if k]
-    if keys:
-        path, meta = best[-1]
-        kept = [*meta.get(_SUPERSEDED, []), *carried, *keys][-_SUPERSEDED_KEPT:]
-        try:
-            write_metadata(path, {**meta, _SUPERSEDED: kept})
-        except OSError as exc:
-            log.warning("Superseded keys not noted", path=str(path), error=str(exc))
-    return keys
-
-
-def superseded_keys(meta: dict[str, Any]) -> list[str]:
-    """The keys of the best models a best-model snapshot superseded (see above)."""
-    return [str(k) for k in meta.get(_SUPERSEDED, [])]
+    # made within one second (a replay): the step orders them, not the name
+    held = sorted(
+        (s for s in snaps if _is_best(s[1]) and os.path.isdir(os.path.join(s[0], "model"))),
+        key=lambda s: (str(s[1].get("created_at", "")), int(s[1].get("step", 0))),
+    )
+    for snap in held[:-keep_best] if keep_best else []:
+        if protected is None or snap[0].name != protected.name:
+            _release(writer.root, snap, "superseded", log, keep_best=keep_best)
+            cache.forget(snap[0])
 
 
 def _remove(path: Path, log: Any) -> bool:
@@ -343,15 +323,9 @@ def enforce_budget(
     stand afterwards. A snapshot whose files the trainer still has costs nothing and
     frees nothing: it is passed over until its checkpoint is rotated away."""
     cache = cache or SnapshotCache()
+    enforce_keep_best(writer, config.keep_best, log, cache)
     every = _oldest_first(cache, writer)
-    protected = _episode_best(every)  # the best an open overfitting episode names stays
     snaps = [s for s in every if os.path.isdir(os.path.join(s[0], "model"))]
-    best = [s for s in snaps if _is_best(s[1])]
-    for snap in best[: -config.keep_best]:
-        if protected is None or snap[0].name != protected.name:
-            _release(writer.root, snap, "superseded", log, keep_best=config.keep_best)
-            cache.forget(snap[0])
-    snaps = [s for s in snaps if os.path.isdir(os.path.join(s[0], "model"))]
     sizes = {p: cache.added(p) for p, _ in every}
     budget, free, floor = _limits(writer.root, config, usage)
     state = DiskBudget(sum(sizes.values()), budget, free, floor)

@@ -27,7 +27,6 @@ from smart_monitor.events import (
 )  # fmt: skip
 from smart_monitor.outputs.copier import Copier, CopyDone, CopyJob
 from smart_monitor.outputs.incident import record_end
-from smart_monitor.outputs.retention import enforce_keep_best
 from smart_monitor.outputs.snapshot import (
     SnapshotError,
     SnapshotResult,
@@ -368,8 +367,6 @@ class Dispatch:
             self._best_snapshots[request.step] = result.path
             for step in sorted(self._best_snapshots)[:-_BEST_REMEMBERED]:
                 del self._best_snapshots[step]
-            # at most keep_best best models at once, in run and replay alike
-            enforce_keep_best(self.writer, self.pipeline.config.snapshot.keep_best, self.log)
         if announce:
             self.emit(SnapshotMade(request, result.path, result.bytes))
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from smart_monitor.config import Config
 from smart_monitor.events import Listener
-from smart_monitor.outputs.retention import superseded_keys
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
 from smart_monitor.runtime.dispatch import Dispatch
@@ -70,9 +69,7 @@ class Engine:
         """Remove half-made snapshots and learn which ones exist (idempotent restarts)."""
         for tmp in self.writer.remove_temporaries():
             self.log.warning("Removed unfinished snapshot", path=str(tmp))
-        for _, meta in self.writer.published():
-            self.dispatch.remember([str(meta["key"])] if "key" in meta else [])
-            self.dispatch.remember(superseded_keys(meta))  # best models removed since
+        self.dispatch.remember(str(m["key"]) for _, m in self.writer.published() if "key" in m)
         self.dispatch.resume_pins()
 
     # -- checkpoints ----------------------------------------------------------------
