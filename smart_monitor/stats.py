@@ -12,6 +12,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = ["MAD_SIGMA", "BlipHistory", "Ewma", "Relearn", "RollingMedian", "RollingWindow"]
 
 MAD_SIGMA = 1.4826  # MAD times this is the standard deviation of a normal sample
@@ -246,6 +249,24 @@ class Ewma:
         old = self.value
         self.value = new = value if old is None else self.alpha * value + (1 - self.alpha) * old
         return new
+
+    def extend(self, values: npt.NDArray[np.float64]) -> None:
+        """Take in every value at once (the bulk path): the level ``add`` would reach,
+        in closed form, to rounding.
+
+        >>> a, b = Ewma(0.2), Ewma(0.2)
+        >>> _ = [a.add(v) for v in (1.0, 3.0, 2.0, 5.0)]
+        >>> b.extend(np.array([1.0, 3.0, 2.0, 5.0]))
+        >>> round(a.value, 12) == round(b.value, 12)
+        True
+        """
+        if not len(values):
+            return
+        if self.value is None:
+            self.value, values = float(values[0]), values[1:]
+        keep = 1.0 - self.alpha
+        weights = self.alpha * keep ** np.arange(len(values) - 1, -1, -1, dtype=np.float64)
+        self.value = float(keep ** len(values) * self.value + weights @ values)
 
 
 class BlipHistory:

@@ -17,6 +17,8 @@ import statistics
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from smart_monitor.batch import TrainBlock
 from smart_monitor.config import OverfittingConfig
 from smart_monitor.detectors.base import isfinite
@@ -138,9 +140,8 @@ class Overfitting:
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is None:
             return
-        for _, loss, *_ in block.rows[start:end]:
-            if loss is not None and math.isfinite(loss):
-                self.train.add(loss)
+        losses = block.loss[start:end]
+        self.train.extend(losses[np.isfinite(losses)])
 
     def rewind(self, step: int) -> None:
         if self.best_step is not None and self.best_step > step:
