@@ -17,7 +17,6 @@ DEV_TB = Path(__file__).resolve().parents[2] / "shared" / "real-runs" / "dev-tb"
 if not DEV_TB.is_dir():
     DEV_TB = Path("/work/shared/real-runs/dev-tb")
 
-pytest.importorskip("tensorboard")  # most items are event files
 
 KERAS = {"train_loss": "train/epoch_loss", "eval_loss": "validation/epoch_loss"}
 YOLO5 = {"train_loss": "train/box_loss", "eval_loss": "val/box_loss", "learning_rate": "x/lr0"}

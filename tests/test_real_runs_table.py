@@ -51,23 +51,12 @@ CONCLUDED = {
     "T12_lightning_tft_tensorboard": "overfitting_from_661",
     "T13_lightning_csv_overfit": "overfitting_from_372",
 }
-# Read wrongly or not at all before the "series" work (issue 14) names every series of
-# a TensorBoard/CSV run and of an HF run's ``eval_<set>_loss``: T16's training and
-# validation ``loss`` tags are one stream here (steps go back: a divergence against the
-# other series), aigoncharov's ``eval_g0_loss`` is no eval loss yet. The lead enables
-# these after the merge by emptying this set; the dev-tb items that read 0 records are
-# skipped on their own.
-SERIES_PENDING: set[str] = set()
 KEEP_BEST = 3
 
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, Row]:
     return {r.name: r for r in build()}
-
-
-def judged(row: Row) -> bool:
-    return row.records > 0 and row.name not in SERIES_PENDING
 
 
 def test_every_real_run_has_a_row_and_a_readme_line() -> None:
@@ -93,16 +82,14 @@ def test_the_five_healthy_pretraining_logs_raise_nothing(rows: dict[str, Row]) -
 @pytest.mark.parametrize("name", sorted(CLEAN))
 def test_clean_controls_stay_silent(rows: dict[str, Row], name: str) -> None:
     row = rows[name]
-    if not judged(row):
-        pytest.skip(f"{name}: read by the series work (issue 14)")
+    assert row.records > 0, row  # every item is read (issue 14)
     assert (row.warnings, row.criticals, row.snapshots, row.conclusions) == (0, 0, 0, ()), row
 
 
 @pytest.mark.parametrize("name", sorted(CONCLUDED))
 def test_conclusions_where_the_readmes_draw_them(rows: dict[str, Row], name: str) -> None:
     row = rows[name]
-    if not judged(row):
-        pytest.skip(f"{name}: read by the series work (issue 14)")
+    assert row.records > 0, row
     assert [n for n, _ in row.conclusions if n.startswith(CONCLUDED[name])], row
     assert len(row.conclusions) == 1, "one conclusion per episode"
 
