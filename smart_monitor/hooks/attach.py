@@ -93,7 +93,8 @@ def _draw_when_free(snapshot: Path, hold: Callable[[], bool]) -> None:
 
 def draw_in_child(snapshots: Sequence[Path]) -> None:
     """``python -m smart_monitor.tools.report SNAPSHOT...``; raises with its last error line.
-    A snapshot removed meanwhile (an older best model past ``keep_best``) needs no plot."""
+    A snapshot removed meanwhile (by retention's ``max_count`` or ``max_bytes``) needs no
+    plot."""
     snapshots = [s for s in snapshots if s.is_dir()]
     if not snapshots:
         return
