@@ -72,6 +72,7 @@ class Pipeline:
         self.recent_steps: deque[int] = deque(maxlen=_RECENT_STEPS)
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
+        self.new_writer = False  # a new file or process began; no train record since
         self.latest: dict[str, float] = {}  # the newest value of each main series (/metrics)
         self._horizon = 256  # records screened at once by process_block (adapts)
 
@@ -83,10 +84,15 @@ class Pipeline:
         step = record.step
         if isinstance(record, TrainRecord):
             train_step = record.step
-            if self.last_step is not None and train_step < self.last_step:
-                if self._duplicate(train_step):
+            fresh = self.new_writer and self.first_step is not None and (
+                self.first_checkpoint is None
+            )
+            if self.last_step is not None and (
+                train_step < self.last_step or (fresh and train_step == self.last_step)
+            ):
+                if not fresh and self._duplicate(train_step):
                     return self._dropped(record)
-                if self._new_run(record):
+                if fresh or self._new_run(record):
                     notes.append(self._restart(record))
                 else:
                     restarted_after = self.last_step
@@ -134,6 +140,7 @@ class Pipeline:
         )
 
     def _advance(self, record: TrainRecord) -> None:
+        self.new_writer = False
         step = record.step
         if self.last_step is not None and step > self.last_step:
             self.gap = step - self.last_step
@@ -161,6 +168,15 @@ class Pipeline:
         assert self.last_step is not None
         fields = {"step": record.step, "latest_step": self.last_step, "action": "dedup_by_step"}
         return Outcome(record.step, notes=(Note("Interleaved writers", "warning", fields),))
+
+    def writer_started(self) -> None:
+        """The next records come from a new writer: a file the source had not read, or
+        a process that began writing on into the same file. If its steps go back (or
+        repeat the last step), it is a new run unless a checkpoint it could have
+        resumed from was seen: the only sign of a resume, and a replay without
+        checkpoints has none. So the runs of a shared logging folder, or of a
+        ``results.csv`` appended after a restart, are told apart."""
+        self.new_writer = True
 
     def checkpoint_seen(self, step: int) -> None:
         """The trainer saved ``checkpoint-<step>`` (the engine says so when it completes)."""
@@ -250,8 +266,9 @@ class Pipeline:
             act(out)
 
     def _screen(self, block: TrainBlock, start: int, stop: int) -> int:
-        if self.last_step is not None and block.rows[start][0] < self.last_step:
-            return start  # steps went backwards: a trainer restart, for process()
+        if self.last_step is not None and (block.rows[start][0] < self.last_step
+                                           or self.new_writer):
+            return start  # steps went backwards, or a new writer: for process()
         if self.first is None:
             return start  # the run's first loss, for telling a new run later
         end = start + self.policy.first_due(block.steps[start:stop])
@@ -270,6 +287,7 @@ class Pipeline:
         if before is not None:
             self.gap = rows[end - 1][0] - before
         self.last_step = rows[end - 1][0]
+        self.new_writer = False
         self.recent_steps.extend(r[0] for r in rows[max(start, end - _RECENT_STEPS) : end])
         keep = self.config.policy.history
         rows = block.rows[max(start, end - keep) : end]
@@ -361,6 +379,7 @@ class Pipeline:
             "recent_steps": list(self.recent_steps),
             "gap": self.gap,
             "duplicates": self.duplicates,
+            "new_writer": self.new_writer,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -380,6 +399,7 @@ class Pipeline:
         self.recent_steps.extend(int(s) for s in state.get("recent_steps", []))
         self.gap = int(state.get("gap", 0))
         self.duplicates = int(state.get("duplicates", 0))
+        self.new_writer = bool(state.get("new_writer", False))
 
 
 def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]:

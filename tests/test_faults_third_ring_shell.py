@@ -40,6 +40,10 @@ from test_faults_disk import cpu_seconds
 from test_faults_records import GOLF, alarms, anomaly_snapshots, events, records, replay, write
 from test_metrics import free_port, scrape
 
+from smart_monitor.config import load_config
+from smart_monitor.pipeline import Pipeline
+from smart_monitor.records import TrainRecord
+
 MIB = 1 << 20
 
 
@@ -118,6 +122,65 @@ def test_fault_52_steps_back_before_the_first_checkpoint_is_a_new_run_live(
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def results_csv(path: Path, rows: list[tuple[int, float, float]]) -> Path:
+    """An Ultralytics ``results.csv``: epoch, seconds since the trainer started, loss."""
+    head = "                  epoch,                   time,         train/box_loss\n"
+    path.write_text(head + "".join(f"{e},{t:.1f},{loss:.5f}\n" for e, t, loss in rows))
+    return path
+
+
+@pytest.mark.parametrize("clock", ["reset", "going_on"])
+def test_fault_52_a_run_appended_by_a_new_process_is_a_new_run(
+    tmp_path: Path, clock: str
+) -> None:
+    """dev-tb T09's shape: a second run appended to the same ``results.csv`` goes back
+    from epoch 60 to 50 with its ``time`` reset and its losses 1.5x (another seed).
+    A replay sees no checkpoint a resume could load: a new run, no alarm. The same rows
+    with the clock going on are one process going back: a resume, as before."""
+    first = [(e, 20.0 * e, loss_at(e)) for e in range(1, 61)]
+    second = [(e, 20.0 * (e - 49 if clock == "reset" else e + 11), 1.5 * loss_at(e))
+              for e in range(50, 71)]
+    log = replay(results_csv(tmp_path / "results.csv", first + second), tmp_path / "out")
+    if clock == "reset":
+        (restart,) = events(log, "Run restarted")
+        assert "step=50 previous_step=60 " in restart and "segment=1" in restart
+        assert not events(log, "Trainer restarted")
+    else:
+        assert "step=50 previous_step=60 " in events(log, "Trainer restarted")[0]
+        assert not events(log, "Run restarted")
+
+
+def test_fault_52_a_new_writer_past_a_checkpoint_is_a_resume() -> None:
+    """A new writer whose steps go back is a new run only while no checkpoint says it
+    could be a resume; the mark lasts until the next train record, and it survives a
+    JSON round-trip of the pipeline's state (a daemon stopped between the two)."""
+    def fed(checkpoint: int | None) -> Pipeline:
+        pipe = Pipeline(load_config(None))
+        for s in range(1, 201):
+            pipe.process(TrainRecord(s, loss_at(s), 1e-3, 1.0, {"step": s}))
+            if s == checkpoint:
+                pipe.checkpoint_seen(s)
+        pipe.writer_started()
+        return pipe
+
+    def first_back(pipe: Pipeline, step: int) -> list[str]:
+        out = pipe.process(TrainRecord(step, loss_at(step), 1e-3, 1.0, {"step": step}))
+        said = [n.event for n in out.notes] if out is not None else []
+        if out is not None and out.restarted_after is not None:
+            said.append("Trainer restarted")
+        return said
+
+    pipe = fed(None)
+    again = Pipeline(load_config(None))
+    again.load_state_dict(json.loads(json.dumps(pipe.state_dict())))
+    assert first_back(again, 150) == ["Run restarted"]
+    pipe = fed(100)
+    assert first_back(pipe, 150) == ["Trainer restarted"]  # checkpoint-100: a resume
+    pipe = fed(None)
+    assert first_back(pipe, 201) == []  # going on: the mark is spent
+    assert first_back(pipe, 150) == ["Trainer restarted"]
 
 
 # -- 53: one checkpoint, or the run folder, unreadable ----------------------------------

@@ -12,6 +12,7 @@ from live_harness import SMART_MONITOR
 
 from smart_monitor.series import SeriesBook
 from smart_monitor.sources.csv_metrics import CsvFollower
+from smart_monitor.sources.steps import WRITER_STARTED
 
 
 def follower(path: Path, events: list[str]) -> CsvFollower:
@@ -123,3 +124,21 @@ def test_resume_from_saved_state_reads_only_new_rows(tmp_path: Path) -> None:
         fh.write("10,0.4\n")
     again = CsvFollower(path, SeriesBook({}), lambda name, fields: None, lambda *a: None, state)
     assert again.read() == [{"step": 10, "loss": 0.4}]
+
+
+def test_ultralytics_time_going_back_marks_a_new_writer(tmp_path: Path) -> None:
+    """``time`` is seconds since the trainer started: a run appended to the same
+    ``results.csv`` (dev-tb T09) restarts it, and its first row comes after a mark."""
+    path = tmp_path / "results.csv"
+    head = "                  epoch,                   time,         train/box_loss\n"
+    path.write_text(head + "".join(f"{e},{20.0 * e},{2.0 - e / 10}\n" for e in range(1, 6)))
+    f = follower(path, [])
+    got = f.read()
+    assert WRITER_STARTED not in str(got) and [e["step"] for e in got] == [1, 2, 3, 4, 5]
+    state = f.state_dict()
+    with open(path, "a") as fh:  # the same epoch, the clock going on: no new writer
+        fh.write("6,120.0,1.4\n4,20.7,1.6\n5,41.4,1.5\n")
+    again = CsvFollower(path, SeriesBook({}), lambda *a: None, lambda *a: None, state)
+    got = again.read()
+    assert [e.get("step", WRITER_STARTED) for e in got] == [6, WRITER_STARTED, 4, 5]
+    assert got[1] == {WRITER_STARTED: str(path)}

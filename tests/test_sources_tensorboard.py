@@ -20,6 +20,7 @@ from smart_monitor.config import load_config
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.runtime.replay import replay
 from smart_monitor.sources.metrics_source import FolderSource
+from smart_monitor.sources.steps import WRITER_STARTED
 
 DEV = Path(__file__).parents[1].parent / "shared" / "real-runs" / "dev"
 DEV_RUNS = sorted(DEV.glob("*.jsonl"))
@@ -87,7 +88,8 @@ class Events:
 
 
 def read_all(src: FolderSource) -> list[dict[str, Any]]:
-    return [e for batch in src.batches() for e in batch]
+    """The entries, less the ``WRITER_STARTED`` marks (tested on their own)."""
+    return [e for batch in src.batches() for e in batch if WRITER_STARTED not in e]
 
 
 def test_a_step_is_given_out_when_the_next_begins_or_after_quiet(tmp_path: Path) -> None:
@@ -283,7 +285,7 @@ def test_a_reader_that_stops_after_any_batch_loses_nothing(tmp_path: Path) -> No
         batch = next(src.batches(), None)  # one batch per turn, the generator dropped
         if batch is None:
             break
-        got += batch
+        got += [e for e in batch if WRITER_STARTED not in e]
     got += src.finish()
     assert got == want and len(got) == 5000
 
@@ -308,3 +310,26 @@ def test_event_file_replaced_or_truncated_at_its_path_is_read_again(tmp_path: Pa
         fh.truncate(first.stat().st_size // 10)
     read_all(src)
     assert "Metrics file truncated" in ev.names
+
+
+def test_a_new_file_s_first_entries_come_after_a_writer_mark(tmp_path: Path) -> None:
+    """Each file opened afresh marks its first entries, also when they come out by a
+    flush (a one-step file, dev-tb T17's ``.3``-``.6``); a file resumed from the
+    saved state is no new writer."""
+    write_events(tmp_path / "version_0", train_records(1, 20))
+    ev = Events()
+    src = ev.source(tmp_path)
+    first = [e for batch in src.batches() for e in batch]
+    assert first[0] == {WRITER_STARTED: str(next((tmp_path / "version_0").iterdir()))}
+    assert [e["step"] for e in first[1:]] == list(range(1, 20))
+    state = json.loads(json.dumps(src.state_dict()))
+    write_events(tmp_path / "version_1", train_records(5, 5))  # one step: given by flush
+    write_events(tmp_path / "version_2", train_records(5, 8))
+    got = [e for batch in src.batches() for e in batch] + src.finish()
+    marks = [i for i, e in enumerate(got) if WRITER_STARTED in e]
+    steps = [e.get("step") for e in got]
+    assert steps == [20, None, 5, None, 5, 6, 7, 8] and marks == [1, 3]
+    again = ev.source(tmp_path, state)
+    assert [e for batch in again.batches() for e in batch if WRITER_STARTED in e] == [
+        {WRITER_STARTED: str(next((tmp_path / f"version_{i}").iterdir()))} for i in (1, 2)
+    ]  # version_0 resumed from the state: not marked

@@ -25,6 +25,7 @@ from smart_monitor.pipeline import Outcome, Pipeline
 from smart_monitor.records import MalformedLine, Record, parse_line, to_record
 from smart_monitor.runtime.watching import SeriesWatch
 from smart_monitor.series import SeriesBook
+from smart_monitor.sources.steps import WRITER_STARTED
 
 __all__ = ["Ingest", "no_cyclic_gc"]
 
@@ -109,6 +110,9 @@ class Ingest:
         between: _Between = []
         note = self.series.last.update
         for entry in entries:
+            if WRITER_STARTED in entry:
+                between.append((len(rows), self.pipeline.writer_started))
+                continue
             note(entry)
             row = train_row(entry, self.blocking)
             if row is not None:

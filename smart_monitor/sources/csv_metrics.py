@@ -13,6 +13,10 @@ corruption: the reader goes on after the rows it already handled. Because a read
 can catch the rewrite half-done, a file whose header changed but that holds fewer
 rows than were handled is waited for, never taken for a new run; only a file that
 shrank under the same header is one (read from its first row).
+
+Ultralytics' ``time`` column is the seconds since the trainer started. When it goes
+back, another process writes on into the same file (a run appended after a restart):
+its row comes after a ``WRITER_STARTED`` entry, as a new event file's first step does.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from smart_monitor.series import SeriesBook, classify
-from smart_monitor.sources.steps import split_step
+from smart_monitor.sources.steps import WRITER_STARTED, split_step
 
 __all__ = ["CsvFollower"]
 
 _HEAD_MAX = 1 << 16  # a header longer than this is read whole, line by line
 _SLICE = 1 << 22  # bytes of rows per read(): a long file is read in slices
+_ELAPSED = "time"  # Ultralytics: seconds since the trainer started
 
 EventHandler = Callable[[str, Mapping[str, Any]], None]
 Malformed = Callable[[str, str, "int | None"], None]
@@ -55,11 +60,13 @@ class CsvFollower:
         self.rows = 0  # data rows handled
         self.offset = 0  # end of the last handled row, under ``header``
         self.ino: int | None = None
+        self.elapsed: float | None = None  # the last row's ``time`` cell
         if state:
             self.header = str(state.get("header", ""))
             self.rows = int(state.get("rows", 0))
             self.offset = int(state.get("offset", 0))
             self.ino = state.get("ino")
+            self.elapsed = state.get("elapsed")
 
     @property
     def position(self) -> int:
@@ -80,7 +87,10 @@ class CsvFollower:
         pass  # opened and closed by each read
 
     def state_dict(self) -> dict[str, Any]:
-        return {"header": self.header, "rows": self.rows, "offset": self.offset, "ino": self.ino}
+        return {
+            "header": self.header, "rows": self.rows, "offset": self.offset, "ino": self.ino,
+            "elapsed": self.elapsed,
+        }
 
     def read(self) -> list[dict[str, Any]]:
         with open(self.path, "rb") as fh:
@@ -123,6 +133,7 @@ class CsvFollower:
         at = roles.index("step") if "step" in roles else (
             columns.index("epoch") if "epoch" in columns else -1
         )
+        clock = columns.index(_ELAPSED) if _ELAPSED in columns else -1
         out: list[dict[str, Any]] = []
         for row in csv.reader(lines):
             self.rows += 1
@@ -147,5 +158,10 @@ class CsvFollower:
                 else:
                     values[name] = value
             if step is not None and values:
+                elapsed = values.get(names[clock]) if clock >= 0 else None
+                if elapsed is not None:
+                    if self.elapsed is not None and elapsed < self.elapsed:
+                        out.append({WRITER_STARTED: str(self.path)})
+                    self.elapsed = elapsed
                 out.extend(split_step(step, values))
         return out

@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 from smart_monitor.config import RecordsConfig
 from smart_monitor.series import SeriesBook
+from smart_monitor.sources.steps import WRITER_STARTED
 from smart_monitor.sources.tailer import Tailer
 
 __all__ = [
@@ -176,7 +177,9 @@ class FolderSource:
     its file was quiet for ``quiet_seconds`` (``deadline``: when the next one is due).
     ``finish()``: every pending step, at the end of a replay. Tags and columns are
     named by ``book`` (the engine's, shared with the ingest), a file's folder below
-    ``path`` taking part (Keras's ``validation/``, an ``add_scalars`` subfolder)."""
+    ``path`` taking part (Keras's ``validation/``, an ``add_scalars`` subfolder). The first
+entries of a file opened afresh come after a ``WRITER_STARTED`` entry: each
+``SummaryWriter``, each trainer process, starts a file of its own."""
 
     def __init__(
         self,
@@ -201,6 +204,7 @@ class FolderSource:
         self.followers: dict[Path, _Follower] = {}
         self._changed: dict[Path, float] = {}  # clock() when a file last gave data
         self._restored: dict[str, Any] = {}
+        self._new: set[Path] = set()  # files opened afresh that have given no entry yet
         self._jsonl_said = False
 
     # -- state ----------------------------------------------------------------------
@@ -241,7 +245,7 @@ class FolderSource:
                 return
             require_reader(self.fmt)
         now = self.clock()
-        earlier: list[_Follower] = []
+        earlier: list[tuple[Path, _Follower]] = []
         for path in _files(self.path, self.fmt):
             f = self.followers.get(path) or self._follow(path)
             if f is None:
@@ -254,23 +258,35 @@ class FolderSource:
                 except FileNotFoundError:  # deleted between the search and the read
                     entries = f.flush()
                     del self.followers[path]
+                entries = self._mark(path, entries)
                 if f.position != before:
                     changed = True
                     self._changed[path] = now  # before the yield: the reader may stop there
                 if entries:
-                    done = [e for old in earlier if old.pending for e in old.flush()]
+                    done = [e for p, old in earlier if old.pending for e in self._flush(p, old)]
                     yield done + entries  # a newer file has data: the older ones are done
                 if f.position == before or path not in self.followers:
                     break
             if not changed and f.pending and now >= self._due(path, f):
-                yield f.flush()
-            earlier.append(f)
+                yield self._flush(path, f)
+            earlier.append((path, f))
 
     def finish(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for f in self.followers.values():
-            out += f.flush()
+        for path, f in self.followers.items():
+            out += self._flush(path, f)
         return out
+
+    def _flush(self, path: Path, f: _Follower) -> list[dict[str, Any]]:
+        return self._mark(path, f.flush())
+
+    def _mark(self, path: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``entries`` of the file at ``path``, after ``WRITER_STARTED`` if they are the
+        first it gives out since it was opened afresh."""
+        if entries and path in self._new:
+            self._new.discard(path)
+            return [{WRITER_STARTED: str(path)}, *entries]
+        return entries
 
     def close(self) -> None:
         for f in self.followers.values():
@@ -295,6 +311,8 @@ class FolderSource:
                 follower = CsvFollower(path, self.book, self.event, self.malformed, state)
         except FileNotFoundError:
             return None
+        if not state:
+            self._new.add(path)
         verb = "Resumed" if state else "Opened"
         self.event(f"{verb} metrics file", {"path": str(path), "format": self.fmt})
         self.followers[path] = follower

@@ -9,7 +9,13 @@ from typing import Any
 
 from smart_monitor.series import SUMMARY_KEYS, classify
 
-__all__ = ["split_step"]
+__all__ = ["WRITER_STARTED", "split_step"]
+
+# The key of the entry a reader puts before the first entry of a new writer: a file
+# it had not followed before, or an elapsed-time column that went back (a new
+# process writing on into the same CSV). A step counter that goes back right after
+# one is a new run unless a checkpoint says it is a resume (``Pipeline.writer_started``).
+WRITER_STARTED = "__writer_started__"
 
 
 def split_step(step: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
