@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_harness import (
@@ -269,3 +270,36 @@ def test_best_model_falls_back_once_a_later_checkpoint_shows_its_own_never_comes
     live.stop()
     [snap] = snapshots(live.out)
     assert snap["checkpoint"]["name"] == "checkpoint-40"
+
+
+def test_stop_and_reopen_take_no_lock_a_signal_could_find_held(tmp_path: Path) -> None:
+    """SIGTERM's and SIGHUP's handlers run on the worker's own thread between two
+    bytecodes, so they must take no lock: one the worker holds at that moment would
+    never be released (``threading.Event.set`` takes its condition's lock). Every call
+    the handlers make is recorded, C calls included, and none may lock; the daemon,
+    waiting meanwhile, still stops at once."""
+    live = Live(config(tmp_path))
+    try:
+        live.wait_log(" Started ")
+        calls: list[str] = []
+
+        def record(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_call":
+                calls.append(f"{getattr(arg, '__self__', None).__class__.__name__}.{arg.__name__}")
+            elif event == "call":
+                calls.append(frame.f_code.co_qualname)
+
+        sys.setprofile(record)
+        try:
+            live.daemon.reopen_log()
+            live.daemon.stop()
+        finally:
+            sys.setprofile(None)
+        assert "Daemon.stop" in calls and any(c.endswith(".put") for c in calls), calls
+        locking = [c for c in calls if c.endswith(("acquire", "__enter__"))
+                   or c.startswith(("Condition", "Event", "Lock", "RLock"))]
+        assert locking == [], locking
+        wait_until(lambda: not live.thread.is_alive(), "the worker stopped")
+    finally:
+        live.stop()
+    assert " Stopped " in live.log()
