@@ -16,6 +16,8 @@ words at every non-alphanumeric character, with the folder it was written in (Ke
 - a word that names a metric: higher is better for accuracy, mAP, precision, recall,
   f1, bleu, rouge, iou, auc, dice; lower for error, wer, cer, perplexity, mae, mse,
   rmse, mape;
+- Keras's ``evaluation_loss_vs_iterations`` and the like (``other_axis``): the same
+  values again on another step axis (iterations, not epochs): kept aside, no alarms;
 - anything else: kept and shown, no alarms (``epoch``, ``time``, ``hp_metric``, ...).
 
 A word ``val``, ``valid``, ``validation``, ``eval``, ``evaluation``, ``test`` makes a
@@ -38,8 +40,8 @@ from functools import lru_cache
 from typing import Any, Literal, TypeGuard
 
 __all__ = [
-    "MAIN_KEYS", "SUMMARY_KEYS", "Series", "SeriesBook", "classify", "main_loss_key", "qualified",
-    "safe_name",
+    "MAIN_KEYS", "SUMMARY_KEYS", "Series", "SeriesBook", "classify", "main_loss_key", "other_axis",
+    "qualified", "safe_name",
 ]
 
 Role = Literal["step", "summary", "loss", "aggregate", "learning_rate", "grad_norm", "metric",
@@ -110,6 +112,18 @@ def qualified(tag: str, place: str) -> str:
     return tag
 
 
+def other_axis(name: str) -> bool:
+    """A series logged against another step axis than the run's: Keras writes each
+    validation metric twice, ``epoch_loss`` at epoch steps and
+    ``evaluation_loss_vs_iterations`` at iteration steps. Read as a step of the run,
+    the second would send the step counter back and forth every epoch.
+
+    >>> other_axis("evaluation_loss_vs_iterations"), other_axis("epoch_loss")
+    (True, False)
+    """
+    return name.endswith("_vs_iterations")
+
+
 @lru_cache(maxsize=4096)
 def classify(name: str) -> Series:
     """The role of ``name`` by the module's rule.
@@ -131,6 +145,8 @@ def classify(name: str) -> Series:
         return Series(name, "step", "train")
     if low.startswith("train/") and low[6:] in SUMMARY_KEYS:
         return Series(name, "summary", "train")
+    if other_axis(low):
+        return Series(name, "other", split)
     core = tuple(w for w in words if w not in _EVAL_WORDS | _TRAIN_WORDS | {"step", "epoch"})
     if "loss" in low:
         if low.endswith("_epoch"):

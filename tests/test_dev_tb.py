@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,3 +126,59 @@ def test_dev_tb_item_is_read_as_written(tag: str, tmp_path: Path) -> None:
     restarts = re.findall(r" Run restarted step=(\d+) ", log)
     assert tuple(map(int, restarts)) == item.restarts, restarts
     assert " Trainer restarted " not in log
+
+
+def _records_by_wall_time(item: Path) -> list[tuple[str, bytes]]:
+    """Every event record of an item's event files, framed as written, with the file
+    it belongs to (relative to the item), in the order the trainer wrote them."""
+    from tensorboard.compat.proto import event_pb2
+
+    from smart_monitor.sources.tensorboard import EventFileReader
+
+    found: list[tuple[float, int, str, bytes]] = []
+    for path in sorted(item.rglob("events.out.tfevents.*")):
+        reader = EventFileReader(str(path))
+        at = 0
+        for raw in reader.records():
+            wall = event_pb2.Event.FromString(raw).wall_time
+            found.append((wall, len(found), str(path.relative_to(item)),
+                          path.read_bytes()[at:reader.offset]))  # fmt: skip
+            at = reader.offset
+        reader.close()
+    return [(rel, framed) for _, _, rel, framed in sorted(found)]
+
+
+@pytest.mark.parametrize("tag", ["T04", "T01"])
+def test_keras_run_followed_live_as_its_epochs_come(tag: str, tmp_path: Path) -> None:
+    """A Keras run written epoch by epoch beside the daemon, as the callback writes it:
+    the train folder's file first, the validation folder's an epoch later, and its
+    ``evaluation_*_vs_iterations`` tags at iteration steps among the epoch steps. One
+    run, never a restart; ``Watching series`` said again when the validation series come."""
+    from live_harness import Live, config, wait_until
+
+    records = _records_by_wall_time(_item_dir(tag))
+    run = tmp_path / "run"
+    run.mkdir()
+    live = Live(config(tmp_path, metrics_file=run, source={"quiet_seconds": 0.2}))
+    try:
+        for n, (rel, framed) in enumerate(records, 1):
+            target = run / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "ab") as fh:
+                fh.write(framed)
+            if n % 4 == 0:  # a few events at a time, read between them
+                time.sleep(0.05)
+        epochs = 6 if tag == "T04" else 12
+        wait_until(lambda: live.log().count("Watching series") >= 2
+                   and live.records >= 2 * epochs, "both folders' epochs")  # fmt: skip
+    finally:
+        live.stop()
+    log = live.log()
+    assert " Run restarted " not in log and " Trainer restarted " not in log, log
+    watching = [_fields(line) for line in log.splitlines() if " Watching series " in line]
+    assert len(watching) == 2, watching
+    assert "train/epoch_loss(main)" in watching[0]["train_loss"] and "eval_loss" not in watching[0]
+    assert "validation/epoch_loss(main)" in watching[1]["eval_loss"]
+    assert "evaluation_loss_vs_iterations" in watching[1]["ignored"]
+    if tag == "T04":  # the clean control: nothing to say
+        assert not re.findall(r"^\S+ (warning|critical) ", log, re.M), log

@@ -223,17 +223,52 @@ def test_no_loss_series_is_said_after_a_while_and_at_most_hourly() -> None:
     book = SeriesBook({})
     watch = SeriesWatch(book, Log(), lambda: now[0])
     book.observe({"step": 1, "my_objective": 0.5})
-    watch.after()
+    watch.after(records=True)
     assert [e for e, _ in said] == ["Watching series"]  # once the first records are in
     for t in (NO_LOSS_AFTER - 1, NO_LOSS_AFTER, NO_LOSS_AFTER + 10, NO_LOSS_AFTER + NO_LOSS_EVERY):
         now[0] = t
-        watch.after()
+        watch.after(records=True)
     assert [e for e, _ in said] == ["Watching series", "No loss series", "No loss series"]
     assert said[1][1]["seen"] == "my_objective" and watch.blind
-    book.observe({"step": 2, "my_loss": 0.4})  # a loss at last: nothing more to say
+    book.observe({"step": 2, "my_loss": 0.4})  # a loss at last: said, and no more warnings
     now[0] += 2 * NO_LOSS_EVERY
-    watch.after()
-    assert len(said) == 3
+    watch.after(records=True)
+    now[0] += 2 * NO_LOSS_EVERY
+    watch.after(records=True)
+    assert [e for e, _ in said][3:] == ["Watching series"]
+    assert said[3][1]["train_loss"] == "my_loss"
+
+
+def test_watching_series_is_said_again_when_a_role_gets_its_main_series() -> None:
+    """Live, a Keras run's validation folder writes its first scalars an epoch after
+    the train folder: the line is said again then, and not for a series that adds
+    nothing (another one in a role that has its main, or one ignored)."""
+    from smart_monitor.runtime.watching import SeriesWatch
+
+    said: list[dict[str, object]] = []
+
+    class Log:
+        def info(self, event: str, **fields: object) -> None:
+            said.append(fields)
+
+    book = SeriesBook({})
+    watch = SeriesWatch(book, Log(), lambda: 0.0)
+    for entry in (
+        {"step": 0, book.key("epoch_loss", "train"): 0.5},
+        {"step": 0, book.key("epoch_accuracy", "train"): 0.7},  # a new role: news
+        {"step": 1, "loss": 0.4, "train/accuracy": 0.8},  # nothing new
+        {"step": 0, book.key("evaluation_loss_vs_iterations", "validation"): 0.6},  # ignored
+        {"step": 0, book.key("epoch_loss", "validation"): 0.6},  # the eval loss comes
+        {"step": 1, book.key("epoch_loss", "validation"): 0.5},
+    ):
+        book.observe(entry)
+        watch.after(records=True)
+    assert [sorted(f) for f in said] == [
+        ["train_loss"], ["train_loss", "train_metric_higher"],
+        ["eval_loss", "ignored", "train_loss", "train_metric_higher"],
+    ]  # fmt: skip
+    assert said[-1]["eval_loss"] == "validation/epoch_loss(main)"
+    assert said[-1]["ignored"] == "evaluation_loss_vs_iterations"
 
 
 def test_event_files_are_ordered_by_their_first_event_wall_time(tmp_path: Path) -> None:

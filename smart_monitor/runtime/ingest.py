@@ -90,7 +90,7 @@ class Ingest:
             elif line:
                 between.append((k, partial(self.handle_line, line, offset)))
         self._handle_rows(rows, between)
-        self.watch.after()
+        self.watch.after(records=True)
 
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
         """One line the bulk path left: another kind of record, or a bad line."""
@@ -109,18 +109,24 @@ class Ingest:
         rows: list[Row] = []
         between: _Between = []
         note = self.series.last.update
+        noted = False
         for entry in entries:
             if WRITER_STARTED in entry:
                 between.append((len(rows), self.pipeline.writer_started))
                 continue
-            note(entry)
+            noted = True
+            if entry.get("loss", 0) is None or entry.get("eval_loss", 0) is None:
+                # a row without the main loss (split_step): its last value stands
+                note({k: v for k, v in entry.items() if v is not None})
+            else:
+                note(entry)
             row = train_row(entry, self.blocking)
             if row is not None:
                 rows.append(row)
             else:
                 between.append((len(rows), partial(self._handle_entry, entry)))
         self._handle_rows(rows, between)
-        self.watch.after()
+        self.watch.after(records=noted)  # a new file's mark alone is no record
 
     def _handle_entry(self, entry: Mapping[str, Any]) -> None:
         try:

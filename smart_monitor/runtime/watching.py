@@ -2,7 +2,9 @@
 is a loss.
 
 ``Watching series`` (info) once the first records are in (at the end of a replay, when
-every series is known), each role's series and the ones ignored. ``No loss series``
+every series is known), each role's series and the ones ignored; live, again when a role
+gets its first series or another main one (a Keras run's validation folder writes its
+first scalars an epoch after the train folder). ``No loss series
 (warning) once records have come in for ``NO_LOSS_AFTER`` seconds (or at the end of a
 replay) without any loss series, naming what was seen and the alias that would fix it;
 repeated at most hourly.
@@ -27,21 +29,29 @@ class SeriesWatch:
         self.log = log
         self.clock = clock
         self.said = False
+        self._keys = 0  # len(book.last) when the roles were last looked at
+        self._gist: dict[str, tuple[str, ...]] = {}  # what the last line said, in short
         self.first_at: float | None = None  # clock() of the first record
         self.warned_at: float | None = None
         self.blind = False  # a No loss series warning was given
         self.defer = False  # replay: everything is said at the end, every series known
 
-    def after(self) -> None:
-        """After a batch of records: the first ``Watching series``, the warning when due."""
-        if not self.book.last or self.defer:
+    def after(self, records: bool = False) -> None:
+        """After a batch of records (``records``: the ingest's call) or a turn: the
+        ``Watching series`` lines, the warning when due. A series noted aside (Keras's
+        iteration-axis copies) before any record is no start."""
+        if not self.book.last or self.defer or (self.first_at is None and not records):
             return
         now = self.clock()
         if self.first_at is None:
             self.first_at = now
-        if not self.said:
-            self.said = True
-            self.log.info("Watching series", **self.book.watching())
+        if len(self.book.last) != self._keys:  # a series never seen before
+            self._keys = len(self.book.last)
+            fields = self.book.watching()
+            gist = _gist(fields)
+            if not self.said or gist != self._gist:
+                self.said, self._gist = True, gist
+                self.log.info("Watching series", **fields)
         if now - self.first_at >= NO_LOSS_AFTER:
             self.check(now)
 
@@ -68,3 +78,12 @@ class SeriesWatch:
         if not self.blind:
             self.warned_at = None
             self.check()
+
+
+def _gist(fields: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Each watched role and its main series: a new series in a role that has its main
+    one, or one more ignored, is no news."""
+    return {
+        label: tuple(n for n in names.split(",") if n.endswith("(main)"))
+        for label, names in fields.items() if label != "ignored"
+    }  # fmt: skip

@@ -27,7 +27,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.util import tensor_util
 
-from smart_monitor.series import SeriesBook
+from smart_monitor.series import SeriesBook, other_axis
 from smart_monitor.sources.steps import split_step
 
 __all__ = ["EventFileFollower", "EventFileReader", "StepGatherer", "scalars", "split_step"]
@@ -153,7 +153,9 @@ class StepGatherer:
     entries, as the JSONL of the same run has them (an eval at step S is not a train
     record at S). A tag's key is the run's ``SeriesBook``'s, for a file in folder
     ``place``. ``start`` is the file offset of the first scalar not yet in an entry
-    given out: where a restart must read from.
+    given out: where a restart must read from. A series on another step axis (Keras's
+    ``evaluation_loss_vs_iterations``) is noted in the book, never in an entry: its
+    iteration steps among the epoch steps would read as a step counter going back.
 
     >>> g = StepGatherer(SeriesBook({}))
     >>> g.add(0, 10, [("train/loss", 2.0), ("train/learning_rate", 1e-3)], 50)
@@ -182,6 +184,14 @@ class StepGatherer:
         """The scalars of one event (at ``offset``, ending at ``end``); returns the
         entries of the step this one completes."""
         out: list[dict[str, Any]] = []
+        keys = self._keys
+        if self._version != self.book.version:  # a plainer main series took over
+            keys.clear()
+            self._version = self.book.version
+        if values and any(other_axis(t) for t, _ in values):
+            aside = [(t, v) for t, v in values if other_axis(t)]
+            self.book.observe({self._key(t): v for t, v in aside})
+            values = [(t, v) for t, v in values if not other_axis(t)]
         if not values:
             if self.step is None:
                 self.start = end  # nothing pending: an event without scalars is done
@@ -193,17 +203,16 @@ class StepGatherer:
         if self.step is None:
             self.step = step
             self.start = offset
-        keys = self._keys
-        if self._version != self.book.version:  # a plainer main series took over
-            keys.clear()
-            self._version = self.book.version
         for tag, value in values:
-            key = keys.get(tag)
-            if key is None:
-                key = keys[tag] = self.book.key(tag, self.place)
-            self.values[key] = value
+            self.values[keys.get(tag) or self._key(tag)] = value
         self._end = end
         return out
+
+    def _key(self, tag: str) -> str:
+        key = self._keys.get(tag)
+        if key is None:
+            key = self._keys[tag] = self.book.key(tag, self.place)
+        return key
 
     def flush(self) -> list[dict[str, Any]]:
         """The pending step as its entries (at a quiet period or the end of a replay)."""
