@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
 # step, loss, learning_rate, grad_norm, the record, and which of the three are absent
 Row = tuple[int, float | None, float | None, float | None, Mapping[str, Any], int]
 Floats = npt.NDArray[np.float64]
+_INF = float("inf")
 
 
 
@@ -52,20 +54,22 @@ def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
     """
     if type(data) is not dict:
         return None
-    step = data.get("step")
+    get = data.get
+    step = get("step")
     if type(step) is not int or not 0 <= step <= MAX_STEP or not blocking.isdisjoint(data):
         return None
-    loss = data.get("loss")
+    loss, lr, grad = get("loss"), get("learning_rate"), get("grad_norm")
+    if (type(loss) is float and type(lr) is float and type(grad) is float
+            and -MAX_METRIC <= loss <= MAX_METRIC and -_INF < lr < _INF and -_INF < grad < _INF):
+        return (step, loss, lr, grad, data, 0)  # the common case, in one test
     if loss is not None and (type(loss) is not float or not -MAX_METRIC <= loss <= MAX_METRIC):
         if type(loss) is not int or not -MAX_METRIC <= loss <= MAX_METRIC:
             return None  # a string, a bool, NaN, infinity or past MAX_METRIC
         loss = float(loss)
-    lr = data.get("learning_rate")
     if lr is not None and (type(lr) is not float or lr - lr != 0.0):
         if type(lr) is not int:
             return None
         lr = float(lr)
-    grad = data.get("grad_norm")
     if grad is not None and (type(grad) is not float or grad - grad != 0.0):
         if type(grad) is not int:
             return None
@@ -88,17 +92,18 @@ class TrainBlock:
 
     rows: list[Row]
     steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
-    loss: Floats | None = field(init=False)
-    learning_rate: Floats | None = field(init=False)
+    loss: Floats | None = None
+    learning_rate: Floats | None = None
 
     def __post_init__(self) -> None:
+        """The columns ``blocks`` did not give (a block made by hand, in tests)."""
         first = self.rows[0]
         if len(self.steps) != len(self.rows):
             self.steps = np.array([r[0] for r in self.rows], np.int64)
-        self.loss, self.learning_rate = (
-            None if first[i] is None else np.array([r[i] for r in self.rows], np.float64)
-            for i in (1, 2)
-        )
+        if self.loss is None and first[1] is not None:
+            self.loss = np.array([r[1] for r in self.rows], np.float64)
+        if self.learning_rate is None and first[2] is not None:
+            self.learning_rate = np.array([r[2] for r in self.rows], np.float64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,11 +126,23 @@ def blocks(rows: list[Row]) -> list[tuple[int, TrainBlock]]:
     each block with the index of its first row."""
     if not rows:
         return []
-    steps = np.array([r[0] for r in rows], np.int64)
-    shapes = np.array([r[5] for r in rows], np.int8)
+    n = len(rows)
+    steps = np.fromiter(map(_STEP, rows), np.int64, n)
+    shapes = np.fromiter(map(_SHAPE, rows), np.int8, n)
+    # a column for every row at once (an absent value is NaN), sliced per block; a
+    # block's column is None where its rows lack the value (the same in every row)
+    loss = np.array(list(map(_LOSS, rows)), np.float64)
+    lr = np.array(list(map(_LR, rows)), np.float64)
     cuts = np.flatnonzero((steps[1:] <= steps[:-1]) | (shapes[1:] != shapes[:-1])) + 1
-    edges = [0, *cuts.tolist(), len(rows)]
-    return [(a, TrainBlock(rows[a:b], steps[a:b])) for a, b in pairwise(edges)]
+    edges = [0, *cuts.tolist(), n]
+    return [
+        (a, TrainBlock(rows[a:b], steps[a:b], None if rows[a][1] is None else loss[a:b],
+                       None if rows[a][2] is None else lr[a:b]))
+        for a, b in pairwise(edges)
+    ]  # fmt: skip
+
+
+_STEP, _LOSS, _LR, _SHAPE = (itemgetter(i) for i in (0, 1, 2, 5))
 
 
 def rolling_mean(history: list[float], values: Floats, size: int) -> Floats:

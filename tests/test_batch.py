@@ -143,6 +143,13 @@ def test_train_row_refuses_what_the_plain_path_must_judge() -> None:
         {"step": 3, "epoch": 1.0},
     ):
         assert train_row(bad, blocking) is None, bad
+    full = {"step": 3, "loss": 0.5, "learning_rate": 1e-4, "grad_norm": 2.0}
+    for key in ("loss", "learning_rate", "grad_norm"):  # the all-float path judges each too
+        for value in (math.nan, math.inf, -math.inf, True, "1.0"):
+            assert train_row({**full, key: value}, blocking) is None, (key, value)
+    assert train_row({**full, "loss": -1e308}, blocking) is None  # past MAX_METRIC
+    huge = {**full, "learning_rate": 1e300}  # finite: only the loss has a range
+    assert train_row(huge, blocking) == (3, 0.5, 1e300, 2.0, huge, 0)
 
 
 def test_rolling_helpers_match_the_running_statistics() -> None:

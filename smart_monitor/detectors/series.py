@@ -174,8 +174,7 @@ class SeriesLosses:
         """A train row with another loss series goes through ``update``; rows without
         one (the HF shape) leave nothing to learn."""
         raws = list(map(_RAW, block.rows[start:stop]))
-        shapes = set(map(tuple, raws))  # in C: the few key sets of the stretch
-        if not any(map(self._watched, shapes)):
+        if not self._watched(set().union(*raws)):  # in C: every key of the stretch
             return stop  # the common case (HF's shape): nothing watched in any row
         watched = self._watched
         for i, raw in enumerate(raws, start):
