@@ -161,7 +161,8 @@ def main() -> None:
         # each the best of three, as the bare parse: a neighbour's burst is not ours
         rep, records = min(run_replay(path, Path(tmp) / f"out{i}") for i in range(3))
         with_plots, _ = run_replay(path, Path(tmp) / "out-plots", plots=True)
-        snaps = len(list((Path(tmp) / "out0" / "snapshots").iterdir()))
+        made = Path(tmp) / "out0" / "snapshots"  # none when the run is too short to spike
+        snaps = len(list(made.iterdir())) if made.is_dir() else 0
         print(f"file: {n} lines, {size / n:.0f} bytes/line, {size / 1e6:.0f} MB, {snaps} snapshots")
         print(f"bare orjson parse    : {n / bare:>10,.0f} lines/s   ({bare:.2f} s)")
         print(f"replay --no-plots    : {records / rep:>10,.0f} records/s ({rep:.2f} s)")
