@@ -23,6 +23,7 @@ __all__ = ["Outcome", "Pipeline", "SnapshotRequest"]
 STATE_VERSION = 1
 _MIN_BLOCK = 32  # shorter runs of train records go through process() one by one
 _RECENT_STEPS = 64  # train steps remembered to tell a second writer's records
+_RUN_STARTS = 16  # first steps of segments remembered (a new writer starting at one)
 _INTERLEAVE_GAPS = 2  # a second writer lags by at most this many logging intervals
 
 
@@ -73,6 +74,9 @@ class Pipeline:
         self.gap = 0  # the last advance of the latest step: the logging interval
         self.duplicates = 0  # records dropped as a second writer's copies
         self.new_writer = False  # a new file or process began; no train record since
+        # the first steps of this run's segments: a new writer that starts at one of
+        # them starts from the beginning again (Detectron2 runs repeated into one folder)
+        self.run_starts: deque[int] = deque(maxlen=_RUN_STARTS)
         self.latest: dict[str, float] = {}  # the newest value of each main series (/metrics)
         self._horizon = 256  # records screened at once by process_block (adapts)
 
@@ -87,9 +91,9 @@ class Pipeline:
             fresh = self.new_writer and self.first_step is not None and (
                 self.first_checkpoint is None
             )
-            if self.last_step is not None and (
-                train_step < self.last_step or (fresh and train_step == self.last_step)
-            ):
+            if self.last_step is not None and (train_step < self.last_step or (fresh and (
+                train_step == self.last_step or train_step in self.run_starts
+            ))):
                 if not fresh and self._duplicate(train_step):
                     return self._dropped(record)
                 if fresh or self._new_run(record):
@@ -150,6 +154,8 @@ class Pipeline:
             self.first = (step, record.loss)
         if self.first_step is None:
             self.first_step = step
+            if step not in self.run_starts:
+                self.run_starts.append(step)
 
     def _latest(self, **values: float | None) -> None:
         self.latest.update((k, v) for k, v in values.items() if v is not None)
@@ -380,6 +386,7 @@ class Pipeline:
             "gap": self.gap,
             "duplicates": self.duplicates,
             "new_writer": self.new_writer,
+            "run_starts": list(self.run_starts),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -400,6 +407,7 @@ class Pipeline:
         self.gap = int(state.get("gap", 0))
         self.duplicates = int(state.get("duplicates", 0))
         self.new_writer = bool(state.get("new_writer", False))
+        self.run_starts.extend(int(s) for s in state.get("run_starts", []))
 
 
 def _incident_blocks(decision: Decision, policy: PolicyConfig) -> dict[str, Any]:

@@ -62,8 +62,8 @@ ITEMS = {
     "T15": Item({}, {"train_loss": "generator_loss"}, clean=True),
     "T16": Item({"train_loss": "loss_training", "eval_loss": "loss_validation"}, clean=True),
     # files .3-.6 (step 9 each); .7 starts at 19, after .6's 9: by its steps it goes on,
-    # and nothing else tells it from a continuation
-    "T17": Item(D2, {"train_loss": "loss_mask"}, restarts=(9, 9, 9, 9)),
+    # but 19 is where .2 began, so it starts over; .8 (319) and .9 go on
+    "T17": Item(D2, {"train_loss": "loss_mask"}, restarts=(9, 9, 9, 9, 19)),
     "T18": Item({"train_loss": "train/loss", "eval_loss": "eval/loss",
                  "grad_norm": "train/grad_norm"}, restarts=(100, 500)),  # files .2, .4
     "T19": Item({"train_loss": "train/loss", "learning_rate": "train/learning_rate"},

@@ -183,6 +183,35 @@ def test_fault_52_a_new_writer_past_a_checkpoint_is_a_resume() -> None:
     assert first_back(pipe, 150) == ["Trainer restarted"]
 
 
+def test_fault_52_a_new_writer_at_an_earlier_run_s_first_step_starts_over() -> None:
+    """Runs repeated into one folder (Detectron2's output/, dev-tb T17): a short run
+    ends at step 9, the next file begins at 19, the step the first run began at. By its
+    steps it goes on; by where it begins it starts over, and a resume (which starts
+    after a checkpoint) cannot begin there. A file beginning elsewhere goes on. The
+    remembered starts survive a JSON round-trip of the state."""
+    def record(step: int) -> TrainRecord:
+        return TrainRecord(step, loss_at(step), 1e-3, 1.0, {"step": step})
+
+    def said(pipe: Pipeline, step: int) -> list[str]:
+        out = pipe.process(record(step))
+        return [n.event for n in out.notes] if out is not None else []
+
+    pipe = Pipeline(load_config(None))
+    for s in range(19, 240, 20):
+        pipe.process(record(s))
+    pipe.writer_started()
+    assert said(pipe, 9) == ["Run restarted"]  # back: a new run, as before
+    again = Pipeline(load_config(None))
+    again.load_state_dict(json.loads(json.dumps(pipe.state_dict())))
+    again.writer_started()
+    assert said(again, 19) == ["Run restarted"]  # where the first run began: over again
+    for s in range(39, 300, 20):
+        assert said(again, s) == []
+    again.writer_started()
+    assert said(again, 319) == []  # a file that begins elsewhere goes on
+    assert said(again, 339) == []
+
+
 # -- 53: one checkpoint, or the run folder, unreadable ----------------------------------
 @pytest.fixture
 def open_root() -> Iterator[Path]:
