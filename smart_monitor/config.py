@@ -133,7 +133,7 @@ class OverfittingConfig(_Section):
     min_rel_delta: float = Field(0.05, ge=0, le=_RATIO)
     noise_k: float = Field(1.0, ge=0, le=_Z)
     train_alpha: float = Field(0.2, gt=0, le=1)
-    train_tolerance: float = Field(0.05, ge=0, le=_RATIO)
+    train_tolerance: float = Field(0.0, ge=0, le=_RATIO)
 
 
 class NotLearningConfig(_Section):

@@ -55,6 +55,7 @@ class Outcome:
     extra: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[Note, ...] = ()
     quiet: tuple[Trigger, ...] = ()  # of ``triggers``: counted, not logged one by one
+    ended: Outcome | None = None  # the previous run's end, when this record starts a new one
 
 
 class Pipeline:
@@ -82,8 +83,9 @@ class Pipeline:
 
     def process(self, record: Record) -> Outcome | None:
         if isinstance(record, SummaryRecord):
-            return None
+            return self._end(record)  # HF's end of training
         restarted_after = None
+        previous_run = None
         notes: list[Note] = []
         step = record.step
         if isinstance(record, TrainRecord):
@@ -97,6 +99,7 @@ class Pipeline:
                 if not fresh and self._duplicate(train_step):
                     return self._dropped(record)
                 if fresh or self._new_run(record):
+                    previous_run = self._end(None)  # the old run's conclusions, by its detectors
                     notes.append(self._restart(record))
                 else:
                     restarted_after = self.last_step
@@ -136,12 +139,36 @@ class Pipeline:
         if decision is None:
             if restarted_after is None and not ended and not notes:
                 return None
-            return Outcome(step, restarted_after=restarted_after, extra=extra, notes=tuple(notes))
+            return Outcome(step, restarted_after=restarted_after, extra=extra, notes=tuple(notes),
+                           ended=previous_run)
         request = self._request(step, decision, record) if decision.snapshot else None
         return Outcome(
             step, tuple(triggers), decision.suppressed, request, restarted_after, extra=extra,
-            notes=(*notes, *decision.notes), quiet=decision.quiet,
+            notes=(*notes, *decision.notes), quiet=decision.quiet, ended=previous_run,
         )
+
+    def end_run(self) -> Outcome | None:
+        """The run is over (the end of a replay): what the detectors conclude only
+        when a run ends (overfitting whose patience had nothing left to wait for, a short
+        run that never learned). Also drawn at HF's end-of-training record and when a
+        new run starts in the same folder; each conclusion is drawn once."""
+        return self._end(None)
+
+    def _end(self, summary: SummaryRecord | None) -> Outcome | None:
+        """The run's end, as the detectors see it: ``summary`` (its step, or the latest
+        one), or a record that says no more than that."""
+        raw = summary.raw if summary is not None else {}
+        at = summary.step if summary is not None and summary.step is not None else self.last_step
+        if at is None:
+            return None
+        record = SummaryRecord(at, raw)
+        triggers = [t for d in self.detectors.values() for t in d.update(record)]
+        if not triggers:
+            return None
+        decision = self.policy.decide(at, triggers)
+        request = self._request(at, decision, record) if decision.snapshot else None
+        return Outcome(at, tuple(triggers), decision.suppressed, request,
+                       notes=decision.notes, quiet=decision.quiet)
 
     def _advance(self, record: TrainRecord) -> None:
         self.new_writer = False

@@ -29,7 +29,7 @@ from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.retention import enforce_keep_best
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.pipeline import Pipeline
-from smart_monitor.records import EvalRecord, Record, TrainRecord, to_record
+from smart_monitor.records import EvalRecord, Record, SummaryRecord, TrainRecord, to_record
 from smart_monitor.sources.checkpoints import Checkpoint
 from smart_monitor.triggers import Severity, Trigger, kind_of, stats_label
 
@@ -79,7 +79,8 @@ def test_overfitting_named_for_the_best_step_once_per_episode() -> None:
 
 def test_a_new_best_ends_the_episode_and_a_second_one_is_news() -> None:
     evals = [*T13, 30.0, 38.0, 46.0, 54.0]
-    names = [t.name for t in fired(Overfitting(OverfittingConfig()), curve(evals, [40.0] * 10))]
+    train = [40.0 - 2.0 * i for i in range(10)]
+    names = [t.name for t in fired(Overfitting(OverfittingConfig()), curve(evals, train))]
     assert names == ["overfitting_from_100", "overfitting_from_700"]
 
 
@@ -96,6 +97,50 @@ def test_an_eval_metric_in_its_direction_when_there_is_no_eval_loss() -> None:
     assert (t.name, t.details["best_value"], t.details["source"]) == (
         "overfitting_from_200", 0.75, "accuracy"
     )
+
+
+def test_no_overfitting_while_the_train_loss_stays_put() -> None:
+    """A model whose train loss does not fall barely changes: an eval worse meanwhile is
+    noise or a disturbance (dev-tb T06 after its resume with the LR replanned), not a
+    model that fits its training data at the cost of generalising."""
+    train = [44.0, 44.1, 43.9, 44.0, 44.1, 43.9]
+    assert not fired(Overfitting(OverfittingConfig()), curve(T13, train))
+
+
+def test_train_records_read_before_the_evaluations_are_matched_by_step() -> None:
+    """A replay of a Keras folder reads ``train/`` before ``validation/``: the train
+    level at an evaluation is the one at its step, not the run's last."""
+    records = curve([*T13, 61.0, 62.0, 63.0], [44.7, 44.0, 42.0, 38.0, 33.0, 30.4, 29, 28, 27])
+    train = [r for r in records if isinstance(r, TrainRecord)]
+    evals = [r for r in records if isinstance(r, EvalRecord)]
+    (t,) = fired(Overfitting(OverfittingConfig()), [*train, *evals])
+    assert t.name == "overfitting_from_100"
+    assert t.details["train_loss_at_best"] > t.details["train_loss_now"] + 5
+
+
+# dev-tb T18, run A: eval/loss at 3125 (best), 6250, 9375; the train loss falls.
+T18_A = curve([0.2626, 0.2680, 0.2986], [0.32, 0.24, 0.19])
+
+
+def test_overfitting_concluded_when_the_run_ends_before_patience() -> None:
+    """Two evaluations after the best, each worse than the one before, the last +14 %:
+    patience had nothing left to wait for once the run ended."""
+    detector = Overfitting(OverfittingConfig())
+    assert not fired(detector, T18_A), "mid-run, patience (3) is not reached"
+    (t,) = detector.update(SummaryRecord(9375, {}))
+    assert (t.name, t.step, t.details["at_run_end"]) == ("overfitting_from_100", 9375, True)
+    assert not detector.update(SummaryRecord(9375, {})), "concluded once"
+
+
+@pytest.mark.parametrize("evals", [
+    [0.2626, 0.2986],  # one evaluation after the best: a blip, maybe
+    [0.2626, 0.2986, 0.2700],  # back within the margin at the end
+    [0.2626, 0.3200, 0.2650, 0.3300],  # the last beyond it, but one back within, not rising
+])
+def test_no_conclusion_at_the_end_without_a_sustained_rise(evals: list[float]) -> None:
+    detector = Overfitting(OverfittingConfig())
+    records = curve(evals, [0.32 - 0.04 * i for i in range(len(evals))])
+    assert not fired(detector, [*records, SummaryRecord(9375, {})])
 
 
 @pytest.mark.parametrize(
@@ -129,6 +174,46 @@ def test_runs_that_learned_then_converged_are_never_judged(name: str) -> None:
     detector = NotLearning(NotLearningConfig())
     assert not fired(detector, jsonl(DEV / name))
     assert detector.done, "it learned, early: nothing is judged again"
+
+
+# dev-tb T02: Keras epoch_loss, epochs 0-17 (no trend: 12.5 at 0, 12.2 at 17).
+T02 = [TrainRecord(i, v, None, None, {}) for i, v in enumerate([
+    12.49, 16.36, 15.65, 13.19, 12.48, 13.98, 14.12, 14.32, 14.13, 12.43, 13.55, 12.13,
+    14.16, 10.50, 15.84, 13.61, 10.59, 12.17])]
+
+
+def test_a_short_run_that_never_learned_is_concluded_at_its_end() -> None:
+    detector = NotLearning(NotLearningConfig())
+    assert not fired(detector, T02), "18 records: a run still going may yet learn"
+    (t,) = detector.update(SummaryRecord(17, {}))
+    assert (t.name, t.details["reason"], t.details["at_run_end"]) == (
+        "not_learning_18", "loss", True)
+    assert t.details["lowest_level"] > t.details["start_level"] - t.details["needed_drop"]
+
+
+@pytest.mark.parametrize("losses", [
+    [0.72, 0.66, 0.60, 0.55, 0.52, 0.49, 0.47, 0.45, 0.43, 0.42, 0.41, 0.40],  # learned
+    [12.49, 16.36, 15.65, 13.19, 12.48, 13.98, 14.12, 14.32, 14.13],  # too short to say
+])
+def test_no_conclusion_at_the_end_of_a_run_that_learned_or_is_too_short(
+    losses: list[float],
+) -> None:
+    records: list[Record] = [TrainRecord(i, v, None, None, {}) for i, v in enumerate(losses)]
+    assert not fired(NotLearning(NotLearningConfig()), [*records, SummaryRecord(99, {})])
+
+
+def test_a_new_run_in_the_folder_ends_the_old_one_with_its_conclusions() -> None:
+    """Run A of dev-tb T18 ends when run B starts over in the same logging folder: its
+    overfitting is concluded by its own detectors, before the fresh ones take over."""
+    pipeline = Pipeline(Config())
+    for record in T18_A:
+        pipeline.process(record)
+    pipeline.writer_started()
+    out = pipeline.process(TrainRecord(10, 0.7, 1e-4, None, {}))
+    assert out is not None and out.ended is not None
+    assert [t.name for t in out.ended.triggers] == ["overfitting_from_100"]
+    assert [n.event for n in out.notes] == ["Run restarted"]
+    assert pipeline.end_run() is None, "the new run has nothing to conclude"
 
 
 def test_a_learning_rate_of_zero_since_the_start() -> None:
@@ -202,8 +287,11 @@ def test_texture_resumes_from_json() -> None:
 
 
 @pytest.mark.parametrize(("make", "records"), [
-    (lambda: Overfitting(OverfittingConfig()), curve([*T13, 30.0, 35.0, 40.0, 45.0], [40.0] * 10)),
+    (lambda: Overfitting(OverfittingConfig()),
+     curve([*T13, 30.0, 35.0, 40.0, 45.0], [40.0 - 2.0 * i for i in range(10)])),
+    (lambda: Overfitting(OverfittingConfig()), [*T18_A, SummaryRecord(9375, {})]),
     (lambda: NotLearning(NotLearningConfig()), jsonl(RNN_TANH)),
+    (lambda: NotLearning(NotLearningConfig()), [*T02, SummaryRecord(17, {})]),
     (lambda: BestModel(BestModelConfig()), curve([1.0 - 0.05 * i for i in range(12)] + [2.0],
                                                   [1.0] * 13)),
 ])

@@ -36,8 +36,9 @@ EXPECTED: dict[str, list[tuple[str, int]]] = {
     # to 0.0002 (the WER still improves a little: the warning says what the loss does)
     "P4P4N1CK__whisper-large-v2-japanese-5k-steps__final.json": [("overfitting_from_1000", 5000)],
     # evaluated on six sets under their own names (eval_g0_loss ...): the main one,
-    # eval_g0_loss, is best at step 401 (1.11), then rises every evaluation
-    "aigoncharov__trainer_state_viz__final.json": [("overfitting_from_401", 802)],
+    # eval_g0_loss, is best at step 401 (1.11), then rises every evaluation; concluded
+    # once the train loss has fallen beyond its noise too (1.11 -> 0.87 by step 1203)
+    "aigoncharov__trainer_state_viz__final.json": [("overfitting_from_401", 1203)],
 }
 
 

@@ -50,7 +50,16 @@ CONCLUDED = {
     "T03_keras_two_fits_one_logdir": "overfitting_from_6",
     "T12_lightning_tft_tensorboard": "overfitting_from_661",
     "T13_lightning_csv_overfit": "overfitting_from_372",
+    "T02_keras_never_learns": "not_learning_",  # 18 epochs: concluded at the run's end
 }
+# Several runs in one folder, each with its conclusion (at each run's end: dev-tb T18's
+# runs A and C have two evaluations after their best).
+CONCLUDED_RUNS = {
+    "T18_hf_trainer_shared_logdir": ("overfitting_from_3125", "overfitting_from_1564"),
+}
+# Worse evaluations that are no overfitting: the train loss rose with them (T08: the
+# validation losses explode while the train box loss drifts up).
+NOT_OVERFITTING = {"T08_yolov8_val_inf_nan_collapse"}
 KEEP_BEST = 3
 
 
@@ -92,6 +101,16 @@ def test_conclusions_where_the_readmes_draw_them(rows: dict[str, Row], name: str
     assert row.records > 0, row
     assert [n for n, _ in row.conclusions if n.startswith(CONCLUDED[name])], row
     assert len(row.conclusions) == 1, "one conclusion per episode"
+
+
+@pytest.mark.parametrize("name", sorted(CONCLUDED_RUNS))
+def test_one_conclusion_per_run_of_a_shared_folder(rows: dict[str, Row], name: str) -> None:
+    assert tuple(n for n, _ in rows[name].conclusions) == CONCLUDED_RUNS[name], rows[name]
+
+
+@pytest.mark.parametrize("name", sorted(NOT_OVERFITTING))
+def test_no_overfitting_where_the_train_loss_rose_too(rows: dict[str, Row], name: str) -> None:
+    assert not [n for n, _ in rows[name].conclusions if n.startswith("overfitting")]
 
 
 def test_best_models_are_bounded_everywhere(rows: dict[str, Row]) -> None:

@@ -15,6 +15,15 @@ learning all the same). A run that learned, then converged, answered yes long be
 is never judged again. Also: an LR at most ``zero_lr`` in every record so far, and in a
 run that logs no train loss, an eval accuracy that never rose ``min_gain_pct`` points
 above its first value in ``min_evals`` evaluations.
+
+``min_records`` is how long to wait before judging a run still going: a noisy per-step
+run may not yet show its descent. At the run's end (HF's end-of-training record, a new
+run starting in the same folder, the end of a replay: a ``SummaryRecord``) nothing is
+left to wait for, and the same loss test is made on what the run logged, provided it
+logged at least ``window`` records past the start window and the warm-up (a start level
+and one rolling median wholly after it: the least that can show a drop at all). So a
+Keras run of 18 epochs whose loss never left its starting level (dev-tb T02: 12.5 at
+epoch 0, 12.2 at 17, 10.5-16.4 between) is concluded when it ends.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from smart_monitor.batch import TrainBlock
 from smart_monitor.config import NotLearningConfig
 from smart_monitor.detectors.base import isfinite
 from smart_monitor.notes import Note
-from smart_monitor.records import EvalRecord, Record, TrainRecord
+from smart_monitor.records import EvalRecord, Record, SummaryRecord, TrainRecord
 from smart_monitor.stats import RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
@@ -72,6 +81,8 @@ class NotLearning:
             return []
         if isinstance(record, TrainRecord):
             return self._train(record.step, record.loss, record.learning_rate)
+        if isinstance(record, SummaryRecord):
+            return self._end(record.step) if record.step is not None else []
         if isinstance(record, EvalRecord) and not self.records and isfinite(record.accuracy):
             return self._accuracy(record.step, float(record.accuracy))  # type: ignore[arg-type]
         return []
@@ -97,9 +108,7 @@ class NotLearning:
             self.first.append(loss)
         self.lowest = min(self.lowest, self.recent.median)
         level, noise = self._start()
-        # the rolling median of ``window`` records is that much less noisy than a record
-        spread = noise * _MEDIAN_SPREAD / math.sqrt(config.window)
-        margin = max(config.min_rel_drop * abs(level), config.noise_k * spread)
+        margin = self._margin(level, noise)
         if level <= noise * config.noise_k or level <= 0:
             self.done = True  # a loss about 0 by construction (policy gradient): no level
             return []
@@ -110,13 +119,37 @@ class NotLearning:
             return self._fire(step, "learning_rate", {"max_learning_rate": self.lr_max})
         if len(self.first) < config.min_records:
             return []
+        return self._judge(step, level, noise, margin)
+
+    def _judge(self, step: int, level: float, noise: float, margin: float) -> list[Trigger]:
+        """The loss never left its starting level: falling steadily, or not learning."""
         slope, t = _trend(self.first)
-        if t < -config.trend_t:
+        if t < -self.config.trend_t:
             self.done = True  # falling steadily
             return []
         figures = {"start_level": level, "lowest_level": self.lowest, "noise": noise,
-                   "needed_drop": margin, "slope_per_record": slope, "slope_t": t}
+                   "needed_drop": margin, "slope_per_record": slope, "slope_t": t,
+                   "at_run_end": len(self.first) < self.config.min_records}
         return self._fire(step, "loss", figures)
+
+    def _end(self, step: int) -> list[Trigger]:
+        """The run ended: judge what it logged if that is enough (module docstring)."""
+        config = self.config
+        if len(self.first) < config.window:
+            return []
+        level, noise = self._start()
+        margin = self._margin(level, noise)
+        if self.lowest < level - margin:
+            self.done = True  # it learned, by the noise the whole run shows
+            return []
+        return self._judge(step, level, noise, margin)
+
+    def _margin(self, level: float, noise: float) -> float:
+        """How far below ``level`` the rolling median must come to have learned."""
+        config = self.config
+        # the rolling median of ``window`` records is that much less noisy than a record
+        spread = noise * _MEDIAN_SPREAD / math.sqrt(config.window)
+        return max(config.min_rel_drop * abs(level), config.noise_k * spread)
 
     def _start(self) -> tuple[float, float]:
         """The starting level and the loss's noise (a robust std)."""

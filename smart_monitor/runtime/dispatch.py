@@ -115,6 +115,8 @@ class Dispatch:
 
     # -- outcomes -------------------------------------------------------------------
     def act(self, outcome: Outcome) -> None:
+        if outcome.ended is not None:  # the previous run's conclusions come first
+            self.act(outcome.ended)
         if outcome.restarted_after is not None:
             self.log.warning(
                 "Trainer restarted", step=outcome.step, previous_step=outcome.restarted_after,

@@ -122,6 +122,13 @@ class Engine:
         self.dispatch.poll()
         self.ingest.watch.after()  # a run gone quiet without a loss series is still said
 
+    def end_run(self) -> None:
+        """The run is over (the end of a replay: not a stop of ``run``, the trainer may
+        go on): the conclusions that wait for a run's end are drawn."""
+        outcome = self.pipeline.end_run()
+        if outcome is not None:
+            self.dispatch.act(outcome)
+
     def finish(self, scan_timeout: float | None = None) -> None:
         """On stop or at the end of a replay: make what waits with what exists (the
         checkpoint scans already started are waited for: their verdict is the point;

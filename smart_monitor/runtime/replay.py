@@ -125,6 +125,7 @@ def replay(
         else:  # a folder given: the JSONL file the tailer would follow
             path = source.path if source is not None else metrics
             _replay_jsonl(engine, path, config.records.max_line_bytes, progress)
+    engine.end_run()  # the file is the whole run: what waits for its end is concluded
     engine.ingest.watch.finish()  # Watching series; No loss series when blind
     engine.finish()
     stop_plots()  # every snapshot's loss_history.png is drawn before replay returns
