@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -267,6 +268,42 @@ class Ewma:
         keep = 1.0 - self.alpha
         weights = self.alpha * keep ** np.arange(len(values) - 1, -1, -1, dtype=np.float64)
         self.value = float(keep ** len(values) * self.value + weights @ values)
+
+    def levels(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Take in every value at once, as ``extend``; the level after each one (what
+        each ``add`` would return, to rounding). Quadratic in ``len(values)``: for the
+        last few hundred values of a block, not a whole one.
+
+        >>> a, b = Ewma(0.2), Ewma(0.2)
+        >>> want = [a.add(v) for v in (1.0, 3.0, 2.0, 5.0)]
+        >>> [round(x, 12) for x in b.levels(np.array([1.0, 3.0, 2.0, 5.0]))] == [
+        ...     round(x, 12) for x in want]
+        True
+        """
+        n = len(values)
+        if not n:
+            return np.empty(0, np.float64)
+        if self.value is None:  # the first value is the level itself
+            self.value = float(values[0])
+            return np.concatenate([values[:1], self.levels(values[1:])])
+        decay, weights = _ewma_weights(self.alpha, n)
+        out = decay[:n] * self.value + weights[:n, :n] @ values
+        self.value = float(out[-1])
+        return out
+
+
+@lru_cache(maxsize=8)
+def _weights(alpha: float, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    keep = 1.0 - alpha
+    lag = np.subtract.outer(np.arange(n), np.arange(n))  # row k, column j: k - j
+    weights = np.where(lag >= 0, alpha * keep ** np.maximum(lag, 0), 0.0)
+    return keep ** np.arange(1, n + 1, dtype=np.float64), weights
+
+
+def _ewma_weights(alpha: float, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The decay of the start level and the weight of each value in each level, for
+    ``n`` values or more (a power of two: a few sizes cached, sliced to ``n``)."""
+    return _weights(alpha, max(64, 1 << (n - 1).bit_length()))
 
 
 class BlipHistory:

@@ -231,12 +231,22 @@ class Overfitting:
         keep = np.isfinite(losses)
         steps = block.steps[start:end][keep]
         losses = losses[keep]
-        tail = max(0, len(losses) - max(_TRAIL, _NOISE_RECORDS + 1))
-        if tail:  # what neither the trail nor the noise window keeps: in closed form
-            self.train.extend(losses[:tail])
-            self.train_last = float(losses[tail - 1])
-        for step, loss in zip(steps[tail:].tolist(), losses[tail:].tolist(), strict=True):
-            self._train(int(step), float(loss))
+        if not len(losses):
+            return
+        # what ``_train`` does a record at a time, in numpy: the changes between
+        # successive losses (the window keeps the last ones), the EWMA's level after
+        # each of the records the trail keeps, and its level over the rest
+        if self.train_last is None:  # the run's first loss: no change before it
+            changes, at = np.abs(np.diff(losses)), steps[1:]
+        else:
+            changes, at = np.abs(np.diff(losses, prepend=self.train_last)), steps
+        last = _NOISE_RECORDS
+        self.train_changes.extend(at[-last:].tolist(), changes[-last:].tolist())
+        self.train_last = float(losses[-1])
+        tail = max(0, len(losses) - _TRAIL)
+        self.train.extend(losses[:tail])
+        levels = self.train.levels(losses[tail:])
+        self.trail.extend(zip(steps[tail:].tolist(), levels.tolist(), strict=True))
 
     def rewind(self, step: int) -> None:
         while self.trail and self.trail[-1][0] > step:
