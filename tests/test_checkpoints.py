@@ -112,3 +112,84 @@ def test_an_unreadable_folder_forgets_what_it_knew(tmp_path: Path) -> None:
     refuse = False
     assert [c.step for c in index.scan()] == [100]  # complete again, reported again
     assert index.unreadable == {}
+
+
+# -- an idle scan lists nothing (FAULTS.md #65) ---------------------------------------
+OLD = 1_000_000_000.0  # a folder mtime long past: no racy listing (sources/folder.py)
+
+
+class CountingScandir:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, p: Path) -> Iterator[os.DirEntry[str]]:
+        self.calls += 1
+        return os.scandir(p)
+
+
+def test_an_unchanged_folder_is_not_listed_again_but_a_new_checkpoint_is_found(
+    run_dir: Path,
+) -> None:
+    """Beside 20,000 checkpoints an idle scan is one ``stat`` of the folder; a checkpoint
+    made meanwhile moves the folder's mtime, so the next scan (a reconciliation, with
+    no event at all) lists it again and finds it."""
+    make_checkpoint(run_dir, 100)
+    os.utime(run_dir, (OLD, OLD))
+    listing = CountingScandir()
+    idx = CheckpointIndex(run_dir, CheckpointsConfig(), scandir=listing)
+    assert [c.step for c in idx.scan()] == [100]
+    assert idx.scan() == [] and idx.scan() == []
+    assert listing.calls == 1, "an unchanged folder was listed again"
+    make_checkpoint(run_dir, 200)
+    assert [c.step for c in idx.scan()] == [200]
+    assert listing.calls == 2
+
+
+def test_a_checkpoint_being_written_is_looked_at_again_without_a_listing(
+    run_dir: Path,
+) -> None:
+    """Its files arrive inside it, which leaves the run folder's mtime alone: the index
+    keeps it among the unfinished ones and checks them at each scan."""
+    ck = make_checkpoint(run_dir, 100, marker=False)
+    os.utime(run_dir, (OLD, OLD))
+    listing = CountingScandir()
+    idx = CheckpointIndex(run_dir, CheckpointsConfig(settle_seconds=3600), scandir=listing)
+    assert idx.scan() == []
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
+    assert [c.step for c in idx.scan()] == [100]
+    assert listing.calls == 1
+
+
+def test_rotation_and_a_folder_made_unreadable_are_seen_without_an_event(
+    run_dir: Path,
+) -> None:
+    for step in (100, 200):
+        make_checkpoint(run_dir, step)
+    os.utime(run_dir, (OLD, OLD))
+    refuse = False
+
+    def scandir(p: Path) -> Iterator[os.DirEntry[str]]:
+        if refuse:
+            raise PermissionError(13, "Permission denied", str(p))
+        return os.scandir(p)
+
+    idx = CheckpointIndex(run_dir, CheckpointsConfig(), scandir=scandir)
+    idx.scan()
+    shutil.rmtree(run_dir / "checkpoint-100")  # the trainer's save_total_limit
+    os.utime(run_dir, (OLD + 1, OLD + 1))  # a coarse clock: only the ctime tells
+    idx.scan()
+    assert sorted(idx.complete) == [200] and idx.rotations == 1
+    os.chmod(run_dir, 0o700)  # a chmod moves the ctime alone
+    refuse = True
+    assert idx.scan() == [] and idx.problems == [(run_dir, "Permission denied")]
+
+
+def test_a_vanished_checkpoint_forgotten_is_found_again_at_the_next_listing(
+    run_dir: Path,
+) -> None:
+    make_checkpoint(run_dir, 100)
+    os.utime(run_dir, (OLD, OLD))
+    idx = CheckpointIndex(run_dir, CheckpointsConfig())
+    idx.scan()
+    idx.forget(100)  # a copy found it gone (dispatch); it may be back, re-saved
+    assert [c.step for c in idx.scan()] == [100]

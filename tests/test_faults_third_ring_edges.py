@@ -491,9 +491,9 @@ def test_fault_65_housekeeping_learns_each_snapshot_once(
             "created_at": f"2026-01-01T00:00:00.{i:03d}Z", "key": f"k{i}"}))
     walks: list[Path] = []
     loads: list[Path] = []
-    sizes, load = retention._sizes, manifest._load
+    sizes, load = retention._sizes, manifest.load
     monkeypatch.setattr(retention, "_sizes", lambda p: walks.append(p) or sizes(p))
-    monkeypatch.setattr(manifest, "_load", lambda p: loads.append(p) or load(p))
+    monkeypatch.setattr(manifest, "load", lambda p: loads.append(p) or load(p))
     live = Live(cfg)
     turns: list[int] = []
     retain = live.daemon._retain

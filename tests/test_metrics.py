@@ -218,3 +218,29 @@ def test_a_settled_incident_stays_open_in_metrics(tmp_path: Path) -> None:
     series = [dict(k[1]) for k, v in m.items()
               if k[0] == "smart_monitor_incident_started_step" and v == 200]
     assert len(series) == 1 and series[0]["problem"] == settled[0].problem
+
+
+def test_a_scrape_shows_the_daemons_budget_and_walks_no_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the daemon's housekeeping running, a scrape reads the budget it keeps (its
+    free space refreshed at each reconciliation): beside 20,000 snapshots, a walk per
+    scrape cost a share of a core (FAULTS.md #65)."""
+    from smart_monitor.hooks import metrics
+    from smart_monitor.outputs.retention import DiskBudget
+
+    engine, config = make_engine(tmp_path, Clock())
+    engine.writer.budget = DiskBudget(held=123, budget=456, free=789, floor=10)
+
+    def walked(*_a: object, **_k: object) -> DiskBudget:
+        raise AssertionError("a scrape walked the snapshots")
+
+    monkeypatch.setattr(metrics, "disk_budget", walked)
+    server = MetricsServer(engine, config)
+    port = server.start()
+    try:
+        m = scrape(port)
+    finally:
+        server.stop()
+    assert [m[(f"smart_monitor_snapshot_{k}_bytes", ())] for k in
+            ("held", "budget", "free", "floor")] == [123, 456, 789, 10]

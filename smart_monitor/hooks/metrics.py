@@ -114,7 +114,11 @@ class _EngineCollector(Collector):
         for name, role, value in self.engine.series.values():
             series.add_metric([*self.identity, name, role], value)
         yield series
-        budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
+        # the daemon's housekeeping keeps it (its free space refreshed at each
+        # reconciliation): a scrape never walks every snapshot (FAULTS.md #65)
+        budget = self.engine.writer.budget
+        if budget is None:  # before the first reconciliation, or an engine without a daemon
+            budget = disk_budget(self.engine.writer, self.engine.config.snapshot)
         for name, text, value in (
             ("held", "Bytes the snapshots add to their file system.", budget.held),
             ("budget", "Bytes the snapshots may hold (0: no share limit).", budget.budget),

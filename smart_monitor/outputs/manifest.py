@@ -32,7 +32,7 @@ from typing import Any
 
 from smart_monitor.outputs.pin import Placed
 
-__all__ = ["MANIFEST", "changes", "linked", "manifest_data", "sample_digest"]
+__all__ = ["MANIFEST", "changes", "compare", "hardlinked", "load", "manifest_data", "sample_digest"]
 
 MANIFEST = "manifest.json"
 
@@ -68,7 +68,9 @@ def manifest_data(placed: Iterable[Placed], model: Path | None = None) -> dict[s
     return {"version": 2 if model is not None else 1, "files": files}
 
 
-def _load(snapshot: Path) -> dict[str, Any]:
+def load(snapshot: Path) -> dict[str, Any]:
+    """The manifest's files table (written once, at pin time: a caller that checks
+    again and again may keep it). Raises OSError/ValueError without one."""
     data = json.loads((snapshot / MANIFEST).read_bytes())
     files = data.get("files")
     if not isinstance(files, dict):
@@ -76,28 +78,34 @@ def _load(snapshot: Path) -> dict[str, Any]:
     return files
 
 
-def linked(snapshot: Path) -> bool:
-    """Whether any file of the snapshot shares its inode with the trainer's file: the
-    ones worth watching. A snapshot whose ``model/`` the disk budget released has none."""
-    if not (snapshot / "model").is_dir():
-        return False
-    try:
-        return any(f.get("how") == "hardlink" for f in _load(snapshot).values())
-    except (OSError, ValueError):
-        return False
+def hardlinked(files: dict[str, Any]) -> bool:
+    """Whether any file of a manifest was hard-linked: shared with the trainer's file."""
+    return any(isinstance(f, dict) and f.get("how") == "hardlink" for f in files.values())
 
 
-def changes(snapshot: Path, settled: dict[Path, int] | None = None) -> list[str]:
+def changes(
+    snapshot: Path, settled: dict[str, int] | None = None,
+    files: dict[str, Any] | None = None,
+) -> list[str]:
     """Each file of ``model/`` that differs from the manifest, as ``"name: what"``;
     empty when the snapshot is as pinned. Raises OSError/ValueError without a manifest.
     ``settled``: file -> a moved ctime its sample already matched at (a caller that
-    checks again and again reads each sample once per change, not once per check)."""
-    files = _load(snapshot)
-    model = snapshot / "model"
+    checks again and again reads each sample once per change, not once per check);
+    ``files``: the manifest's table, when the caller keeps it (``load``)."""
+    return compare(os.path.join(snapshot, "model"), load(snapshot) if files is None else files,
+                   settled)
+
+
+def compare(
+    model: str, files: dict[str, Any], settled: dict[str, int] | None = None
+) -> list[str]:
+    """``changes`` of the ``model`` folder against a manifest's ``files`` already read
+    (strings, not Paths: the daemon compares 500 snapshots a reconciliation, #65)."""
     found: list[str] = []
     for rel, want in sorted(files.items()):
+        path = os.path.join(model, rel)
         try:
-            st = os.stat(model / rel)
+            st = os.stat(path)
         except FileNotFoundError:
             found.append(f"{rel}: missing")
             continue
@@ -106,18 +114,18 @@ def changes(snapshot: Path, settled: dict[Path, int] | None = None) -> list[str]
         elif st.st_mtime_ns != want.get("mtime_ns"):
             found.append(f"{rel}: rewritten (mtime changed)")
         elif want.get("ctime_ns") not in (None, st.st_ctime_ns) and not _same_sample(
-            model / rel, st, want.get("sample"), settled
+            path, st, want.get("sample"), settled
         ):
             found.append(f"{rel}: rewritten (content changed, mtime put back)")
     return found
 
 
 def _same_sample(
-    path: Path, st: os.stat_result, want: object, settled: dict[Path, int] | None
+    path: str, st: os.stat_result, want: object, settled: dict[str, int] | None
 ) -> bool:
     if settled is not None and settled.get(path) == st.st_ctime_ns:
         return True
-    same = sample_digest(path, st.st_size) == want
+    same = sample_digest(Path(path), st.st_size) == want
     if same and settled is not None:
         settled[path] = st.st_ctime_ns
     return same

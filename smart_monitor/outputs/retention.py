@@ -51,8 +51,8 @@ from smart_monitor.outputs.snapshot import (
 )
 
 __all__ = [
-    "DiskBudget", "SnapshotCache", "added_bytes", "disk_budget", "enforce_budget",
-    "enforce_keep_best", "enforce_retention",
+    "DiskBudget", "DiskUsage", "SnapshotCache", "added_bytes", "budget_with", "disk_budget",
+    "enforce_budget", "enforce_keep_best", "enforce_retention",
 ]
 
 Snap = tuple[Path, dict[str, Any]]
@@ -83,7 +83,9 @@ class SnapshotCache:
     ``stat``-ed again, as its rotation turns them into bytes the snapshots hold."""
 
     def __init__(self) -> None:
-        self._meta: dict[str, tuple[int, dict[str, Any]]] = {}
+        # name -> metadata.json's mtime, the metadata, the folder (a Path each turn for
+        # 20k snapshots costs more than the stat)
+        self._meta: dict[str, tuple[int, dict[str, Any], Path]] = {}
         self._sizes: dict[Path, tuple[int, list[str]]] = {}  # unshared bytes, shared files
 
     def published(self, writer: SnapshotWriter) -> list[Snap]:
@@ -91,7 +93,7 @@ class SnapshotCache:
         if not root.is_dir():
             return []
         out: list[Snap] = []
-        seen: dict[str, tuple[int, dict[str, Any]]] = {}
+        seen: dict[str, tuple[int, dict[str, Any], Path]] = {}
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if not entry.name.startswith(SNAPSHOT_PREFIX) or not entry.is_dir():
                 continue  # never someone else's folder in a shared snapshot_dir (#58)
@@ -101,16 +103,16 @@ class SnapshotCache:
                 known = self._meta.get(entry.name)
                 if known is None or known[0] != mtime:
                     with open(meta, "rb") as fh:
-                        known = (mtime, json.loads(fh.read()))
+                        known = (mtime, json.loads(fh.read()), Path(entry.path))
                     # rewritten: released by another hand (keep_best on the dispatcher),
                     # or a pin come in; its sizes are learnt again
-                    self._sizes.pop(Path(entry.path), None)
+                    self._sizes.pop(known[2], None)
             except (OSError, ValueError):
                 continue
             if not isinstance(known[1], dict) or "created_at" not in known[1]:
                 continue  # not made by this writer (SnapshotWriter.published's rule)
             seen[entry.name] = known
-            out.append((Path(entry.path), known[1]))
+            out.append((known[2], known[1]))
         self._meta = seen
         self._sizes = {p: s for p, s in self._sizes.items() if p.name in seen}
         return out
@@ -185,7 +187,12 @@ def enforce_keep_best(
     """Release the weights of the best models older than the newest ``keep_best`` (the
     one an open overfitting episode names keeps them)."""
     cache = cache or SnapshotCache()
-    snaps = _oldest_first(cache, writer)
+    _keep_best(writer, _oldest_first(cache, writer), keep_best, log, cache)
+
+
+def _keep_best(
+    writer: SnapshotWriter, snaps: list[Snap], keep_best: int, log: Any, cache: SnapshotCache
+) -> None:
     protected = _episode_best(snaps)
     # made within one second (a replay): the step orders them, not the name
     held = sorted(
@@ -275,6 +282,15 @@ def _limits(root: Path, config: SnapshotConfig, usage: DiskUsage) -> tuple[int, 
     return int(du.total * config.max_share), int(du.free), int(du.total * config.min_free_share)
 
 
+def budget_with(
+    held: int, writer: SnapshotWriter, config: SnapshotConfig,
+    usage: DiskUsage = shutil.disk_usage,
+) -> DiskBudget:
+    """The budget for ``held`` bytes, with the file system's space read now (one
+    ``statvfs``: the free space moves with the trainer, the held bytes with snapshots)."""
+    return DiskBudget(held, *_limits(writer.root, config, usage))
+
+
 def disk_budget(
     writer: SnapshotWriter, config: SnapshotConfig, usage: DiskUsage = shutil.disk_usage,
     cache: SnapshotCache | None = None,
@@ -282,8 +298,7 @@ def disk_budget(
     """What ``list`` and ``/metrics`` show."""
     cache = cache or SnapshotCache()
     held = sum(cache.added(p) for p, _ in cache.published(writer))
-    budget, free, floor = _limits(writer.root, config, usage)
-    return DiskBudget(held, budget, free, floor)
+    return budget_with(held, writer, config, usage)
 
 
 def _release(root: Path, snap: Snap, reason: str, log: Any, **context: Any) -> int:
@@ -323,8 +338,8 @@ def enforce_budget(
     stand afterwards. A snapshot whose files the trainer still has costs nothing and
     frees nothing: it is passed over until its checkpoint is rotated away."""
     cache = cache or SnapshotCache()
-    enforce_keep_best(writer, config.keep_best, log, cache)
-    every = _oldest_first(cache, writer)
+    every = _oldest_first(cache, writer)  # once: 20k snapshots are listed once a turn
+    _keep_best(writer, every, config.keep_best, log, cache)
     snaps = [s for s in every if os.path.isdir(os.path.join(s[0], "model"))]
     sizes = {p: cache.added(p) for p, _ in every}
     budget, free, floor = _limits(writer.root, config, usage)

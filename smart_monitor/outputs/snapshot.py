@@ -25,13 +25,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smart_monitor.explain import explain
 from smart_monitor.outputs.atomic import fsync_dir, write_atomic
 from smart_monitor.outputs.manifest import MANIFEST, manifest_data
 from smart_monitor.outputs.pin import Cancelled, Mode, Placed, Placer, checkpoint_files
 from smart_monitor.sources.checkpoints import Checkpoint
+
+if TYPE_CHECKING:
+    from smart_monitor.outputs.retention import DiskBudget
 
 __all__ = [
     "SnapshotError", "SnapshotResult", "SnapshotWriter", "json_safe", "pending_metadata",
@@ -82,6 +85,9 @@ class SnapshotWriter:
         self.placer = Placer(mode)
         # what pins are made with and why: decided at start, and said when it changes (#54)
         self.mode_in_use: tuple[str, str] = (mode, "configured")
+        # where the snapshots stand against the disk budget, as the daemon's housekeeping
+        # last found (``/metrics`` shows it: a scrape never walks 20k snapshots, #65)
+        self.budget: DiskBudget | None = None
         # checkpoint -> (the model/ a copy of it went to, its files then): a second
         # snapshot of the unchanged checkpoint links those files, never copies twice (#57)
         self._copies: dict[Path, tuple[Path, list[Placed]]] = {}

@@ -16,28 +16,20 @@ exist under the same key, so nothing is made twice (#16, #25).
 
 from __future__ import annotations
 
-import bisect
-import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from smart_monitor.config import Config
 from smart_monitor.events import Event, SnapshotMade
 from smart_monitor.outputs.copier import Copier
 from smart_monitor.outputs.log import DailyFile
-from smart_monitor.outputs.manifest import MANIFEST, changes, linked
-from smart_monitor.outputs.retention import (
-    DiskBudget,
-    SnapshotCache,
-    enforce_budget,
-    enforce_retention,
-)
-from smart_monitor.outputs.snapshot import SNAPSHOT_PREFIX, SnapshotWriter
+from smart_monitor.outputs.retention import DiskBudget
+from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.outputs.state import StateStore
 from smart_monitor.runtime.engine import Engine
+from smart_monitor.runtime.housekeeping import Housekeeping
 from smart_monitor.runtime.ingest import no_cyclic_gc
 from smart_monitor.runtime.links import decide_links
 from smart_monitor.runtime.notify import Notifier
@@ -57,7 +49,6 @@ _ERROR_BACKOFF_MAX = 30.0  # ...up to this: never a busy loop on a persistent er
 # A stop waits this long, at most, for checkpoint scans under way (a multi-GB read): the
 # whole stop must end well inside systemd's TimeoutStopSec (60 s in the unit).
 _SCAN_STOP_SECONDS = 5.0
-_LINKED_SLICE = 500  # linked snapshots compared with their manifest per reconciliation
 
 
 # What the command line attaches to the engine at start (actions, metrics server,
@@ -106,11 +97,7 @@ class Daemon:
         self.writer = SnapshotWriter(config.snapshot_dir, config.snapshot.mode)
         self.engine = Engine(config, log, self.index, self.writer, clock)
         self.engine.dispatch.copier = Copier(self.writer, lambda: self.wakeups.post("copied"))
-        self.changed: set[str] = set()  # snapshots already reported as changed
-        self._settled: dict[Path, int] = {}  # moved ctimes whose content sample matched
-        self.snapshot_cache = SnapshotCache()  # housekeeping's, between turns (#65)
-        self._unlinked: set[str] = set()  # snapshots that share no file with the trainer
-        self._linked_after = ""  # where the next slice of the linked check begins
+        self.housekeeping = Housekeeping(self.writer, config.snapshot, self.index, log, clock)
         self.store = StateStore(config.state_dir)
         # the JSONL tailer, or a follower of TensorBoard or CSV files (by the path)
         self.tailer = open_metrics(
@@ -126,11 +113,9 @@ class Daemon:
         self.errors_in_row = 0
         self.behind = False  # the last read stopped at its turn's end: a backlog
         self.retired: list[str] = []
-        self.budget: DiskBudget | None = None
         self.state_failures = 0
         self.state_error: str | None = None
         self._dirty = False
-        self._new_snapshots = False
         self._next_save = self._next_reconcile = self._next_ping = self._next_poll = 0.0
         self._retry_at = 0.0  # after a failed turn, wake-ups wait until then
         self._held: set[str] = set()
@@ -214,6 +199,8 @@ class Daemon:
             full = now >= self._next_reconcile
             if full:
                 self._next_reconcile = now + self.config.watch.reconcile_seconds
+            if "checkpoints" in kinds:  # an event: a file replaced in a checkpoint may
+                self.housekeeping.due = True  # leave a pin holding its bytes alone
             if self.watcher.kind == "polling" and now >= self._next_poll:
                 self._next_poll = now + self.config.watch.poll_interval
                 kinds |= {"metrics", "checkpoints"}  # what an observer would have said
@@ -227,10 +214,9 @@ class Daemon:
             if full or kinds & {"metrics", "rescan"} or quiet:
                 self._read()
             if full:
-                self._watch_linked()
+                self.housekeeping.watch_linked()
             self.engine.poll()
-            if self._new_snapshots or full:  # full: rotation makes old pins cost bytes
-                self._new_snapshots = False
+            if self.housekeeping.due or full:  # full: rotation makes old pins cost bytes
                 self._retain()
             if self._dirty and self.clock() >= self._next_save:
                 self._save(final=False)
@@ -291,36 +277,9 @@ class Daemon:
         self.behind = False
         return False
 
-    def _watch_linked(self) -> None:
-        """Compare each hard-linked snapshot with its manifest (``stat`` only): a trainer
-        that re-saves a checkpoint in place changes the snapshot's bytes, and that must
-        never be silent (FAULTS.md #48). Said once per snapshot."""
-        root = self.writer.root
-        names = sorted(os.listdir(root)) if root.is_dir() else []
-        todo = [n for n in names if n.startswith(SNAPSHOT_PREFIX)  # never another's (#58)
-                and n not in self.changed and n not in self._unlinked]
-        # a slice per turn, in turn: 20k snapshots are never all read at once (#65)
-        start = bisect.bisect_right(todo, self._linked_after)
-        turn = (todo[start:] + todo[:start])[:_LINKED_SLICE]
-        self._linked_after = turn[-1] if len(turn) < len(todo) else ""
-        for name in turn:
-            path = root / name
-            if not linked(path):
-                if (path / MANIFEST).exists():  # copied: never linked later (a pending
-                    self._unlinked.add(name)  # pin gets its model/ and manifest later)
-                continue
-            try:
-                found = changes(path, self._settled)
-            except (OSError, ValueError):
-                continue  # released or removed meanwhile
-            if found:
-                self.changed.add(path.name)
-                self.log.error("Snapshot changed", path=str(path), files=len(found),
-                               detail="; ".join(found[:3]), hint="smart-monitor verify")
-
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SnapshotMade):
-            self._new_snapshots = True
+            self.housekeeping.due = True
 
     def _tail_event(self, name: str, fields: Mapping[str, Any]) -> None:
         quiet = name in (
@@ -331,13 +290,13 @@ class Daemon:
         self._dirty = True
 
     def _retain(self) -> None:
-        snap = self.config.snapshot
-        cache = self.snapshot_cache
-        for key in enforce_retention(self.writer, snap.max_count, snap.max_bytes, self.log,
-                                     cache):
-            self.retired.append(key)
+        self.retired += self.housekeeping.retain()
         del self.retired[:-_RETIRED_KEYS]
-        self.budget = enforce_budget(self.writer, snap, self.log, cache=cache)
+        self.writer.budget = self.housekeeping.budget  # what /metrics shows (#65)
+
+    @property
+    def budget(self) -> DiskBudget | None:
+        return self.housekeeping.budget
 
     # -- state ----------------------------------------------------------------------
     def _save(self, final: bool) -> None:

@@ -5,6 +5,10 @@ Trainer writes last) parses and ``checkpoint-is-incomplete.txt`` is absent, or o
 contents have not changed for ``settle_seconds``; a single-file checkpoint (Lightning's
 ``epoch=0-step=100.ckpt``) once its size has settled. ``tmp-checkpoint-*`` never
 matches the pattern. Steps order checkpoints, never mtimes (FAULTS.md #18).
+
+The folder is listed again only when its ``stat`` says its entries may have changed
+(``folder.py``): beside 20,000 checkpoints an idle scan costs one ``stat``, plus a
+look at each checkpoint still being written (FAULTS.md #65).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smart_monitor.config import CheckpointsConfig
+from smart_monitor.sources.folder import FolderStamp
 
 __all__ = ["Checkpoint", "CheckpointIndex", "pattern_regex"]
 
@@ -66,22 +71,26 @@ class CheckpointIndex:
         self._pending: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
         self.unreadable: dict[Path, str] = {}  # path -> why, while it stays so (#53)
         self.problems: list[tuple[Path, str]] = []  # newly unreadable: the engine logs each
+        self.rotations = 0  # complete checkpoints gone since start: pins now hold bytes
+        self._folder = FolderStamp(root) if root is not None else None
+        self._incomplete: list[Checkpoint] = []  # listed, not complete yet: looked at again
 
     def scan(self) -> list[Checkpoint]:
-        if self.root is None:
+        if self.root is None or self._folder is None:
             return []
+        if not self._folder.changed():  # the same entries: only the unfinished ones move
+            return self._check(self._incomplete, [])
         try:
             entries = list(self.scandir(self.root))
         except (FileNotFoundError, NotADirectoryError):
-            self.complete.clear()
+            self._forget_all()
             return []
         except OSError as exc:  # EACCES, EIO: said once; what it held cannot be pinned
-            self.complete.clear()
+            self._forget_all()
             self._unreadable({self.root: _why(exc)}, [self.root])
             return []
         seen: set[int] = set()
-        new: list[Checkpoint] = []
-        bad: dict[Path, str] = {}
+        todo: list[Checkpoint] = []
         top = self.root.resolve()
         for entry in entries:
             m = self.regex.match(entry.name)
@@ -89,22 +98,41 @@ class CheckpointIndex:
                 continue  # a link out of the run folder pins someone else's files (#46)
             step = int(m.group("step"))
             seen.add(step)
-            if step in self.complete:
-                continue
-            ck = Checkpoint(entry.name, step, Path(entry.path))
+            if step not in self.complete:
+                todo.append(Checkpoint(entry.name, step, Path(entry.path)))
+        gone = [s for s in self.complete if s not in seen]
+        for step in gone:
+            del self.complete[step]  # rotated away by the trainer
+        self.rotations += len(gone)
+        self._folder.listed()
+        return self._check(todo, [self.root])
+
+    def _check(self, todo: list[Checkpoint], listed: list[Path]) -> list[Checkpoint]:
+        """Which of ``todo`` are complete now; the rest wait for the next scan.
+        ``listed``: the folder, when it was just listed (it is readable again)."""
+        new: list[Checkpoint] = []
+        bad: dict[Path, str] = {}
+        waiting: list[Checkpoint] = []
+        for ck in todo:
             try:
                 complete = self._is_complete(ck)
             except OSError as exc:  # a trainer with umask 077: skip this one, go on (#53)
                 bad[ck.path] = _why(exc)
+                waiting.append(ck)
                 continue
             if complete:
-                self.complete[step] = ck
-                self._pending.pop(entry.name, None)
+                self.complete[ck.step] = ck
+                self._pending.pop(ck.name, None)
                 new.append(ck)
-        for step in [s for s in self.complete if s not in seen]:
-            del self.complete[step]  # rotated away by the trainer
-        self._unreadable(bad, [self.root, *(p for p in self.unreadable if p.parent == self.root)])
+            else:
+                waiting.append(ck)
+        self._incomplete = waiting
+        self._unreadable(bad, [*listed, *(p for p in self.unreadable if p.parent == self.root)])
         return sorted(new, key=lambda c: c.step)
+
+    def _forget_all(self) -> None:
+        self.complete.clear()
+        self._incomplete = []
 
     def _unreadable(self, found: dict[Path, str], scope: list[Path]) -> None:
         """Remember what cannot be read now; ``problems`` gets each path once, when it
@@ -149,6 +177,8 @@ class CheckpointIndex:
 
     def forget(self, step: int) -> None:
         self.complete.pop(step, None)
+        if self._folder is not None:
+            self._folder.forget()  # found again at the next listing, if it is still there
 
 
 def _why(exc: OSError) -> str:
