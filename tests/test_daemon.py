@@ -107,9 +107,10 @@ def test_sighup_reopens_the_log_file(tmp_path: Path) -> None:
         rotated = log.with_suffix(".log.1")
         os.rename(log, rotated)  # what logrotate does before it sends SIGHUP
         proc.send_signal(signal.SIGHUP)
+        wait_until(log.exists, "a new log file")  # the reopen: what comes next goes there
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "metrics.jsonl").write_bytes(lines(1, 3))
-        wait_until(log.exists, "a new log file")
+        wait_until(lambda: "Opened metrics file" in log.read_text(), "the metrics file opened")
         assert terminate(proc) == 0
     finally:
         kill9(proc)
