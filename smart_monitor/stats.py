@@ -16,9 +16,15 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MAD_SIGMA", "BlipHistory", "Ewma", "Relearn", "RollingMedian", "RollingWindow"]
+__all__ = [
+    "DIFF_SIGMA", "MAD_SIGMA", "BlipHistory", "Ewma", "Relearn", "RollingMedian", "RollingWindow",
+]
 
 MAD_SIGMA = 1.4826  # MAD times this is the standard deviation of a normal sample
+# The difference of two independent N(0, s^2) values is N(0, 2 s^2), so the median
+# absolute difference of successive values is 0.6745 * sqrt(2) * s = 0.954 s: divided by
+# 0.954, it is the noise's standard deviation.
+DIFF_SIGMA = 1.0 / (0.6745 * 2.0**0.5)
 
 
 class RollingWindow:

@@ -37,13 +37,11 @@ from smart_monitor.config import NotLearningConfig
 from smart_monitor.detectors.base import isfinite
 from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, SummaryRecord, TrainRecord
-from smart_monitor.stats import RollingMedian
+from smart_monitor.stats import DIFF_SIGMA, RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["NotLearning"]
 
-# For normal noise, the median abs difference of successive values is 0.954 sigma*sqrt(2).
-_DIFF_TO_STD = 1.0 / (0.954 * math.sqrt(2.0))
 _NOISE_RECORDS = 64  # successive changes kept for the noise estimate
 _MEDIAN_SPREAD = 1.2533  # sqrt(pi / 2): a median's std over a mean's, for normal noise
 
@@ -154,7 +152,7 @@ class NotLearning:
     def _start(self) -> tuple[float, float]:
         """The starting level and the loss's noise (a robust std)."""
         level = statistics.median(self.start)
-        return level, _DIFF_TO_STD * self.changes.median
+        return level, DIFF_SIGMA * self.changes.median
 
     def _accuracy(self, step: int, accuracy: float) -> list[Trigger]:
         pct = accuracy * 100.0 if accuracy <= 1.0 else accuracy

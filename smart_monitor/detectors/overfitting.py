@@ -48,7 +48,7 @@ from smart_monitor.config import OverfittingConfig
 from smart_monitor.detectors.base import isfinite
 from smart_monitor.notes import Note
 from smart_monitor.records import EvalRecord, Record, SummaryRecord, TrainRecord
-from smart_monitor.stats import Ewma, RollingMedian
+from smart_monitor.stats import DIFF_SIGMA, Ewma, RollingMedian
 from smart_monitor.triggers import Severity, Trigger
 
 __all__ = ["Overfitting"]
@@ -56,8 +56,6 @@ __all__ = ["Overfitting"]
 _NOISE_EVALS = 32  # successive evaluation changes kept for the noise estimate
 _NOISE_RECORDS = 64  # successive train-loss changes kept for the train loss's noise
 _TRAIL = 256  # (step, train EWMA) of the latest train records, for evaluations behind them
-# For normal noise, the median abs difference of successive values is 0.954 sigma*sqrt(2).
-_DIFF_TO_STD = 1.0 / (0.954 * math.sqrt(2.0))
 
 
 class Overfitting:
@@ -219,7 +217,7 @@ class Overfitting:
         if not len(self.train_changes):
             return 0.0
         alpha = self.config.train_alpha
-        return _DIFF_TO_STD * self.train_changes.median * math.sqrt(alpha / (2.0 - alpha))
+        return DIFF_SIGMA * self.train_changes.median * math.sqrt(alpha / (2.0 - alpha))
 
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
         return stop  # a train record never fires
