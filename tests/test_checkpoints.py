@@ -94,22 +94,28 @@ def test_missing_root_is_not_an_error(tmp_path: Path) -> None:
     assert [c.step for c in idx.scan()] == [10]
 
 
-def test_an_unreadable_folder_forgets_what_it_knew(tmp_path: Path) -> None:
-    """Running as root, a test cannot be refused a listing: the scandir is injected."""
-    make_checkpoint(tmp_path, 100)
-    refuse = False
+class RefusingScandir:
+    """``os.scandir``, or EACCES while ``refuse`` is set: running as root, a test
+    cannot be refused a listing, so the scandir is injected."""
 
-    def scandir(p: Path) -> Iterator[os.DirEntry[str]]:
-        if refuse:
+    def __init__(self) -> None:
+        self.refuse = False
+
+    def __call__(self, p: Path) -> Iterator[os.DirEntry[str]]:
+        if self.refuse:
             raise PermissionError(13, "Permission denied", str(p))
         return os.scandir(p)
 
+
+def test_an_unreadable_folder_forgets_what_it_knew(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 100)
+    scandir = RefusingScandir()
     index = CheckpointIndex(tmp_path, CheckpointsConfig(), scandir=scandir)
     assert [c.step for c in index.scan()] == [100]
-    refuse = True
+    scandir.refuse = True
     assert index.scan() == [] and index.newest_at_or_before(100) is None
     assert index.scan() == [] and index.problems == [(tmp_path, "Permission denied")]  # once
-    refuse = False
+    scandir.refuse = False
     assert [c.step for c in index.scan()] == [100]  # complete again, reported again
     assert index.unreadable == {}
 
@@ -166,13 +172,7 @@ def test_rotation_and_a_folder_made_unreadable_are_seen_without_an_event(
     for step in (100, 200):
         make_checkpoint(run_dir, step)
     os.utime(run_dir, (OLD, OLD))
-    refuse = False
-
-    def scandir(p: Path) -> Iterator[os.DirEntry[str]]:
-        if refuse:
-            raise PermissionError(13, "Permission denied", str(p))
-        return os.scandir(p)
-
+    scandir = RefusingScandir()
     idx = CheckpointIndex(run_dir, CheckpointsConfig(), scandir=scandir)
     idx.scan()
     shutil.rmtree(run_dir / "checkpoint-100")  # the trainer's save_total_limit
@@ -180,7 +180,7 @@ def test_rotation_and_a_folder_made_unreadable_are_seen_without_an_event(
     idx.scan()
     assert sorted(idx.complete) == [200] and idx.rotations == 1
     os.chmod(run_dir, 0o700)  # a chmod moves the ctime alone
-    refuse = True
+    scandir.refuse = True
     assert idx.scan() == [] and idx.problems == [(run_dir, "Permission denied")]
 
 
