@@ -36,7 +36,8 @@ from synthetic import Anomaly, RunSpec, Schedule, lr_at, simulate
 
 from smart_monitor.config import Config
 from smart_monitor.pipeline import Pipeline
-from smart_monitor.records import MalformedLine, to_record
+from smart_monitor.records import DEFAULT_ALIASES, MalformedLine, to_record
+from smart_monitor.series import SeriesBook
 
 NOISES = (0.02, 0.05, 0.10, 0.15)
 LOGGING = (1, 5, 10)
@@ -321,10 +322,11 @@ def real_runs(config: Config, folder: Path = REAL_RUNS) -> dict[str, list[tuple[
     out = {}
     for path in sorted(folder.glob("*.json")):
         pipeline = Pipeline(config)
+        is_main = SeriesBook({}).is_main  # the run's main series, as the ingest decides them
         alarms = []
         for entry in json.loads(path.read_text())["log_history"]:
             try:
-                record = to_record(entry)
+                record = to_record(entry, DEFAULT_ALIASES, is_main)
             except MalformedLine:
                 continue
             outcome = pipeline.process(record) if record is not None else None

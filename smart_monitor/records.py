@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 DEFAULT_ALIASES: Mapping[str, str] = {"lr": "learning_rate", "global_step": "step"}
+# (slot, key) -> whether key is the run's main series of that slot (SeriesBook.is_main)
+MainChoice = Callable[[str, str], bool] | None
 
 _EXAMPLE_KEYS = ("prompt", "golden_answer", "model_answer")
 _EXAMPLE = frozenset(_EXAMPLE_KEYS)
@@ -109,7 +111,9 @@ class SummaryRecord:
 Record = TrainRecord | EvalRecord | ExampleRecord | SummaryRecord
 
 
-def parse_line(line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Record | None:
+def parse_line(
+    line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES, is_main: MainChoice = None
+) -> Record | None:
     """Parse one line without its newline. Returns None for a blank line.
 
     >>> r = parse_line(b'{"step": 3, "loss": NaN, "lr": 0.1}')
@@ -128,7 +132,7 @@ def parse_line(line: bytes, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Rec
         data = _loads_lenient(line)
     if not isinstance(data, dict):
         raise MalformedLine("not_an_object", type(data).__name__)
-    return to_record(data, aliases)
+    return to_record(data, aliases, is_main)
 
 
 def _loads_lenient(line: bytes) -> Any:
@@ -164,9 +168,24 @@ def _check_depth(line: bytes) -> None:
 
 
 def to_record(
-    data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES
+    data: Mapping[str, Any], aliases: Mapping[str, str] = DEFAULT_ALIASES,
+    is_main: MainChoice = None,
 ) -> Record | None:
-    """Tell the record kind from its fields. None: a record with nothing to monitor."""
+    """Tell the record kind from its fields. None: a record with nothing to monitor.
+
+    ``is_main(slot, key)``: whether an evaluation under its own name (``eval_g1_loss``)
+    is the run's main eval loss (the run's ``SeriesBook`` decides once, the first and
+    plainest); without it, each record's own. An HF run evaluated on several sets logs
+    one record per set: their losses are series of their own, not one eval loss that
+    jumps between sets.
+
+    >>> main = {}
+    >>> def is_main(slot, key):
+    ...     return main.setdefault(slot, key) == key
+    >>> [to_record({"step": 9, k: 0.5}, {}, is_main).eval_loss
+    ...  for k in ("eval_g0_loss", "eval_g1_loss")]
+    [0.5, None]
+    """
     if aliases:
         data = _apply_aliases(data, aliases)
     if not _EXAMPLE.isdisjoint(data):
@@ -182,7 +201,9 @@ def to_record(
         main = main_loss_key(tuple(data))
         evaluated = None if main is not None else main_loss_key(tuple(data), "eval")
         if evaluated is not None:  # an evaluation under its own name (``eval_g0_loss``)
-            return EvalRecord(_step(data), _loss(data, evaluated), None, data)
+            main_eval = is_main is None or is_main("eval_loss", evaluated)
+            return EvalRecord(_step(data), _loss(data, evaluated) if main_eval else None, None,
+                              data)  # fmt: skip
         if main is None and "learning_rate" not in data and "grad_norm" not in data and not any(
             classify(k).role == "loss" for k in data  # a GAN's losses: watched as series
         ):

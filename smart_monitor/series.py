@@ -247,6 +247,12 @@ class SeriesBook:
             plain = f"{name}/series"
         return self._named(plain, name)
 
+    def is_main(self, slot: str, key: str) -> bool:
+        """Whether a record's ``key`` is the run's main series of ``slot``: the first
+        and plainest seen decides (a JSONL run's ``eval_g0_loss`` before ``eval_g1_loss``),
+        kept in the state as the readers' choices are."""
+        return self._main(slot, key, classify(key).rank)
+
     def _main(self, slot: str, name: str, rank: int) -> bool:
         held = self.mains.get(slot)
         if held is None or held[0] == name:

@@ -332,3 +332,23 @@ def test_a_row_without_the_main_loss_does_not_lend_it_another(tmp_path: Path) ->
     assert code == 0
     found = re.findall(r"critical Detected anomaly step=(\d+) trigger=(\S+)", log)
     assert found == [("14", "generator_loss_nonfinite")], log
+
+
+def test_an_hf_run_evaluated_on_several_sets_has_one_main_eval_loss(tmp_path: Path) -> None:
+    """HF logs one record per eval set (``eval_g0_loss``, then ``eval_g1_loss`` at the
+    same step). The first set's loss is the main eval loss; the other set's, far lower,
+    is a series of its own: read as the main one, it made a best model of every
+    evaluation of the easier set, and hid the first set's overfitting."""
+    lines = []
+    for s in range(1, 401):
+        lines.append(f'{{"step": {s}, "loss": {2.0 / s ** 0.3:.4f}, "learning_rate": 1e-4}}')
+        if s % 50 == 0:
+            lines.append(f'{{"step": {s}, "eval_g0_loss": {1.0 + s / 4000:.4f}}}')  # worse
+            lines.append(f'{{"step": {s}, "eval_g1_loss": {0.5 - s / 4000:.4f}}}')  # better
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, out, log = _replay(path, tmp_path / "out")
+    assert code == 0, out
+    found = re.findall(r"Detected anomaly step=(\d+) trigger=(\S+) ", log)
+    # g0 rises from its first evaluation on: overfitting, and no best model of g1's
+    assert found == [("400", "overfitting_from_50")], found

@@ -95,7 +95,7 @@ class Ingest:
     def handle_line(self, line: bytes, offset: int | None = None) -> None:
         """One line the bulk path left: another kind of record, or a bad line."""
         try:
-            record = parse_line(line, self.aliases)
+            record = parse_line(line, self.aliases, self.series.is_main)
         except MalformedLine as exc:
             self.malformed(exc.reason, exc.detail, offset)
             return
@@ -130,7 +130,7 @@ class Ingest:
 
     def _handle_entry(self, entry: Mapping[str, Any]) -> None:
         try:
-            record = to_record(entry, self.aliases)
+            record = to_record(entry, self.aliases, self.series.is_main)
         except MalformedLine as exc:
             self.malformed(exc.reason, exc.detail, None)
             return

@@ -33,6 +33,7 @@ from smart_monitor.records import (
     parse_line,
     to_record,
 )
+from smart_monitor.series import SeriesBook
 from smart_monitor.sources.files import OVERSIZED, iter_lines, trainer_state_history
 from smart_monitor.tools.listing import SnapshotInfo, human_bytes, read_snapshots
 from smart_monitor.triggers import kind_of, stats_label
@@ -75,11 +76,12 @@ def load_series(path: Path, aliases: dict[str, str], max_line_bytes: int) -> Ser
     """The curves of a JSONL metrics file or an HF ``trainer_state.json``, read with the
     monitor's own parser so the page shows what the detectors saw."""
     series = Series()
+    is_main = SeriesBook(aliases).is_main  # the main eval loss chosen as the ingest does
     history = trainer_state_history(path)
     if history is not None:
         for entry in history:
             try:
-                series.add(to_record(entry, aliases))
+                series.add(to_record(entry, aliases, is_main))
             except MalformedLine:
                 series.malformed += 1
         return series
@@ -88,7 +90,7 @@ def load_series(path: Path, aliases: dict[str, str], max_line_bytes: int) -> Ser
             try:
                 if line == OVERSIZED:
                     raise MalformedLine("oversized")
-                series.add(parse_line(line, aliases))
+                series.add(parse_line(line, aliases, is_main))
             except MalformedLine:
                 series.malformed += 1
     return series
