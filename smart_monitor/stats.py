@@ -292,24 +292,21 @@ class Ewma:
         if self.value is None:  # the first value is the level itself
             self.value = float(values[0])
             return np.concatenate([values[:1], self.levels(values[1:])])
-        decay, weights = _ewma_weights(self.alpha, n)
+        size = max(64, 1 << (n - 1).bit_length())  # a power of two: a few sizes cached
+        decay, weights = _ewma_weights(self.alpha, size)
         out = decay[:n] * self.value + weights[:n, :n] @ values
         self.value = float(out[-1])
         return out
 
 
 @lru_cache(maxsize=8)
-def _weights(alpha: float, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _ewma_weights(alpha: float, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """For ``n`` values: the decay of the start level in each level, and the weight of
+    each value in each level (row k, column j: ``alpha * (1 - alpha) ** (k - j)``)."""
     keep = 1.0 - alpha
-    lag = np.subtract.outer(np.arange(n), np.arange(n))  # row k, column j: k - j
+    lag = np.subtract.outer(np.arange(n), np.arange(n))
     weights = np.where(lag >= 0, alpha * keep ** np.maximum(lag, 0), 0.0)
     return keep ** np.arange(1, n + 1, dtype=np.float64), weights
-
-
-def _ewma_weights(alpha: float, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """The decay of the start level and the weight of each value in each level, for
-    ``n`` values or more (a power of two: a few sizes cached, sliced to ``n``)."""
-    return _weights(alpha, max(64, 1 << (n - 1).bit_length()))
 
 
 class BlipHistory:

@@ -238,8 +238,8 @@ class Overfitting:
             changes, at = np.abs(np.diff(losses)), steps[1:]
         else:
             changes, at = np.abs(np.diff(losses, prepend=self.train_last)), steps
-        last = _NOISE_RECORDS
-        self.train_changes.extend(at[-last:].tolist(), changes[-last:].tolist())
+        self.train_changes.extend(at[-_NOISE_RECORDS:].tolist(),
+                                  changes[-_NOISE_RECORDS:].tolist())
         self.train_last = float(losses[-1])
         tail = max(0, len(losses) - _TRAIL)
         self.train.extend(losses[:tail])

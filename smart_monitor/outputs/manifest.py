@@ -83,17 +83,12 @@ def hardlinked(files: dict[str, Any]) -> bool:
     return any(isinstance(f, dict) and f.get("how") == "hardlink" for f in files.values())
 
 
-def changes(
-    snapshot: Path, settled: dict[str, int] | None = None,
-    files: dict[str, Any] | None = None,
-) -> list[str]:
+def changes(snapshot: Path, settled: dict[str, int] | None = None) -> list[str]:
     """Each file of ``model/`` that differs from the manifest, as ``"name: what"``;
     empty when the snapshot is as pinned. Raises OSError/ValueError without a manifest.
     ``settled``: file -> a moved ctime its sample already matched at (a caller that
-    checks again and again reads each sample once per change, not once per check);
-    ``files``: the manifest's table, when the caller keeps it (``load``)."""
-    return compare(os.path.join(snapshot, "model"), load(snapshot) if files is None else files,
-                   settled)
+    checks again and again reads each sample once per change, not once per check)."""
+    return compare(os.path.join(snapshot, "model"), load(snapshot), settled)
 
 
 def compare(

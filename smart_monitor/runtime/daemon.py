@@ -292,7 +292,6 @@ class Daemon:
     def _retain(self) -> None:
         self.retired += self.housekeeping.retain()
         del self.retired[:-_RETIRED_KEYS]
-        self.writer.budget = self.housekeeping.budget  # what /metrics shows (#65)
 
     @property
     def budget(self) -> DiskBudget | None:

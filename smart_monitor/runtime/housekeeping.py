@@ -57,7 +57,6 @@ class Housekeeping:
         self.log = log
         self.clock = clock
         self.cache = SnapshotCache()  # what retention learnt of each snapshot (#65)
-        self.budget: DiskBudget | None = None
         self.due = True  # something retention counts may have moved: run it next
         self._rotations = index.rotations
         self._next_sweep = 0.0
@@ -72,6 +71,16 @@ class Housekeeping:
         self._after = ""  # where the next slice begins
 
     # -- retention and the budget ---------------------------------------------------
+    @property
+    def budget(self) -> DiskBudget | None:
+        """Where the snapshots stand against the budget, as last found. Kept on the
+        writer, where ``/metrics`` reads it: a scrape never walks the snapshots (#65)."""
+        return self.writer.budget
+
+    @budget.setter
+    def budget(self, budget: DiskBudget) -> None:
+        self.writer.budget = budget
+
     def retain(self) -> list[str]:
         """Enforce retention and the budget when something they count may have moved;
         returns the keys of the snapshots removed."""
