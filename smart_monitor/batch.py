@@ -23,7 +23,7 @@ from smart_monitor.records import MAX_METRIC, MAX_STEP, NON_TRAIN_KEYS, TrainRec
 
 __all__ = [
     "Floats", "Row", "TrainBlock", "blocking_keys", "blocks", "rolling_mean", "rolling_mean_std",
-    "rolling_median", "train_row",
+    "rolling_median", "train_row", "train_rows", "window_medians",
 ]  # fmt: skip
 
 # step, loss, learning_rate, grad_norm, the record, and which of the three are absent
@@ -36,6 +36,38 @@ _INF = float("inf")
 def blocking_keys(aliases: Mapping[str, str]) -> frozenset[str]:
     """Keys that take a line off the bulk path: another record kind, or an alias."""
     return NON_TRAIN_KEYS | frozenset(aliases)
+
+
+def train_rows(values: list[Any], blocking: frozenset[str]) -> list[Row | None]:
+    """``train_row`` of each value. When the first holds step, loss, learning_rate and
+    grad_norm (HF's shape), each record's four are taken in one C call; another shape
+    goes record by record (for it, a missing key would cost an exception a record).
+
+    >>> [r and r[:4] for r in train_rows([{"step": 1, "loss": 0.5, "learning_rate": 0.1,
+    ...     "grad_norm": 1.0}, {"step": 2, "loss": 0.4}, {"eval_loss": 1.0}], frozenset())]
+    [(1, 0.5, 0.1, 1.0), (2, 0.4, None, None), None]
+    """
+    first = values[0] if values else None
+    if type(first) is dict and first.keys() >= _HF_KEYS:
+        return [_hf_row(d, blocking) for d in values]
+    return [train_row(d, blocking) for d in values]
+
+
+def _hf_row(data: Any, blocking: frozenset[str]) -> Row | None:
+    try:
+        step, loss, lr, grad = _HF(data)
+    except (KeyError, TypeError):  # another shape, or not a mapping
+        return train_row(data, blocking)
+    if (type(step) is int and type(loss) is float and type(lr) is float and type(grad) is float
+            and 0 <= step <= MAX_STEP and -MAX_METRIC <= loss <= MAX_METRIC
+            and -_INF < lr < _INF and -_INF < grad < _INF
+            and type(data) is dict and blocking.isdisjoint(data)):
+        return (step, loss, lr, grad, data, 0)
+    return train_row(data, blocking)
+
+
+_HF = itemgetter("step", "loss", "learning_rate", "grad_norm")
+_HF_KEYS = frozenset(("step", "loss", "learning_rate", "grad_norm"))
 
 
 def train_row(data: Any, blocking: frozenset[str]) -> Row | None:
@@ -94,10 +126,13 @@ class TrainBlock:
     steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
     loss: Floats | None = None
     learning_rate: Floats | None = None
+    keys: set[str] = field(default_factory=set)  # every key of every row's record
 
     def __post_init__(self) -> None:
         """The columns ``blocks`` did not give (a block made by hand, in tests)."""
         first = self.rows[0]
+        if not self.keys:
+            self.keys = set().union(*map(_RAW, self.rows))  # in C
         if len(self.steps) != len(self.rows):
             self.steps = np.array([r[0] for r in self.rows], np.int64)
         if self.loss is None and first[1] is not None:
@@ -131,8 +166,12 @@ def blocks(rows: list[Row]) -> list[tuple[int, TrainBlock]]:
     shapes = np.fromiter(map(_SHAPE, rows), np.int8, n)
     # a column for every row at once (an absent value is NaN), sliced per block; a
     # block's column is None where its rows lack the value (the same in every row)
-    loss = np.array(list(map(_LOSS, rows)), np.float64)
-    lr = np.array(list(map(_LR, rows)), np.float64)
+    absent = int(np.bitwise_or.reduce(shapes))
+    loss, lr = (
+        np.fromiter(map(get, rows), np.float64, n) if not absent & bit  # no None: in C
+        else np.array(list(map(get, rows)), np.float64)
+        for get, bit in ((_LOSS, 1), (_LR, 2))
+    )
     cuts = np.flatnonzero((steps[1:] <= steps[:-1]) | (shapes[1:] != shapes[:-1])) + 1
     edges = [0, *cuts.tolist(), n]
     return [
@@ -142,7 +181,7 @@ def blocks(rows: list[Row]) -> list[tuple[int, TrainBlock]]:
     ]  # fmt: skip
 
 
-_STEP, _LOSS, _LR, _SHAPE = (itemgetter(i) for i in (0, 1, 2, 5))
+_STEP, _LOSS, _LR, _RAW, _SHAPE = (itemgetter(i) for i in (0, 1, 2, 4, 5))
 
 
 def rolling_mean(history: list[float], values: Floats, size: int) -> Floats:
@@ -173,12 +212,17 @@ def rolling_median(history: list[float], values: Floats, size: int, include: boo
     """For each ``values[j]``, the median of the window before it (``include``: the
     window after adding it). The window is full: ``len(history) == size``."""
     joined = np.concatenate([np.asarray(history, np.float64), values])
-    windows = np.lib.stride_tricks.sliding_window_view(joined, size)
     first = 1 if include else 0
+    return window_medians(joined, size, slice(first, first + len(values)))
+
+
+def window_medians(joined: Floats, size: int, which: slice | npt.NDArray[np.intp]) -> Floats:
+    """The medians of the windows ``joined[i : i + size]`` for the ``i`` in ``which``."""
+    windows = np.lib.stride_tricks.sliding_window_view(joined, size)
     # sorting small rows beats np.median's partition here, and takes the middle the
     # same way as RollingMedian.median, to the bit
-    ordered = np.sort(windows[first : first + len(values)], axis=1)
+    ordered = np.sort(windows[which], axis=1)
     mid = size // 2
     if size % 2:
         return ordered[:, mid]
-    return (ordered[:, mid - 1] + ordered[:, mid]) / 2  # type: ignore[no-any-return]  # numpy: Any
+    return (ordered[:, mid - 1] + ordered[:, mid]) / 2

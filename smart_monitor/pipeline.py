@@ -252,8 +252,9 @@ class Pipeline:
         before record ``k`` (the other records of the stream: evals, examples, bad lines).
 
         In bulk: the detectors screen a stretch of the block, the records before the
-        first candidate are absorbed, the last of those and the candidate itself go
-        through ``process`` (so every state ends exactly where ``process`` leaves it).
+        first candidate are absorbed (each detector's state ends where ``process`` would
+        leave it, down to the z-scores of the last record), the candidate itself goes
+        through ``process``.
         A screen stays valid across ``between``: the screening detectors learn from train
         records only; what another record can change (an incident's due step, the latest
         step) is checked after each."""
@@ -283,9 +284,7 @@ class Pipeline:
                 horizon = min(4 * horizon, 1 << 16) if grew else max(16, 2 * (quiet_to - i))
             k = min(quiet_to, pending[0][0] if pending else n)
             if k > i:
-                if k - i >= 2:
-                    self._absorb(block, i, k - 1)
-                self._process_into(block, k - 1, act)
+                self._absorb(block, i, k)
                 i = k
             if i == quiet_to < screened_to and not (pending and pending[0][0] <= i):
                 self._process_into(block, i, act)  # the candidate
@@ -321,14 +320,14 @@ class Pipeline:
             self.gap = rows[end - 1][0] - before
         self.last_step = rows[end - 1][0]
         self.new_writer = False
-        self.recent_steps.extend(r[0] for r in rows[max(start, end - _RECENT_STEPS) : end])
-        keep = self.config.policy.history
-        rows = block.rows[max(start, end - keep) : end]
-        if block.loss is not None:
-            self.loss_history.extend((r[0], r[1]) for r in rows)  # type: ignore[misc]
-        if block.learning_rate is not None:
-            self.lr_history.extend((r[0], r[2]) for r in rows)  # type: ignore[misc]
-        last = rows[-1]  # a block's records all have the same keys (TrainBlock)
+        self.recent_steps.extend(block.steps[max(start, end - _RECENT_STEPS) : end].tolist())
+        first = max(start, end - self.config.policy.history)
+        steps = block.steps[first:end].tolist()
+        for history, column in ((self.loss_history, block.loss),
+                                (self.lr_history, block.learning_rate)):
+            if column is not None:
+                history.extend(zip(steps, column[first:end].tolist(), strict=True))  # in C
+        last = rows[end - 1]  # a block's records all have the same keys (TrainBlock)
         self._latest(loss=last[1], learning_rate=last[2], grad_norm=last[3])
 
     def external(

@@ -155,6 +155,12 @@ class RollingMedian:
         med = self.median
         return _median(sorted(abs(v - med) for v in self._sorted))
 
+    @property
+    def span(self) -> tuple[float, float]:
+        """The lowest and the highest value in the window (NaN, NaN when empty)."""
+        ordered = self._sorted
+        return (ordered[0], ordered[-1]) if ordered else (math.nan, math.nan)
+
     def values(self) -> list[float]:
         return [v for _, v in self._items]
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from synthetic import Anomaly, RunSpec, simulate
 
-from smart_monitor.batch import TrainBlock, rolling_mean_std, rolling_median, train_row
+from smart_monitor.batch import TrainBlock, rolling_mean_std, rolling_median, train_row, train_rows
 from smart_monitor.config import Config
 from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
@@ -128,6 +128,25 @@ def test_oversized_line_in_a_chunk_is_counted_once(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("bad", [
+    [b'{"step": 3, "loss": 0.5, "x": [1', b'{"step": 4, "loss": 0.5}'],  # torn, then whole
+    [b'{"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.5}'],  # two values on one line
+    [b'{"step": 3, "loss": 0.5', b'"step": 4, "loss": 0.5}'],  # one record over two lines
+])  # fmt: skip
+def test_lines_parsed_together_are_judged_one_by_one(tmp_path: Path, bad: list[bytes]) -> None:
+    """A chunk is parsed as one JSON array while it can be (Ingest): a line that is not
+    one JSON value must never lend or borrow an element, whatever its neighbours."""
+    lines = [b'{"step": %d, "loss": 0.5}' % s for s in (1, 2)] + bad + [b'{"step": 9, "loss": 0.5}']
+    plain, plain_out = engine(tmp_path / "plain")
+    for line in lines:
+        plain.ingest.handle_line(line)
+    bulk, bulk_out = engine(tmp_path / "bulk")
+    bulk.ingest.handle_lines(list(lines), 0)
+    assert bulk.counts == plain.counts and bulk.counts["malformed"] >= 1
+    assert [e for e in events(bulk_out) if e["event"] != "Skipped malformed line"] == [
+        e for e in events(plain_out) if e["event"] != "Skipped malformed line"]
+
+
 def test_train_row_refuses_what_the_plain_path_must_judge() -> None:
     blocking = frozenset({"lr", "eval_loss", "prompt"})
     good = {"step": 3, "loss": 0.5, "learning_rate": 1e-4, "grad_norm": 2}
@@ -150,6 +169,11 @@ def test_train_row_refuses_what_the_plain_path_must_judge() -> None:
     assert train_row({**full, "loss": -1e308}, blocking) is None  # past MAX_METRIC
     huge = {**full, "learning_rate": 1e300}  # finite: only the loss has a range
     assert train_row(huge, blocking) == (3, 0.5, 1e300, 2.0, huge, 0)
+    # after an HF-shaped record, train_rows takes its four keys at once: the same rows
+    hf = {"step": 1, "loss": 0.5, "learning_rate": 1e-4, "grad_norm": 2.0}
+    others = [good, huge, {**full, "step": -1}, {**full, "eval_loss": 0.5}, [1], "x", None,
+              *({**full, key: value} for key in full for value in (math.nan, True, "1", 7))]
+    assert train_rows([hf, *others], blocking) == [train_row(d, blocking) for d in [hf, *others]]
 
 
 def test_rolling_helpers_match_the_running_statistics() -> None:

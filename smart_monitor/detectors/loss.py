@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from smart_monitor.batch import Floats, TrainBlock, rolling_median
+from smart_monitor.batch import Floats, TrainBlock, rolling_median, window_medians
 from smart_monitor.config import DivergenceConfig, LossSpikeConfig, NonFiniteConfig, TextureConfig
 from smart_monitor.detectors.base import IgnoresTrainBlocks
 from smart_monitor.detectors.texture import Texture
@@ -93,6 +93,13 @@ class LossSpike:
         if len(baseline) < baseline.size or self.scale is None or self.streak:
             return start
         values = block.loss[start:stop]
+        # a median is at least the lowest value of its window: when even the highest
+        # loss is not threshold_pct above the lowest value there is, no record can
+        # fire and the medians (a sort of every window) are not needed. Rounding keeps
+        # the order of the exact test below, so the bound never hides a candidate
+        low = min(baseline.span[0], float(values.min()))
+        if low > 0 and (float(values.max()) - low) * 100.0 <= config.threshold_pct * low:
+            return stop
         median = rolling_median(baseline.values(), values, baseline.size, include=False)
         rise = values - median
         hit = (median > 0) & (rise * 100.0 > config.threshold_pct * median) & (
@@ -199,6 +206,23 @@ class Divergence:
             len(median) < median.size
         ):
             return start
+        # a median lies between the lowest and the highest value of its window, so
+        # the best median from here on is at least the lowest value there is: when
+        # even the highest is not ``factor`` times that (or the best so far), no
+        # record can fire and the medians are not needed (rounding keeps the order)
+        values = block.loss[start:stop]
+        (lowest, highest), factor = median.span, config.factor
+        low = min(self.best, lowest, float(values.min()))
+        if low > 0 and max(highest, float(values.max())) <= low * factor:
+            return stop
+        # the same record by record (a long stretch of a falling loss spans more than
+        # ``factor``): the highest value of each window against the lowest up to it
+        joined = np.concatenate([np.asarray(median.values(), np.float64), values])
+        size = median.size  # the window after record j is joined[j + 1 : j + 1 + size]
+        highs = np.lib.stride_tricks.sliding_window_view(joined, size)[1:].max(axis=1)
+        lows = np.minimum(self.best, np.minimum.accumulate(joined)[size:])
+        if lows.min() > 0 and (highs <= lows * factor).all():
+            return stop
         levels = self._levels(block, start, stop)
         best = np.minimum.accumulate(np.concatenate([[self.best], levels[:-1]]))
         finite = (best > 0) & (best < math.inf)
@@ -225,11 +249,29 @@ class Divergence:
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is None or start >= end:
             return
-        self.best = min(self.best, float(self._levels(block, start, end).min()))
+        self.best = min(self.best, self._lowest_level(block, start, end))
         self.median.extend(*block.tail(block.loss, start, end, self.median.size))
         self.seen += end - start
         self.above = 0
         self.fired = False
+
+    def _lowest_level(self, block: TrainBlock, start: int, end: int) -> float:
+        """The lowest median after the records of ``[start, end)`` if it is below the
+        best, else the best. Only the windows with at least half their values below the
+        best can have their median below it; the others are not sorted."""
+        assert block.loss is not None
+        cached = self._screened
+        if cached is not None and cached[0] is block:
+            return float(self._levels(block, start, end).min())
+        history, size = self.median.values(), self.median.size
+        joined = np.concatenate([np.asarray(history, np.float64), block.loss[start:end]])
+        below = np.concatenate([[0], np.cumsum(joined < self.best)])
+        n = end - start  # the window after record j is joined[j + 1 : j + 1 + size]
+        counts = below[size + 1 : size + 1 + n] - below[1 : 1 + n]
+        windows = np.flatnonzero(counts >= size - size // 2)
+        if not len(windows):
+            return self.best
+        return float(window_medians(joined, size, windows + 1).min())
 
     def rewind(self, step: int) -> None:
         self.median.rewind(step)

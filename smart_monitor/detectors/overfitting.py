@@ -42,8 +42,9 @@ from collections import deque
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from smart_monitor.batch import TrainBlock
+from smart_monitor.batch import Floats, TrainBlock
 from smart_monitor.config import OverfittingConfig
 from smart_monitor.detectors.base import isfinite
 from smart_monitor.notes import Note
@@ -89,6 +90,10 @@ class Overfitting:
         self.changes: deque[float] = deque(maxlen=_NOISE_EVALS)
         self.train = Ewma(config.train_alpha)
         self.trail: deque[tuple[int, float]] = deque(maxlen=_TRAIL)  # (step, EWMA)
+        # the records absorbed last (steps, losses, the EWMA before them): their levels
+        # join the trail only when a lookup needs them (``_settle``); an evaluation
+        # after its train records needs only the EWMA's value
+        self._unsettled: tuple[npt.NDArray[np.int64], Floats, float | None] | None = None
         self.train_changes = RollingMedian(_NOISE_RECORDS)
         self.train_last: float | None = None
 
@@ -107,6 +112,7 @@ class Overfitting:
         return self._eval(record.step, value)
 
     def _train(self, step: int, loss: float) -> None:
+        self._settle()
         if self.train_last is not None:
             self.train_changes.add(step, abs(loss - self.train_last))
         self.train_last = loss
@@ -115,9 +121,11 @@ class Overfitting:
     def _train_at(self, step: int) -> float | None:
         """The train EWMA after the last train record at or before ``step`` (None if
         that is older than the trail kept, or there is none)."""
-        trail = self.trail
-        if not trail or trail[-1][0] <= step:
+        trail, unsettled = self.trail, self._unsettled
+        newest = unsettled[0][-1] if unsettled is not None else trail[-1][0] if trail else None
+        if newest is None or newest <= step:
             return self.train.value
+        self._settle()
         i = bisect_right(trail, step, key=lambda p: p[0])
         return trail[i - 1][1] if i else None
 
@@ -232,21 +240,37 @@ class Overfitting:
         if not len(losses):
             return
         # what ``_train`` does a record at a time, in numpy: the changes between
-        # successive losses (the window keeps the last ones), the EWMA's level after
-        # each of the records the trail keeps, and its level over the rest
-        if self.train_last is None:  # the run's first loss: no change before it
-            changes, at = np.abs(np.diff(losses)), steps[1:]
+        # successive losses (the window keeps the last ones; the run's first loss has
+        # none before it), the EWMA's level, and the records the trail keeps
+        n = len(losses)
+        if self.train_last is not None and n <= _NOISE_RECORDS:
+            last, at = np.concatenate([[self.train_last], losses]), steps
         else:
-            changes, at = np.abs(np.diff(losses, prepend=self.train_last)), steps
-        self.train_changes.extend(at[-_NOISE_RECORDS:].tolist(),
-                                  changes[-_NOISE_RECORDS:].tolist())
+            last = losses[-(_NOISE_RECORDS + 1) :]
+            at = steps[n - len(last) + 1 :]
+        self.train_changes.extend(at.tolist(), np.abs(last[1:] - last[:-1]).tolist())
         self.train_last = float(losses[-1])
-        tail = max(0, len(losses) - _TRAIL)
+        tail = max(0, n - _TRAIL)
+        if tail:  # the trail keeps none of the records before
+            self.trail.clear()
+            self._unsettled = None
+        self._settle()
         self.train.extend(losses[:tail])
-        levels = self.train.levels(losses[tail:])
-        self.trail.extend(zip(steps[tail:].tolist(), levels.tolist(), strict=True))
+        before = self.train.value
+        self.train.extend(losses[tail:])
+        self._unsettled = (steps[tail:], losses[tail:], before)
+
+    def _settle(self) -> None:
+        """The levels of the records absorbed last, into the trail."""
+        if self._unsettled is None:
+            return
+        steps, losses, before = self._unsettled
+        self._unsettled = None
+        levels = Ewma(self.config.train_alpha, before).levels(losses)
+        self.trail.extend(zip(steps.tolist(), levels.tolist(), strict=True))
 
     def rewind(self, step: int) -> None:
+        self._settle()
         while self.trail and self.trail[-1][0] > step:
             self.trail.pop()
         self.train_changes.rewind(step)
@@ -257,6 +281,7 @@ class Overfitting:
         self.rising, self.fired = True, False
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return {
             "source": self.source,
             "best": self.best,
@@ -289,5 +314,6 @@ class Overfitting:
         self.train.value = state.get("train")
         self.trail.clear()
         self.trail.extend((int(s), float(v)) for s, v in state.get("trail", []))
+        self._unsettled = None
         self.train_changes.load_state_dict(state.get("train_changes", {}))
         self.train_last = state.get("train_last")

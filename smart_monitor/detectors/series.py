@@ -173,11 +173,10 @@ class SeriesLosses:
     def screen(self, block: TrainBlock, start: int, stop: int) -> int:
         """A train row with another loss series goes through ``update``; rows without
         one (the HF shape) leave nothing to learn."""
-        raws = list(map(_RAW, block.rows[start:stop]))
-        if not self._watched(set().union(*raws)):  # in C: every key of the stretch
+        if not self._watched(block.keys):
             return stop  # the common case (HF's shape): nothing watched in any row
         watched = self._watched
-        for i, raw in enumerate(raws, start):
+        for i, raw in enumerate(map(_RAW, block.rows[start:stop]), start):
             if watched(raw):
                 return i
         return stop

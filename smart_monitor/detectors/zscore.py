@@ -133,9 +133,17 @@ class LossZScore:
         return first_hit((move > self._min_move - slack) & (move > limit - slack), start, stop)
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
-        if block.loss is not None and start < end:
-            self.texture.start(block.rows[start][0])
-            self.window.extend(*block.tail(block.loss, start, end, self.window.size))
+        if block.loss is None or start >= end:
+            return
+        self.texture.start(block.rows[start][0])
+        window = self.window
+        window.extend(*block.tail(block.loss, start, end - 1, window.size))
+        loss = float(block.loss[end - 1])  # the last one as ``update`` takes it: scored
+        if len(window) >= self.config.warmup and self.scale is not None:
+            mean = window.mean
+            floor = max(self.config.min_rel_std * abs(mean), 1e-12)
+            self._last = (loss, mean, floor, window.m2, len(window))
+        window.add(block.rows[end - 1][0], loss)
 
     def rewind(self, step: int) -> None:
         self.window.rewind(step)
@@ -319,8 +327,14 @@ class LrZScore:
         if first > start:
             self.last = (block.rows[first - 1][0], float(block.learning_rate[first - 1]))
         *_, rates = self._rates(block, first, end)
+        before = self.last  # the accepted LR before the last record, which it is scored
+        if end - 1 > first:  # against (as ``update`` does when the window is warm)
+            before = (block.rows[end - 2][0], float(block.learning_rate[end - 2]))
+        warm = min(self.window.size, len(self.window) + end - start - 1) >= self.config.warmup
         self.window.extend([r[0] for r in block.rows[first:end]], rates.tolist())
         self.last = (block.rows[end - 1][0], float(block.learning_rate[end - 1]))
+        if warm and before is not None:
+            self._scored = (*self.last, *before)
         self.peak = max(self.peak, float(block.learning_rate[start:end].max()))
         self.held = None
 

@@ -68,11 +68,13 @@ class LineSplitter:
         else:
             lines: list[bytes] = data.split(b"\n")
             buf = lines.pop()
-            if lines and max(map(len, lines)) > self.max_line_bytes:  # rare
+            if lines and len(data) > self.max_line_bytes and (
+                max(map(len, lines)) > self.max_line_bytes  # rare
+            ):
                 buf = self._split_slowly(data, out)
             elif lines:
                 out.append((self.offset, cast("list[bytes | None]", lines)))
-                self.offset += sum(map(len, lines)) + len(lines)
+                self.offset += len(data) - len(buf)  # the lines and their newlines
         if len(buf) > self.max_line_bytes:
             out.append((self.offset, [None]))
             self.offset += len(buf)
