@@ -65,7 +65,7 @@ def _child(path: str, out: str, queue: multiprocessing.Queue) -> None:  # type: 
                          log_dir=Path(out) / "logs", state_dir=Path(out) / "state")  # fmt: skip
     log, daily = make_logger(config.log_dir, "text", "info", stderr=None)
     t0 = time.perf_counter()
-    engine = replay(config, Path(path), log, progress=False, plots=False)
+    engine = replay(config, Path(path), log, progress=False)  # no plots: --no-plots
     elapsed = time.perf_counter() - t0
     if daily is not None:
         daily.close()

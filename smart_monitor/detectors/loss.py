@@ -236,15 +236,22 @@ class Divergence:
         loss, fired or not, so the levels a screen computed serve the absorbs that
         follow it, as long as exactly the records between were consumed."""
         assert block.loss is not None
+        cached = self._cached(block, start, end)
+        if cached is not None:
+            return cached
+        values = block.loss[start:end]
+        levels = rolling_median(self.median.values(), values, self.median.size, include=True)
+        self._screened = (block, start, self.seen, levels)
+        return levels
+
+    def _cached(self, block: TrainBlock, start: int, end: int) -> Floats | None:
+        """The levels of ``[start, end)`` if the last screen computed them."""
         cached = self._screened
         if cached is not None and cached[0] is block:
             _, first, seen, levels = cached
             if self.seen - seen == start - first and end - first <= len(levels):
                 return levels[start - first : end - first]
-        values = block.loss[start:end]
-        levels = rolling_median(self.median.values(), values, self.median.size, include=True)
-        self._screened = (block, start, self.seen, levels)
-        return levels
+        return None
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is None or start >= end:
@@ -260,9 +267,9 @@ class Divergence:
         best, else the best. Only the windows with at least half their values below the
         best can have their median below it; the others are not sorted."""
         assert block.loss is not None
-        cached = self._screened
-        if cached is not None and cached[0] is block:
-            return float(self._levels(block, start, end).min())
+        cached = self._cached(block, start, end)
+        if cached is not None:
+            return float(cached.min())
         history, size = self.median.values(), self.median.size
         joined = np.concatenate([np.asarray(history, np.float64), block.loss[start:end]])
         below = np.concatenate([[0], np.cumsum(joined < self.best)])
