@@ -198,9 +198,12 @@ class Policy:
 
     def first_due(self, steps: npt.NDArray[np.int64]) -> int:
         """The index in ``steps`` (the next records) of the first at which ``observe``
-        may close an incident: both its step and its record count are far enough."""
+        may close an incident: both its step and its record count are far enough. A
+        conclusion (overfitting, not learning) stays open for good: it is never due."""
         found = len(steps)
         for i in self.open.values():
+            if i.problem in _CONCLUSIONS:
+                continue
             by_step = int(steps.searchsorted(i.last + self.config.recovery_steps + 1))
             by_record = i.last_record + self.config.recovery_records - self.records - 1
             found = min(found, max(by_step, by_record, 0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from smart_monitor.config import Config, PolicyConfig
@@ -106,6 +107,20 @@ def test_cooldown_holds_a_new_incident_of_the_same_problem() -> None:
     assert p.observe(150)
     d = p.decide(160, [spike(160)])
     assert not d.snapshot and d.suppressed
+
+
+def test_an_open_conclusion_never_holds_the_bulk_path() -> None:
+    """A conclusion's incident never closes (observe keeps it open), so it must never be
+    due: else every train record after it would go through ``process`` one by one (a
+    run concluded not learning replayed ten times slower)."""
+    p = Policy(PolicyConfig(recovery_steps=10, recovery_records=1))
+    conclusion = Trigger("not_learning", "not_learning_100", Severity.WARNING, 100)
+    assert p.decide(100, [conclusion]).snapshot
+    steps = np.arange(200, 1200, dtype=np.int64)
+    assert not p.observe(199) and p.open  # open for good
+    assert p.first_due(steps) == len(steps)
+    assert p.decide(300, [spike(300)]).snapshot  # a spike's incident is due as before
+    assert p.first_due(steps) == int(steps.searchsorted(300 + 10 + 1))
 
 
 def test_best_model_is_never_grouped_into_an_incident() -> None:
