@@ -283,8 +283,8 @@ class Ewma:
 
     def levels(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Take in every value at once, as ``extend``; the level after each one (what
-        each ``add`` would return, to rounding). Quadratic in ``len(values)``: for the
-        last few hundred values of a block, not a whole one.
+        each ``add`` would return, to rounding), ``_LEVELS_CHUNK`` values at a time: one
+        small weight matrix, kept for good, serves any length.
 
         >>> a, b = Ewma(0.2), Ewma(0.2)
         >>> want = [a.add(v) for v in (1.0, 3.0, 2.0, 5.0)]
@@ -298,11 +298,18 @@ class Ewma:
         if self.value is None:  # the first value is the level itself
             self.value = float(values[0])
             return np.concatenate([values[:1], self.levels(values[1:])])
-        size = max(64, 1 << (n - 1).bit_length())  # a power of two: a few sizes cached
-        decay, weights = _ewma_weights(self.alpha, size)
-        out = decay[:n] * self.value + weights[:n, :n] @ values
-        self.value = float(out[-1])
+        decay, weights = _ewma_weights(self.alpha, _LEVELS_CHUNK)
+        out = np.empty(n, np.float64)
+        level = self.value
+        for a in range(0, n, _LEVELS_CHUNK):
+            m = min(_LEVELS_CHUNK, n - a)
+            out[a : a + m] = decay[:m] * level + weights[:m, :m] @ values[a : a + m]
+            level = float(out[a + m - 1])
+        self.value = level
         return out
+
+
+_LEVELS_CHUNK = 64  # values per matrix product in ``Ewma.levels`` (a 32 KiB matrix)
 
 
 @lru_cache(maxsize=8)

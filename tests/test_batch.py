@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from synthetic import Anomaly, RunSpec, simulate
 
@@ -22,7 +23,7 @@ from smart_monitor.outputs.log import make_logger
 from smart_monitor.outputs.snapshot import SnapshotWriter
 from smart_monitor.runtime.engine import Engine
 from smart_monitor.sources.checkpoints import CheckpointIndex
-from smart_monitor.stats import RollingMedian, RollingWindow
+from smart_monitor.stats import Ewma, RollingMedian, RollingWindow
 
 KINDS = ("loss_spike", "lr_zscore", "loss_nonfinite", "grad_norm_nonfinite", "accuracy_drop",
          "perfect_answer_high_loss", "wrong_answer_low_loss", "divergence_detected")  # fmt: skip
@@ -197,6 +198,17 @@ def test_rolling_helpers_match_the_running_statistics() -> None:
             window.add(size + j, v)
             median.add(size + j, v)
             assert after[j] == median.median
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 300])
+def test_ewma_levels_match_the_running_levels(n: int) -> None:
+    rng = random.Random(n)
+    values = [rng.lognormvariate(0, 0.5) for _ in range(n)]
+    for start in (None, 2.0):  # a first value is its own level; a level before it
+        one, bulk = Ewma(0.02, start), Ewma(0.02, start)
+        want = [one.add(v) for v in values]
+        got = bulk.levels(np.array(values)).tolist()
+        assert got == pytest.approx(want, rel=1e-12) and bulk.value == pytest.approx(one.value)
 
 
 def drive_bulk(detector: Any, block: TrainBlock) -> list[str]:
