@@ -5,9 +5,8 @@ Decided as Keras's and Lightning's ``EarlyStopping`` decide to stop (``patience`
 one, eval accuracy, higher being better) is worse than its best for ``patience``
 evaluations in a row, each time by more than ``min_delta``, ``min_rel_delta`` of the
 best and ``noise_k`` times the eval's own noise (the median change between successive
-evaluations), while the train loss is flat or falling (its EWMA no more than
-``train_tolerance`` above where it was at the best evaluation: a train loss that rises
-too is a divergence, not overfitting). One warning per episode; a new best ends it.
+evaluations), while the train loss falls (below). One warning per episode; a new best
+ends it.
 
 The train loss must have fallen since the best evaluation, by more than its own noise
 (``noise_k`` times the spread of its EWMA, from the median change between successive
@@ -233,12 +232,9 @@ class Overfitting:
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
         if block.loss is None:
             return
-        losses = block.loss[start:end]
-        keep = np.isfinite(losses)
-        steps = block.steps[start:end][keep]
-        losses = losses[keep]
-        if not len(losses):
+        if start >= end:
             return
+        losses, steps = block.loss[start:end], block.steps[start:end]  # finite (train_row)
         # what ``_train`` does a record at a time, in numpy: the changes between
         # successive losses (the window keeps the last ones; the run's first loss has
         # none before it), the EWMA's level, and the records the trail keeps
