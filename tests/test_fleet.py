@@ -163,12 +163,21 @@ def test_rules_fire_for_the_nan_run_only_and_every_panel_evaluates(tmp_path: Pat
                 return last > complete + timedelta(seconds=2)  # a scrape, then an evaluation
 
             wait_until(evaluated_since_complete, "a rule evaluation after the last scrape")
-            fired = alerts()
+            # Firing alerts are what Alertmanager is sent. The health rules wait (`for:`)
+            # and may be pending here for the test machine's own reasons (its disk under
+            # the 15 % free-space floor, inotify limits reached, a scrape over its 1 s timeout
+            # on a loaded machine): never the runs'.
+            everything = alerts()
+            fired = [a for a in everything if a["state"] == "firing"]
+            pending = {a["labels"]["alertname"] for a in everything if a["state"] != "firing"}
             panels = evaluate_dashboard(api)
     finally:
         for live in runs.values():
             live.stop()
-    [alert] = fired  # the NaN run's incident: one alert, none for the clean run
+    assert len(fired) == 1, fired  # the NaN run's incident: one alert, none for the clean run
+    [alert] = fired
+    assert pending <= {"SmartMonitorDegraded", "SmartMonitorDown",
+                       "SmartMonitorSnapshotBudgetNearFull"}, pending
     assert alert["labels"]["run"] == "rnn-relu"
     assert alert["labels"]["severity"] == "critical"
     assert alert["annotations"]["summary"] == (
