@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,18 @@ def make_checkpoint(
     if marker:
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return ck
+
+
+@pytest.fixture
+def big_files(tmp_path: Path) -> Iterator[None]:
+    """For a test that writes GiB: its files of 64 MiB and more are removed at the end,
+    pass or fail (its logs stay). Pytest keeps three runs' folders, and GiB held there
+    bring the disk toward the daemon's free-space floor, where the tests beside it
+    would see snapshots keep no weights."""
+    yield
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size >= 64 << 20:
+            path.unlink()
 
 
 @pytest.fixture

@@ -536,7 +536,7 @@ def test_fault_56_anomaly_at_a_save_step_pins_the_checkpoint_before(
 
 # -- 57: a critical detection while a large copy is in flight ---------------------------
 def test_fault_57_actions_never_wait_for_a_copy_and_nothing_is_copied_twice(
-    tmp_path: Path,
+    tmp_path: Path, big_files: None,
 ) -> None:
     """A spike starts a 2 GiB copy of checkpoint-80; a NaN meanwhile: its stop file is
     written while the copy still runs (the old code waited for every copy first), and

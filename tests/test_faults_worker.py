@@ -110,7 +110,7 @@ def nan_lines(first: int, last: int, at: int) -> bytes:
 
 
 # -- 37: a copy-mode snapshot of many GB -----------------------------------------------
-def test_fault_37_big_copy_runs_off_the_worker(tmp_path: Path) -> None:
+def test_fault_37_big_copy_runs_off_the_worker(tmp_path: Path, big_files: None) -> None:
     """While a multi-GB copy runs, the watchdog pings go on and a later anomaly is
     detected; SIGTERM mid-copy exits within 5 s, removes the ``.tmp-*``, says so, and
     keeps both anomalies as metadata-only snapshots."""
