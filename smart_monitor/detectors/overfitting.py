@@ -230,9 +230,7 @@ class Overfitting:
         return stop  # a train record never fires
 
     def absorb(self, block: TrainBlock, start: int, end: int) -> None:
-        if block.loss is None:
-            return
-        if start >= end:
+        if block.loss is None or start >= end:
             return
         losses, steps = block.loss[start:end], block.steps[start:end]  # finite (train_row)
         # what ``_train`` does a record at a time, in numpy: the changes between
